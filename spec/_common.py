@@ -1,0 +1,135 @@
+"""The one base mechanism of the NumPy reference: float64 conversion, stable primitives, validation glue
+and reductions. Every loss module builds on these; none re-implements them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from . import validation as v
+
+__all__ = [
+    "as_float",
+    "as_int",
+    "as_mask",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+    "softplus",
+    "sigmoid",
+    "reduce_elements",
+    "reduce_elements_grad",
+    "reduce_tokens",
+    "reduce_tokens_grad",
+    "first_argmax",
+    "token_denominator",
+    "only_arrays",
+]
+
+
+def as_float(func: str, name: str, x: object, *, allow_none: bool = False) -> np.ndarray | None:
+    """Validate a float array argument (finite) and return it in float64."""
+    if x is None:
+        if allow_none:
+            return None
+        v.fail(func, name, "is required, got None")
+    arr = np.asarray(x)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        v.check_floating_dtype(func, name, False, arr.dtype)
+    arr = arr.astype(np.float64)
+    v.check_finite(func, name, bool(np.all(np.isfinite(arr))))
+    return arr
+
+
+def as_int(func: str, name: str, x: object) -> np.ndarray:
+    arr = np.asarray(x)
+    v.check_integer_dtype(func, name, np.issubdtype(arr.dtype, np.integer), arr.dtype)
+    return arr.astype(np.int64)
+
+
+def as_mask(func: str, name: str, x: object) -> np.ndarray:
+    """A loss mask: bool, or numbers that are exactly 0 or 1; returned as float64 0/1."""
+    arr = np.asarray(x)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float64)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        v.check_binary_mask(func, name, False)
+    v.check_binary_mask(func, name, bool(np.all((arr == 0) | (arr == 1))))
+    return arr.astype(np.float64)
+
+
+def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    return x - logsumexp(x)[..., None]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(x))
+
+
+def softplus(z: np.ndarray) -> np.ndarray:
+    """log(1 + e^z) = −log σ(−z), stable for |z| large."""
+    return np.logaddexp(0.0, z)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    # exp of a non-positive number only: no overflow for any finite z
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def first_argmax(x: np.ndarray) -> np.ndarray:
+    """argmax over the last axis; ties resolve to the lowest index (NumPy's documented behaviour)."""
+    return np.argmax(x, axis=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reductions. Sequence-level losses reduce over every element; token-level losses over masked positions.
+
+
+def reduce_elements(losses: np.ndarray, reduction: str) -> np.ndarray:
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return np.sum(losses)
+    return np.mean(losses)
+
+
+def reduce_elements_grad(shape: tuple[int, ...], reduction: str) -> np.ndarray:
+    """d(sum of the reduced output)/d(per-element losses)."""
+    n = int(np.prod(shape)) if len(shape) else 1
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    return np.full(shape, scale)
+
+
+def token_denominator(func: str, mask: np.ndarray, normalizer: float | None, reduction: str,
+                      mask_name: str = "mask") -> float:
+    """The mean's denominator: the caller's global token count, else the mask's own count."""
+    if reduction != "mean":
+        return 1.0
+    if normalizer is not None:
+        return float(normalizer)
+    count = float(np.sum(mask))
+    v.check_nonempty(func, mask_name, count)
+    return count
+
+
+def reduce_tokens(per_token: np.ndarray, mask: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
+    masked = per_token * mask
+    if reduction == "none":
+        return masked
+    return np.sum(masked) / denominator
+
+
+def reduce_tokens_grad(mask: np.ndarray, reduction: str, denominator: float) -> np.ndarray:
+    """d(sum of the reduced output)/d(per-token losses)."""
+    return mask / denominator
+
+
+def only_arrays(grads: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    return {k: g for k, g in grads.items() if g is not None}

@@ -1,0 +1,196 @@
+"""Backend adapters: the only framework-specific code the conformance suite needs.
+
+An adapter turns NumPy test inputs into a backend's arrays, calls a function of the backend's module, and
+returns the value and the gradients as float64 NumPy arrays. The suite never imports torch or jax itself.
+
+A third-party backend is a module exporting the dpkd API plus ``DPKD_FRAMEWORK = "numpy" | "torch" | "jax"``
+(the array library its functions take); ``adapter_for_module`` picks the adapter from that attribute.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BackendAdapter", "NumpyAdapter", "TorchAdapter", "JaxAdapter", "adapter_for_module", "scalar_of"]
+
+
+def scalar_of(out: Any) -> Any:
+    """The differentiated output of a dpkd function: the first field of a result tuple, else the value."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BackendAdapter:
+    name: str
+    module: ModuleType
+    dtypes: tuple[str, ...] = ("float64", "float32")
+    framework: str = field(default="numpy", init=False)
+
+    def function(self, fn_name: str) -> Callable[..., Any]:
+        return getattr(self.module, fn_name)
+
+    def asarray(self, x: Any, dtype: str | None = None) -> Any:
+        raise NotImplementedError
+
+    def to_numpy(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def rounded(self, x: np.ndarray, dtype: str) -> np.ndarray:
+        """What the backend sees of ``x`` after the cast to ``dtype``, back in float64."""
+        return self.to_numpy(self.asarray(x, dtype))
+
+    def convert_args(self, args: Sequence[Any], dtype: str | None) -> list[Any]:
+        return [self.asarray(a, dtype) if isinstance(a, np.ndarray) else a for a in args]
+
+    def call(self, fn_name: str, args: Sequence[Any], kwargs: dict[str, Any], dtype: str | None = None) -> Any:
+        out = self.function(fn_name)(*self.convert_args(args, dtype), **kwargs)
+        return _map_out(out, self.to_numpy)
+
+    def value_and_grad(
+        self, fn_name: str, args: Sequence[Any], kwargs: dict[str, Any], wrt: Sequence[int],
+        dtype: str | None = None,
+    ) -> tuple[Any, list[np.ndarray]]:
+        """Value of the call, and the gradient of sum(scalar_of(out)) w.r.t. the positional args ``wrt``."""
+        raise NotImplementedError
+
+
+def _map_out(out: Any, f: Callable[[Any], Any]) -> Any:
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_map_out(o, f) for o in out))
+    if isinstance(out, tuple):
+        return tuple(_map_out(o, f) for o in out)
+    if isinstance(out, dict):
+        return {k: _map_out(o, f) for k, o in out.items()}
+    if isinstance(out, (float, int, bool)) or out is None:
+        return out
+    return f(out)
+
+
+def _is_float_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating)
+
+
+class NumpyAdapter(BackendAdapter):
+    """The reference itself: gradients come from the spec's analytic ``*_grad`` functions."""
+
+    def __init__(self, name: str = "numpy", module: ModuleType | None = None):
+        super().__init__(name, module or importlib.import_module("dpkd.spec"), ("float64",))
+        self.framework = "numpy"
+
+    def asarray(self, x: Any, dtype: str | None = None) -> Any:
+        x = np.asarray(x)
+        return x.astype(dtype) if dtype is not None and np.issubdtype(x.dtype, np.floating) else x
+
+    def to_numpy(self, x: Any) -> Any:
+        x = np.asarray(x)
+        return x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
+
+    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None):
+        fn = self.function(fn_name)
+        grad_fn = self.function(fn_name + "_grad")
+        conv = self.convert_args(args, dtype)
+        value = _map_out(fn(*conv, **kwargs), self.to_numpy)
+        grads = grad_fn(*conv, **kwargs)
+        names = list(inspect.signature(fn).parameters)
+        return value, [np.asarray(grads.get(names[i], np.zeros_like(args[i])), dtype=np.float64) for i in wrt]
+
+
+class TorchAdapter(BackendAdapter):
+    def __init__(self, name: str = "torch", module: ModuleType | None = None):
+        import torch  # noqa: F401  (fail here, not mid-test, when torch is absent)
+
+        super().__init__(name, module or importlib.import_module("dpkd.backends.torch"),
+                         ("float64", "float32", "bfloat16"))
+        self.framework = "torch"
+
+    def asarray(self, x: Any, dtype: str | None = None) -> Any:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        if dtype is not None and t.is_floating_point():
+            t = t.to(getattr(torch, dtype))
+        return t
+
+    def to_numpy(self, x: Any) -> Any:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            return (x.double() if x.is_floating_point() else x).cpu().numpy()
+        return np.asarray(x)
+
+    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None):
+        import torch
+
+        conv = self.convert_args(args, dtype)
+        for i in wrt:
+            conv[i] = conv[i].detach().clone().requires_grad_(True)
+        out = self.function(fn_name)(*conv, **kwargs)
+        s = scalar_of(out)
+        s = s.sum() if s.ndim else s
+        grads = torch.autograd.grad(s, [conv[i] for i in wrt], allow_unused=True)
+        return _map_out(out, self.to_numpy), [
+            np.zeros(np.shape(args[i])) if g is None else self.to_numpy(g) for i, g in zip(wrt, grads)
+        ]
+
+
+class JaxAdapter(BackendAdapter):
+    def __init__(self, name: str = "jax", module: ModuleType | None = None):
+        import jax
+
+        # The tight float64 comparisons need x64; float32/bfloat16 inputs keep their dtype.
+        jax.config.update("jax_enable_x64", True)
+        super().__init__(name, module or importlib.import_module("dpkd.backends.jax"),
+                         ("float64", "float32", "bfloat16"))
+        self.framework = "jax"
+
+    def asarray(self, x: Any, dtype: str | None = None) -> Any:
+        import jax.numpy as jnp
+
+        x = np.asarray(x)
+        if dtype is not None and np.issubdtype(x.dtype, np.floating):
+            return jnp.asarray(x, dtype=getattr(jnp, dtype))
+        return jnp.asarray(x)
+
+    def to_numpy(self, x: Any) -> Any:
+        import jax.numpy as jnp
+
+        x = np.asarray(x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x)
+        return x
+
+    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None):
+        import jax
+
+        conv = self.convert_args(args, dtype)
+        fn = self.function(fn_name)
+
+        def scalar(*diff):
+            full = list(conv)
+            for i, d in zip(wrt, diff):
+                full[i] = d
+            return scalar_of(fn(*full, **kwargs)).sum()
+
+        grads = jax.grad(scalar, argnums=tuple(range(len(wrt))))(*[conv[i] for i in wrt])
+        out = fn(*conv, **kwargs)
+        return _map_out(out, self.to_numpy), [self.to_numpy(g) for g in grads]
+
+
+_ADAPTERS = {"numpy": NumpyAdapter, "torch": TorchAdapter, "jax": JaxAdapter}
+
+
+def adapter_for_module(module_name: str) -> BackendAdapter:
+    module = importlib.import_module(module_name)
+    framework = getattr(module, "DPKD_FRAMEWORK", None)
+    if framework not in _ADAPTERS:
+        raise ValueError(
+            f"backend module {module_name!r} must define DPKD_FRAMEWORK as one of {tuple(_ADAPTERS)}, "
+            f"got {framework!r}"
+        )
+    return _ADAPTERS[framework](name=module_name, module=module)
