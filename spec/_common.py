@@ -4,6 +4,7 @@ and reductions. Every loss module builds on these; none re-implements them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from . import validation as v
 
 __all__ = [
     "as_float",
+    "float64_array",
     "as_int",
     "as_mask",
     "log_softmax",
@@ -25,6 +27,9 @@ __all__ = [
     "first_argmax",
     "token_denominator",
     "only_arrays",
+    "as_float_arrays",
+    "LogitPair",
+    "logit_pair",
 ]
 
 
@@ -35,11 +40,26 @@ def as_float(func: str, name: str, x: object, *, allow_none: bool = False) -> np
             return None
         v.fail(func, name, "is required, got None")
     arr = np.asarray(x)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
         v.check_floating_dtype(func, name, False, arr.dtype)
     arr = arr.astype(np.float64)
     v.check_finite(func, name, bool(np.all(np.isfinite(arr))))
     return arr
+
+
+def float64_array(func: str, name: str, x: object) -> np.ndarray:
+    """The dtype half of ``as_float``: a required float (or integer) array, in float64, NOT yet checked for
+    finiteness — for functions that must run every shape/dtype check before any value check."""
+    if x is None:
+        v.fail(func, name, "is required, got None")
+    arr = np.asarray(x)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        v.check_floating_dtype(func, name, False, arr.dtype)
+    return arr.astype(np.float64)
 
 
 def as_int(func: str, name: str, x: object) -> np.ndarray:
@@ -133,3 +153,40 @@ def reduce_tokens_grad(mask: np.ndarray, reduction: str, denominator: float) -> 
 
 def only_arrays(grads: Mapping[str, np.ndarray | None]) -> dict[str, np.ndarray]:
     return {k: g for k, g in grads.items() if g is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Student/teacher token losses (token DPKD and the distillation baselines) share one preparation.
+
+
+def as_float_arrays(func: str, arrays: Mapping[str, object]) -> list[np.ndarray]:
+    """Several float array arguments in the contract's order: every dtype first, then every finiteness."""
+    out = [float64_array(func, name, x) for name, x in arrays.items()]
+    for name, arr in zip(arrays, out, strict=True):
+        v.check_finite(func, name, bool(np.all(np.isfinite(arr))))
+    return out
+
+
+class LogitPair(NamedTuple):
+    """What every student/teacher token loss consumes (float64)."""
+
+    student: np.ndarray  # log_softmax(S / τ)  [..., T, V]
+    teacher: np.ndarray  # log_softmax(T / τ)  [..., T, V]
+    mask: np.ndarray  # 0/1                   [..., T]
+    denominator: float  # the mean's denominator (1 for "sum" and "none")
+
+
+def logit_pair(func: str, student_logits: object, teacher_logits: object, mask: object, *,
+               normalizer: float | None, reduction: str, temperature: float = 1.0) -> LogitPair:
+    """Shape, dtype and value checks of a student/teacher token loss, then both log-softmaxes.
+
+    The caller has already checked its options (reduction, form, scalars, normalizer): that order is the
+    contract. Here: shapes (incl. a vocabulary mismatch), dtypes, finiteness, mask binary, non-empty mean.
+    """
+    v.check_student_teacher_shapes(func, np.shape(student_logits), np.shape(teacher_logits), np.shape(mask))
+    if np.shape(student_logits)[-1] < 1:  # log-softmax over nothing; same words as check_logits_labels_shapes
+        v.fail(func, "student_logits", "has an empty vocabulary axis")
+    s, t = as_float_arrays(func, {"student_logits": student_logits, "teacher_logits": teacher_logits})
+    m = as_mask(func, "mask", mask)
+    denominator = token_denominator(func, m, normalizer, reduction)
+    return LogitPair(log_softmax(s / temperature), log_softmax(t / temperature), m, denominator)

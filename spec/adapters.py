@@ -49,8 +49,12 @@ class BackendAdapter:
     def convert_args(self, args: Sequence[Any], dtype: str | None) -> list[Any]:
         return [self.asarray(a, dtype) if isinstance(a, np.ndarray) else a for a in args]
 
+    def convert_kwargs(self, kwargs: dict[str, Any], dtype: str | None) -> dict[str, Any]:
+        """Array-valued options (the keyword-only lengths) become backend arrays too."""
+        return {k: self.asarray(v, dtype) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+
     def call(self, fn_name: str, args: Sequence[Any], kwargs: dict[str, Any], dtype: str | None = None) -> Any:
-        out = self.function(fn_name)(*self.convert_args(args, dtype), **kwargs)
+        out = self.function(fn_name)(*self.convert_args(args, dtype), **self.convert_kwargs(kwargs, dtype))
         return _map_out(out, self.to_numpy)
 
     def value_and_grad(
@@ -96,6 +100,7 @@ class NumpyAdapter(BackendAdapter):
         fn = self.function(fn_name)
         grad_fn = self.function(fn_name + "_grad")
         conv = self.convert_args(args, dtype)
+        kwargs = self.convert_kwargs(kwargs, dtype)
         value = _map_out(fn(*conv, **kwargs), self.to_numpy)
         grads = grad_fn(*conv, **kwargs)
         names = list(inspect.signature(fn).parameters)
@@ -130,6 +135,7 @@ class TorchAdapter(BackendAdapter):
         import torch
 
         conv = self.convert_args(args, dtype)
+        kwargs = self.convert_kwargs(kwargs, dtype)
         for i in wrt:
             conv[i] = conv[i].detach().clone().requires_grad_(True)
         out = self.function(fn_name)(*conv, **kwargs)
@@ -169,6 +175,7 @@ class JaxAdapter(BackendAdapter):
         import jax
 
         conv = self.convert_args(args, dtype)
+        kwargs = self.convert_kwargs(kwargs, dtype)
         fn = self.function(fn_name)
 
         def scalar(*diff):

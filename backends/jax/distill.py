@@ -1,0 +1,316 @@
+"""Token-level distillation baselines (SPEC-MATH §6, §11) in JAX: cross-entropy, forward/reverse KL,
+generalised JSD (TRL's GKD convention) and AKL, plus the first-token divergence of Table 3.
+
+Common: p = softmax(T/τ), q = softmax(S/τ) (no τ² factor); mask and normalizer as ``dpkd_token_loss``
+(mean = Σ m·ℓ / (normalizer or Σ m), an empty mean is an error; "none" = m·ℓ [..., T]). Every divergence is
+written on log-probabilities, p·(log p − log q) with p = exp(log p): p underflows to exactly 0 where
+log p ≪ 0 and 0·finite = 0, so no 0·log 0 NaN (value or gradient) can arise for any finite logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dpkd.spec import validation as v
+
+from . import _base as b
+from .logps import label_inputs, picked_logps
+
+__all__ = ["cross_entropy", "forward_kl", "reverse_kl", "generalized_jsd", "akl", "first_token_divergence"]
+
+Piece = Callable[[jax.Array, jax.Array], jax.Array]  # (log q, log p) → per-position value [..., T]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-position pieces, on log-probabilities over the last axis (the result drops that axis)
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p‖q) = Σ_v p_v (log p_v − log q_v)."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def _forward(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
+    return _kl(log_p, log_q)
+
+
+def _reverse(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
+    return _kl(log_q, log_p)
+
+
+def _jsd_piece(beta: float) -> Piece:
+    if beta == 0.0:
+        return _forward  # TRL's convention at the end points (a documented discontinuity)
+    if beta == 1.0:
+        return _reverse
+
+    def piece(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
+        # log M for M = (1−β) q + β p, as a stable log-sum-exp
+        log_m = jnp.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+    return piece
+
+
+def _akl_piece(mu: float) -> Piece:
+    def piece(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
+        # The weights come from stop-gradient copies of p and q (official AKL code): constants for autograd.
+        p = jnp.exp(jax.lax.stop_gradient(log_p))
+        q = jnp.exp(jax.lax.stop_gradient(log_q))
+        # Sort p descending, stably (ties keep index order); negation is exact, so this is the order of p.
+        order = jnp.argsort(-p, axis=-1, stable=True)
+        cumulative = jnp.cumsum(jnp.take_along_axis(p, order, axis=-1), axis=-1)
+        first = jnp.arange(p.shape[-1]) == 0
+        head = (cumulative <= mu) | first  # the token that crosses μ belongs to the tail
+        gap = jnp.take_along_axis(jnp.abs(p - q), order, axis=-1)
+        g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
+        g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)
+        total = g_head + g_tail
+        # p = q gives 0/0: both KLs vanish there, and the weights are conventionally 1/2 (double where,
+        # so neither branch ever divides by zero)
+        w_head = jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5)
+        return w_head * _kl(log_p, log_q) + (1.0 - w_head) * _kl(log_q, log_p)
+
+    return piece
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared driver: options → logit_pair → per-position piece → masked reduction
+
+
+def _divergence(func: str, piece: Piece, student_logits: jax.Array, teacher_logits: jax.Array,
+                mask: jax.Array, temperature: object, normalizer: object, reduction: str) -> jax.Array:
+    tau = v.check_scalar(func, "temperature", b.option(func, "temperature", temperature), low=0.0)
+    normalizer = b.normalizer_option(func, normalizer, reduction)
+    pair = b.logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer,
+                        reduction=reduction, temperature=tau)
+    per_position = piece(b.log_softmax(pair.student), b.log_softmax(pair.teacher))
+    return b.reduce_tokens(per_position, pair.mask, reduction, pair.denominator)
+
+
+def _reduction(func: str, reduction: object) -> str:
+    return v.check_reduction(func, b.option(func, "reduction", reduction))
+
+
+# --------------------------------------------------------------------------------------------------
+# Public losses
+
+
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_index: int = -100,
+    normalizer: float | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """Token cross-entropy of a model on dataset labels (SFT / LM loss; SPEC-MATH §6 "SFT", §3C CE_D).
+
+    Formula: ℓ_i = −log q_i[y_i], q_i = softmax(logits_i), on positions with y_i ≠ ignore_index
+    (m_i = 1[y_i ≠ ignore_index]); mean = Σ m ℓ / (normalizer or Σ m), sum = Σ m ℓ, none = m ℓ.
+
+    Args:
+        logits: [..., T, V] float.  labels: [..., T] integer, in [0, V) or ``ignore_index``.
+        ignore_index, normalizer, reduction: static options (normalizer only with "mean"; without it the
+            mean divides by the number of non-ignored labels, which must be > 0 — error on ``labels``).
+
+    Returns:
+        A scalar, or [..., T] (0 at ignored positions) under "none"; in the compute dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(cross_entropy(jnp.zeros((1, 2, 2)), jnp.array([[0, -100]]))), 6)
+        0.693147
+
+    References: Hinton et al. 2015 (the hard-label term of KD); microsoft/LMOps ``dpkd/main.py``.
+    See also: ``forward_kl``, ``token_logps``.
+    """
+    func = "cross_entropy"
+    reduction = _reduction(func, reduction)
+    ignore = v.check_int_scalar(func, "ignore_index", b.option(func, "ignore_index", ignore_index))
+    normalizer = b.normalizer_option(func, normalizer, reduction)
+    inputs = label_inputs(func, logits, labels, ignore, presence=False)
+    dt = b.compute_dtype(inputs.logits)
+    mask = inputs.keep.astype(dt)
+    denominator = b.token_denominator(func, mask, normalizer, reduction, dt, mask_name="labels")
+    return b.reduce_tokens(-picked_logps(inputs), mask, reduction, denominator)
+
+
+def forward_kl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    normalizer: float | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """Token-level forward KL, KL(p_i‖q_i) (word-level KD; SPEC-MATH §6, §3C FKD_Dp).
+
+    Formula: ℓ_i = Σ_v p_i(v)[log p_i(v) − log q_i(v)], p_i = softmax(T_i/τ), q_i = softmax(S_i/τ). The true
+    KL (LMOps uses the cross-entropy −Σ p log q: same ∂/∂S, different ∂/∂T). No τ² factor.
+
+    Args:
+        student_logits: [..., T, V] float (student q_θ).  teacher_logits: [..., T, V] (teacher p).
+        mask: [..., T] bool or 0/1.  temperature: τ > 0.  normalizer, reduction: as ``dpkd_token_loss``.
+        (temperature, normalizer, reduction are static under jit.)
+
+    Returns:
+        A scalar, or [..., T] values m_i ℓ_i under "none".
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s, t = jnp.array([[[0.0, 1.0]]]), jnp.array([[[1.0, 0.0]]])
+        >>> round(float(forward_kl(s, t, jnp.ones((1, 1)))), 6)  # (2σ(1) − 1)·1
+        0.462117
+
+    References: Hinton et al. 2015; Agarwal et al. 2024 (GKD, β = 0).
+    See also: ``reverse_kl``, ``generalized_jsd``, ``akl``, ``cross_entropy``.
+    """
+    func = "forward_kl"
+    reduction = _reduction(func, reduction)
+    return _divergence(func, _forward, student_logits, teacher_logits, mask, temperature, normalizer, reduction)
+
+
+def reverse_kl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    mask: jax.Array,
+    *,
+    temperature: float = 1.0,
+    normalizer: float | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """Token-level reverse KL, KL(q_i‖p_i) (SPEC-MATH §6 "Reverse KL").
+
+    Formula: ℓ_i = Σ_v q_i(v)[log q_i(v) − log p_i(v)], q_i = softmax(S_i/τ), p_i = softmax(T_i/τ).
+    Arguments, reduction and errors as ``forward_kl``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s, t = jnp.array([[[0.0, 0.0]]]), jnp.array([[[0.0, 0.0]]])
+        >>> float(reverse_kl(s, t, jnp.ones((1, 1))))
+        0.0
+
+    References: Agarwal et al. 2024 (GKD, β = 1); Gu et al. 2023 (MiniLLM).
+    See also: ``forward_kl``, ``generalized_jsd``, ``akl``.
+    """
+    func = "reverse_kl"
+    reduction = _reduction(func, reduction)
+    return _divergence(func, _reverse, student_logits, teacher_logits, mask, temperature, normalizer, reduction)
+
+
+def generalized_jsd(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    mask: jax.Array,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    normalizer: float | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """Generalised Jensen–Shannon divergence, TRL's GKD convention (SPEC-MATH §11; Agarwal et al. 2024).
+
+    Formula, for 0 < β < 1, with M_i = (1−β) q_i + β p_i (log M as a log-sum-exp):
+        ℓ_i = β KL(p_i‖M_i) + (1−β) KL(q_i‖M_i);
+    β = 0 → KL(p_i‖q_i) (forward), β = 1 → KL(q_i‖p_i) (reverse): a convention with a discontinuity at
+    both ends (the mixture form tends to 0 there). β = 1/2 is the ordinary JSD (≤ log 2).
+
+    Args:
+        beta: β ∈ [0, 1] (static), the teacher's weight in the mixture. Others as ``forward_kl``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> s, t = jnp.array([[[-50.0, 50.0]]]), jnp.array([[[50.0, -50.0]]])
+        >>> round(float(generalized_jsd(s, t, jnp.ones((1, 1)))), 6)  # disjoint supports: log 2
+        0.693147
+
+    References: Agarwal et al. 2024 (GKD); TRL ``GKDTrainer.generalized_jsd_loss``.
+    See also: ``forward_kl``, ``reverse_kl``.
+    """
+    func = "generalized_jsd"
+    reduction = _reduction(func, reduction)
+    beta = v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0, high=1.0, low_inclusive=True,
+                          high_inclusive=True)
+    return _divergence(func, _jsd_piece(beta), student_logits, teacher_logits, mask, temperature, normalizer,
+                       reduction)
+
+
+def akl(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    mask: jax.Array,
+    *,
+    mu: float = 0.5,
+    temperature: float = 1.0,
+    normalizer: float | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    """Adaptive KL (AKL; Wu et al. 2024, official ``wutaiqiang/LLM_KD_AKL``; SPEC-MATH §6, §11).
+
+    Formula: sort p_i descending (stable) with cumulative mass C_k; the head H is the first sorted token
+    plus every token with C_k ≤ μ; with p, q detached,
+        g_head = Σ_{v∈H} |p_i(v) − q_i(v)|,  g_tail = Σ_{v∉H} |p_i(v) − q_i(v)|,
+        w_h = g_head/(g_head + g_tail),  w_t = 1 − w_h,
+        ℓ_i = w_h KL(p_i‖q_i) + w_t KL(q_i‖p_i);
+    at p_i = q_i (0/0 in the official code) w_h = w_t = 1/2 and ℓ_i = 0, with a finite gradient.
+
+    Args:
+        mu: μ ∈ (0, 1) (static), the head's probability mass. Others as ``forward_kl``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([[[1.0, 2.0, 3.0]]])
+        >>> float(akl(x, x, jnp.ones((1, 1))))
+        0.0
+
+    References: Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for
+    Large Language Models", arXiv:2404.02657.
+    See also: ``forward_kl``, ``reverse_kl``.
+    """
+    func = "akl"
+    reduction = _reduction(func, reduction)
+    mu = v.check_scalar(func, "mu", b.option(func, "mu", mu), low=0.0, high=1.0)
+    return _divergence(func, _akl_piece(mu), student_logits, teacher_logits, mask, temperature, normalizer,
+                       reduction)
+
+
+def first_token_divergence(student_logits: jax.Array, teacher_logits: jax.Array) -> dict:
+    """First-response-token KLD and rKLD of the paper's Table 3 (SPEC-MATH §2 "Sec 4.5", literal reading).
+
+    Formula: kld = mean over positions of KL(p‖q), rkld = mean of KL(q‖p), p = softmax(teacher_logits),
+    q = softmax(student_logits), temperature 1, averaged over every leading position (one per prompt).
+
+    Args:
+        student_logits: [..., V] float, the student's next-token logits at each prompt's first response
+            position.  teacher_logits: [..., V], same shape.
+
+    Returns:
+        ``{"kld": float, "rkld": float}`` — Python floats when called eagerly (the spec's type); 0-dim arrays
+        when traced (under jit/vmap/grad), so the function composes too.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> first_token_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+        {'kld': 0.0, 'rkld': 0.0}
+
+    References: Li et al. 2024, Sec. 4.5 / Table 3 (no formula given; SPEC-MATH §10 item 3).
+    See also: ``forward_kl``, ``reverse_kl``.
+    """
+    func = "first_token_divergence"
+    v.check_student_teacher_shapes(func, b.shape_of(student_logits), b.shape_of(teacher_logits), None,
+                                   min_ndim=1)
+    s = b.float_arg(func, "student_logits", student_logits)
+    t = b.float_arg(func, "teacher_logits", teacher_logits)
+    b.check_finite(func, "student_logits", s)
+    b.check_finite(func, "teacher_logits", t)
+    if s.size == 0:
+        v.fail(func, "student_logits", f"has no positions or an empty vocabulary, got shape {s.shape}")
+    dt = b.compute_dtype(s, t)
+    log_q, log_p = b.log_softmax(s.astype(dt)), b.log_softmax(t.astype(dt))
+    return {"kld": b.scalar_out(jnp.mean(_kl(log_p, log_q))), "rkld": b.scalar_out(jnp.mean(_kl(log_q, log_p)))}

@@ -1,0 +1,155 @@
+"""Per-token and per-sequence log-probabilities of labels under logits (SPEC-MATH §3A), in JAX.
+
+These produce the four inputs a, b, c, d of every sequence-level loss: run a model teacher-forced on a
+response, take ``sequence_logps`` of its logits at the response positions. log-softmax runs in float32 or
+wider whatever the logits' dtype (``_base.compute_dtype``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dpkd.spec import validation as v
+
+from . import _base as b
+
+__all__ = ["token_logps", "sequence_logps", "shift_for_causal_lm", "LabelInputs", "label_inputs",
+           "picked_logps"]
+
+
+class LabelInputs(NamedTuple):
+    """Validated logits/labels of one call."""
+
+    logits: jax.Array  # [..., T, V], caller's dtype
+    keep: jax.Array  # [..., T] bool, label != ignore_index
+    safe: jax.Array  # [..., T] int, the label where kept, 0 elsewhere (safe to gather)
+
+
+def label_inputs(func: str, logits: Any, labels: Any, ignore_index: int, *, presence: bool = True) -> LabelInputs:
+    """Presence, shapes, dtypes, then values (logits finite, labels in the vocabulary) — the spec's order.
+    ``ignore_index`` has already been checked by the caller (options come first). ``presence=False``
+    leaves a None to the shape check (the spec's ``cross_entropy`` has no separate presence check)."""
+    if presence:
+        b.require(func, logits=logits, labels=labels)
+    v.check_logits_labels_shapes(func, b.shape_of(logits), b.shape_of(labels))
+    x = b.float_arg(func, "logits", logits)
+    lab = b.integer_arg(func, "labels", labels)
+    b.check_finite(func, "logits", x)
+    vocab = x.shape[-1]
+    b.check_labels(func, "labels", lab, vocab, ignore_index)
+    keep = lab != ignore_index
+    # Ignored positions may hold any integer (usually -100): gather index 0 there and zero it afterwards.
+    # Out-of-vocabulary labels only get this far under an unchecked jit; they are gathered at 0 too.
+    safe = jnp.where(keep & (lab >= 0) & (lab < vocab), lab, 0)
+    return LabelInputs(x, keep, safe)
+
+
+def picked_logps(inputs: LabelInputs) -> jax.Array:
+    """log_softmax(ℓ_j)[y_j] = ℓ_{j,y_j} − logsumexp(ℓ_j), 0 at ignored positions, in the compute dtype.
+
+    The gathered-minus-logsumexp form never materialises the full log-softmax, and its gradient is
+    e_{y_j} − softmax(ℓ_j) without cancellation."""
+    x = inputs.logits.astype(b.compute_dtype(inputs.logits))
+    picked = b.gather_last(x, inputs.safe) - b.logsumexp(x)
+    return jnp.where(inputs.keep, picked, jnp.zeros((), x.dtype))
+
+
+def token_logps(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100) -> jax.Array:
+    """Log-probability of each label under the softmax of its logits; 0 at ignored positions.
+
+    Symbols: ℓ_j ∈ R^V the logits at position j, y_j its label, m_j = 1[y_j ≠ ignore_index].
+
+    Formula (SPEC-MATH §3A):  o_j = m_j · (ℓ_{j,y_j} − logsumexp(ℓ_j)).
+
+    Args:
+        logits: float array [..., T, V] (any float dtype; the math runs in float32 or wider).
+        labels: integer array [..., T]; each entry in [0, V) or equal to ``ignore_index``.
+        ignore_index: static; the label value that marks a position without loss (default -100).
+
+    Returns:
+        array [..., T] in the compute dtype (float32 for bfloat16/float16 logits).
+
+    Raises:
+        DPKDInputError: shapes disagree, ``labels`` not integer; eagerly (or under ``checked``): NaN/Inf in
+        ``logits``, a label outside the vocabulary that is not ``ignore_index``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logits = jnp.array([[[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]]])
+        >>> token_logps(logits, jnp.array([[0, 2, -100]])).round(4).tolist()
+        [[-0.4076000094413757, -1.098600149154663, 0.0]]
+
+    References: paper Eq. 8 (log q_θ(y|x) = Σ_j log q_θ(y_j | x, y_<j)).
+    See also: ``sequence_logps``, ``shift_for_causal_lm``, ``dpkd.spec.token_logps``.
+    """
+    func = "token_logps"
+    ignore = v.check_int_scalar(func, "ignore_index", b.option(func, "ignore_index", ignore_index))
+    return picked_logps(label_inputs(func, logits, labels, ignore))
+
+
+def sequence_logps(
+    logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100
+) -> tuple[jax.Array, jax.Array]:
+    """Summed log-probability of each row's labels, and the number of labels counted.
+
+    Formula (SPEC-MATH §3A, paper Eq. 8):  log q(y|x) = Σ_j m_j log_softmax(ℓ_j)[y_j],  |y| = Σ_j m_j.
+
+    A row whose labels are all ``ignore_index`` gives (0.0, 0): no error here — the loss that receives a
+    zero length refuses it.
+
+    Args:
+        logits: float array [..., T, V].
+        labels: integer array [..., T]; in [0, V) or ``ignore_index``.
+        ignore_index: static; the label value excluded from both the sum and the count.
+
+    Returns:
+        ``(sum_logps, n_tokens)``: [...] in the compute dtype, and [...] int64 (int32 without x64).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> logits = jnp.array([[[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]]])
+        >>> s, n = sequence_logps(logits, jnp.array([[0, 2, -100]]))
+        >>> s.round(4).tolist(), n.tolist()
+        ([-1.5062000751495361], [2])
+
+    See also: ``token_logps``, ``dpkd_loss`` (takes these sums and counts), ``dpkd.spec.sequence_logps``.
+    """
+    func = "sequence_logps"
+    ignore = v.check_int_scalar(func, "ignore_index", b.option(func, "ignore_index", ignore_index))
+    inputs = label_inputs(func, logits, labels, ignore)
+    return jnp.sum(picked_logps(inputs), axis=-1), jnp.sum(inputs.keep, axis=-1, dtype=b.index_dtype())
+
+
+def shift_for_causal_lm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Align a causal LM's next-token logits with its labels: drop the last logit and the first label.
+
+    Formula: logits[..., :-1, :] predicts labels[..., 1:] (position j's logits score token j + 1).
+
+    Args:
+        logits: array [..., T, V] with T ≥ 2.
+        labels: array [..., T] (the input ids, with ``ignore_index`` on positions without loss).
+
+    Returns:
+        ``(logits[..., :-1, :], labels[..., 1:])``, dtypes unchanged.
+
+    Raises:
+        DPKDInputError: shapes disagree, or T < 2 (nothing would be left to score).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> lg, lb = shift_for_causal_lm(jnp.zeros((2, 5, 7)), jnp.zeros((2, 5), dtype=jnp.int32))
+        >>> lg.shape, lb.shape
+        ((2, 4, 7), (2, 4))
+
+    See also: ``token_logps``, ``sequence_logps``.
+    """
+    func = "shift_for_causal_lm"
+    b.require(func, logits=logits, labels=labels)
+    v.check_logits_labels_shapes(func, b.shape_of(logits), b.shape_of(labels))
+    lg, lb = b.as_array(logits), b.as_array(labels)
+    if lg.shape[-2] < 2:
+        v.fail(func, "logits", f"needs at least 2 positions to shift (T >= 2), got T={lg.shape[-2]}")
+    return lg[..., :-1, :], lb[..., 1:]

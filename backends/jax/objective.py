@@ -1,0 +1,83 @@
+"""The full training objective for JAX losses (SPEC-MATH §3C, §7 D4).
+
+    L = (1 − α)·sft + α·distil + λ·[(1 − κ)·pt_lm + κ·pt_kd]
+
+``ObjectiveConfig`` and the presets are the spec's own (plain Python data, framework-free; re-exported);
+``objective`` is written here for jax arrays. ``config`` is a frozen dataclass, hence hashable: it is a
+static argument under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from dpkd.spec import validation as v
+from dpkd.spec.objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
+
+from . import _base as b
+
+__all__ = ["ObjectiveConfig", "objective", "PAPER_OBJECTIVE", "RELEASED_OBJECTIVE", "DISTIL_ONLY"]
+
+_TERMS = ("sft_loss", "distil_loss", "pt_lm_loss", "pt_kd_loss")
+
+
+def objective(
+    sft_loss: jax.Array | float | None,
+    distil_loss: jax.Array | float | None,
+    pt_lm_loss: jax.Array | float | None = None,
+    pt_kd_loss: jax.Array | float | None = None,
+    *,
+    config: ObjectiveConfig,
+) -> jax.Array:
+    """Combine the reduced losses of one step into the training loss.
+
+    Symbols: sft = CE on the training labels (CE_D); distil = the distillation loss (``dpkd_loss``,
+    ``dpkd_token_loss`` or a baseline); pt_lm = CE on the pre-training batch (CE_Dp); pt_kd = forward KD on
+    it (FKD_Dp); α, λ, κ from ``config``.
+
+    Formula (SPEC-MATH §3C; paper Algorithm 1 is α = 1, κ = 0):
+        L = (1 − α)·sft + α·distil + λ·[(1 − κ)·pt_lm + κ·pt_kd]
+    A term whose coefficient is 0 may be None (it is then left out); one with a non-zero coefficient is
+    required (error names it).
+
+    Args:
+        sft_loss, distil_loss, pt_lm_loss, pt_kd_loss: finite float scalars (or arrays of one shape).
+        config: an ``ObjectiveConfig`` (``PAPER_OBJECTIVE``, ``RELEASED_OBJECTIVE``, ``DISTIL_ONLY``);
+            static under jit.
+
+    Returns:
+        array of the common shape (0-d for scalars), in the compute dtype.
+
+    Example:
+        >>> float(objective(2.0, 3.0, 4.0, 1.0, config=RELEASED_OBJECTIVE))  # 1 + 1.5 + 1 + 0.25
+        3.75
+
+    References: Li et al. 2024 Algorithm 1; LMOps dpkd/main.py ``get_lmpt_loss``; SPEC-MATH §3C.
+    See also: ``ObjectiveConfig``, ``dpkd.spec.objective_grad``.
+    """
+    func = "objective"
+    if not isinstance(config, ObjectiveConfig):
+        v.fail(func, "config", f"must be an ObjectiveConfig, got {type(config).__name__}")
+    coef = config.coefficients()
+    losses: dict[str, Any] = {"sft_loss": sft_loss, "distil_loss": distil_loss, "pt_lm_loss": pt_lm_loss,
+                              "pt_kd_loss": pt_kd_loss}
+    for name in _TERMS:
+        if losses[name] is None and coef[name] != 0.0:
+            b.require(func, **{name: None})
+    given = {name: x for name, x in losses.items() if x is not None}
+    v.check_same_shape(func, {name: b.shape_of(x) for name, x in given.items()})
+    arrays = {name: b.float_arg(func, name, x) for name, x in given.items()}
+    for name, x in arrays.items():
+        b.check_finite(func, name, x)
+    dt = b.compute_dtype(*arrays.values())
+    total = None
+    for name, x in arrays.items():
+        # a zero-weight term is skipped, not multiplied (no IEEE −0.0, no gradient path)
+        if coef[name] != 0.0:
+            term = coef[name] * x.astype(dt)
+            total = term if total is None else total + term
+    if total is None:  # pragma: no cover - the coefficients (1 − α) + α = 1 always leave a term
+        raise AssertionError("objective without a non-zero term")
+    return total

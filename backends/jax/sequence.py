@@ -1,0 +1,393 @@
+"""Sequence-level preference losses (paper Eq. 8 / Eq. 9 and the Table 2 variants) in JAX.
+
+Naming, as in DPO trainers: policy = the student q_θ, reference = the teacher p, chosen = the teacher's
+output y_t, rejected = the student's output y_s. Per example
+
+    a = log q_θ(y_t|x)  (policy_chosen_logps)      c = log p(y_t|x)  (reference_chosen_logps)
+    b = log q_θ(y_s|x)  (policy_rejected_logps)    d = log p(y_s|x)  (reference_rejected_logps)
+    L_t = |y_t|  (chosen_lengths)                  L_s = |y_s|  (rejected_lengths)
+
+One mechanism serves every loss (SPEC-MATH §3A, §5): ``_validate`` checks and casts the inputs once,
+``_margin`` builds the two per-side log-ratios r_t = (a − c)/L_t and r_s = (b − d)/L_s (reference terms
+absent for the reference-free losses, lengths absent when not normalising), and ``_result`` reduces the
+per-element losses and attaches the detached rewards. Each public loss is a few lines on top. Gradients are
+``jax.grad``'s; they equal the spec's ``*_grad`` (conformance/).
+
+Every function is pure and composes with ``jax.jit`` (options static: ``dpkd.backends.jax.jit``),
+``jax.vmap`` over a leading axis of problems, and ``jax.grad`` / ``jax.value_and_grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dpkd.spec import validation as v
+from dpkd.spec.results import PreferenceLoss
+
+from . import _base as b
+
+__all__ = ["dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss", "DPOP_FORMS"]
+
+A, B, C, D = "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps"
+LT, LS = "chosen_lengths", "rejected_lengths"
+DPOP_FORMS = ("smaug", "released")
+
+Arrays = dict[str, jax.Array | None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared mechanism
+
+
+def _validate(func: str, arrays: dict[str, Any], *, optional: tuple[str, ...] = (),
+              lengths: tuple[str, ...] = (), reduction: str | None = None) -> Arrays:
+    """Presence, shapes, dtypes, then values, for the arrays of one call (given in signature order);
+    returns them cast to the compute dtype (None stays None).
+
+    ``optional`` names may be None; ``lengths`` names are checked > 0 after finiteness; under
+    ``reduction="mean"`` an empty input is refused (a shape fact, so it holds under jit too)."""
+    for name, x in arrays.items():
+        if x is None and name not in optional:
+            v.fail(func, name, "is required, got None")
+    given = {name: x for name, x in arrays.items() if x is not None}
+    shape = v.check_same_shape(func, {name: b.shape_of(x) for name, x in given.items()})
+    out: Arrays = {name: None for name in arrays}
+    for name, x in given.items():
+        out[name] = b.float_arg(func, name, x)
+    for name, x in out.items():
+        b.check_finite(func, name, x)
+    for name in lengths:
+        b.check_positive(func, name, out[name])
+    if reduction == "mean":
+        size = 1
+        for n in shape:
+            size *= n
+        v.check_nonempty(func, next(iter(given)), float(size))
+    dt = b.compute_dtype(*out.values())
+    return {name: None if x is None else x.astype(dt) for name, x in out.items()}
+
+
+def _margin(x: Arrays, *, reference: bool = True, normalize: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(r_t, r_s): r_t = (a − c)/L_t, r_s = (b − d)/L_s; the margin is h = r_t − r_s (Eq. 8 / Eq. 9)."""
+    chosen, rejected = x[A], x[B]
+    if reference:
+        chosen, rejected = chosen - x[C], rejected - x[D]
+    if normalize:
+        chosen, rejected = chosen / x[LT], rejected / x[LS]
+    return chosen, rejected
+
+
+def _result(losses: jax.Array, chosen: jax.Array, rejected: jax.Array, scale: float,
+            reduction: str) -> PreferenceLoss:
+    """Reduce the per-element losses; rewards = scale·r (β or τ), per element, detached."""
+    return PreferenceLoss(b.reduce_elements(losses, reduction), jax.lax.stop_gradient(scale * chosen),
+                          jax.lax.stop_gradient(scale * rejected))
+
+
+def _beta(func: str, beta: object) -> float:
+    return v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0)
+
+
+def _smoothing(func: str, label_smoothing: object) -> float:
+    return v.check_scalar(func, "label_smoothing", b.option(func, "label_smoothing", label_smoothing),
+                          low=0.0, high=0.5, low_inclusive=True, high_inclusive=True)
+
+
+def _reduction(func: str, reduction: object) -> str:
+    return v.check_reduction(func, b.option(func, "reduction", reduction))
+
+
+# --------------------------------------------------------------------------------------------------
+# DPKD (Eq. 8 / Eq. 9)
+
+
+def dpkd_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array | None,
+    reference_rejected_logps: jax.Array | None,
+    *,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """Sequence-level DPKD: the DPO loss with the teacher as the reference model (paper Eq. 8 / Eq. 9).
+
+    Symbols: a, b, c, d the summed log-probs (policy = student q_θ, reference = teacher p, chosen = teacher
+    output y_t, rejected = student output y_s); L_t, L_s the two responses' token counts; β; ε the label
+    smoothing (cDPO).
+
+    Formula:
+        h = (a − c) − (b − d)                       (Eq. 8, no lengths)
+        h = (a − c)/L_t − (b − d)/L_s               (Eq. 9, both lengths given)
+        ℓ = (1−ε)·softplus(−βh) + ε·softplus(βh)    (= −log σ(βh) for ε = 0)
+    ``reference_free=True`` sets c = d = 0 (the reference arrays may then be None).
+
+    Args:
+        policy_chosen_logps: a, float array of any shape [...] (usually [B]).
+        policy_rejected_logps: b, same shape.
+        reference_chosen_logps: c, same shape (may be None only with ``reference_free=True``).
+        reference_rejected_logps: d, same shape (may be None only with ``reference_free=True``).
+        chosen_lengths, rejected_lengths: L_t, L_s (int or float arrays, > 0, same shape); both or
+            neither. Arrays: they are traced under jit, not static.
+        beta: β > 0.  label_smoothing: ε ∈ [0, 0.5].  reference_free: bool.
+        reduction: "mean" (default, the paper's E), "sum" (Algorithm 1's Σ) or "none".
+        (beta, label_smoothing, reference_free, reduction are static under jit.)
+
+    Returns:
+        ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``: loss scalar (or [...] under "none")
+        in the compute dtype; rewards β(a − c)[/L_t] and β(b − d)[/L_s], [...], detached.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> out = dpkd_loss(jnp.array([-12.0]), jnp.array([-5.0]), jnp.array([-5.0]), jnp.array([-5.0]),
+        ...                 beta=0.7)
+        >>> round(float(out.loss), 4), out.chosen_rewards.tolist(), out.rejected_rewards.tolist()
+        (4.9074, [-4.899999618530273], [0.0])
+
+    References: Li et al. 2024 (arXiv:2406.19774) Eq. 8, Eq. 9; Rafailov et al. 2023 Eq. 7; SPEC-MATH §3A.
+    See also: ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss``, ``dpkd.spec.dpkd_loss_grad``.
+    """
+    func = "dpkd_loss"
+    reduction = _reduction(func, reduction)
+    beta = _beta(func, beta)
+    eps = _smoothing(func, label_smoothing)
+    normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                         D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
+                  optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
+                  reduction=reduction)
+    chosen, rejected = _margin(x, reference=not reference_free, normalize=normalize)
+    losses = b.smoothed_sigmoid_loss(beta * (chosen - rejected), eps)
+    return _result(losses, chosen, rejected, beta, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# IPO (Table 2; Azar et al. 2024 Eq. 17)
+
+
+def ipo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array,
+    *,
+    tau: float = 0.1,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+    length_normalize: bool = True,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """IPO with the teacher as reference: a squared loss pulling the margin to 1/(2τ).
+
+    Formula (paper Table 2; Azar et al. 2024 Eq. 17):
+        h = (a − c)/L_t − (b − d)/L_s     (length_normalize=True, TRL's length-averaged log-probs)
+        h = (a − c) − (b − d)             (length_normalize=False, the summed form)
+        ℓ = (h − 1/(2τ))²
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+            a, b, c, d, float arrays of one shape [...].
+        tau: τ > 0 (static).
+        chosen_lengths, rejected_lengths: required (> 0) when ``length_normalize=True``; must be None
+            when it is False.
+        length_normalize: static bool choosing the margin.  reduction: "mean" | "sum" | "none" (static).
+
+    Returns:
+        ``PreferenceLoss``; rewards τ(a − c)[/L_t], τ(b − d)[/L_s].
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> z = jnp.zeros(2)
+        >>> float(ipo_loss(z, z, z, z, length_normalize=False).loss)
+        25.0
+
+    References: Azar et al. 2024 (arXiv:2310.12036) Eq. 17; SPEC-MATH §5.
+    See also: ``dpkd_loss``, ``dpkd_token_loss`` (form="ipo").
+    """
+    func = "ipo_loss"
+    reduction = _reduction(func, reduction)
+    tau = v.check_scalar(func, "tau", b.option(func, "tau", tau), low=0.0)
+    normalize = bool(b.option(func, "length_normalize", length_normalize))
+    if normalize:
+        # both lengths are needed; with neither given, the first missing one is named
+        if chosen_lengths is None and rejected_lengths is None:
+            v.fail(func, LT, "is required, got None")
+        v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    else:
+        for name, given in ((LT, chosen_lengths), (LS, rejected_lengths)):
+            if given is not None:
+                v.fail(func, name, "must be None when length_normalize=False (the summed log-ratios are used)")
+    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                         D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
+                  optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
+    chosen, rejected = _margin(x, normalize=normalize)
+    losses = jnp.square(chosen - rejected - 1.0 / (2.0 * tau))
+    return _result(losses, chosen, rejected, tau, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# CPO (Table 2, with the typo corrected; Xu et al. 2024)
+
+
+def cpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    *,
+    beta: float = 0.1,
+    nll_weight: float = 1.0,
+    chosen_lengths: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """CPO: a reference-free preference term plus an NLL term on the teacher's output.
+
+    Formula (paper Table 2 with its typo corrected; Xu et al. 2024):
+        z = β(a − b)
+        ℓ = (1−ε)·softplus(−z) + ε·softplus(z) − w·a / L_t     (−w·a without ``chosen_lengths``)
+
+    Args:
+        policy_chosen_logps: a = log q_θ(y_t|x) [...].  policy_rejected_logps: b = log q_θ(y_s|x) [...].
+        beta: β > 0.  nll_weight: w ≥ 0.  label_smoothing: ε ∈ [0, 0.5]  (static).
+        chosen_lengths: optional L_t > 0 [...] (the NLL term becomes a per-token mean).
+        reduction: "mean" | "sum" | "none" (static).
+
+    Returns:
+        ``PreferenceLoss``; rewards βa, βb.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> round(float(cpo_loss(jnp.array([-2.0]), jnp.array([-2.0])).loss), 4)  # log 2 + 2
+        2.6931
+
+    References: Xu et al. 2024 (arXiv:2401.08417); SPEC-MATH §5.
+    See also: ``simpo_loss``, ``dpkd_loss`` (reference_free=True).
+    """
+    func = "cpo_loss"
+    reduction = _reduction(func, reduction)
+    beta = _beta(func, beta)
+    w = v.check_scalar(func, "nll_weight", b.option(func, "nll_weight", nll_weight), low=0.0,
+                       low_inclusive=True)
+    eps = _smoothing(func, label_smoothing)
+    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths},
+                  optional=(LT,), lengths=(LT,), reduction=reduction)
+    a, rejected = x[A], x[B]
+    nll = -a if x[LT] is None else -a / x[LT]
+    losses = b.smoothed_sigmoid_loss(beta * (a - rejected), eps) + w * nll
+    return _result(losses, a, rejected, beta, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# SimPO (Meng et al. 2024)
+
+
+def simpo_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    *,
+    chosen_lengths: jax.Array,
+    rejected_lengths: jax.Array,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """SimPO: reference-free, length-normalised, with a target margin γ inside σ.
+
+    Formula (Meng et al. 2024 Eq. 6):
+        z = β·a/L_t − β·b/L_s − γ
+        ℓ = (1−ε)·softplus(−z) + ε·softplus(z)
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: a, b [...].
+        chosen_lengths, rejected_lengths: L_t, L_s > 0 [...], required.
+        beta: β > 0.  gamma: γ (any finite real).  label_smoothing: ε ∈ [0, 0.5]  (static).
+        reduction: "mean" | "sum" | "none" (static).
+
+    Returns:
+        ``PreferenceLoss``; rewards βa/L_t, βb/L_s.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> z, n = jnp.zeros(1), jnp.ones(1)
+        >>> round(float(simpo_loss(z, z, chosen_lengths=n, rejected_lengths=n, gamma=0.0).loss), 4)
+        0.6931
+
+    References: Meng et al. 2024 (arXiv:2405.14734); SPEC-MATH §5.
+    See also: ``cpo_loss``, ``dpkd_loss``.
+    """
+    func = "simpo_loss"
+    reduction = _reduction(func, reduction)
+    beta = _beta(func, beta)
+    gamma = v.check_scalar(func, "gamma", b.option(func, "gamma", gamma))
+    eps = _smoothing(func, label_smoothing)
+    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths,
+                         LS: rejected_lengths}, lengths=(LT, LS), reduction=reduction)
+    chosen, rejected = _margin(x, reference=False, normalize=True)
+    losses = b.smoothed_sigmoid_loss(beta * (chosen - rejected) - gamma, eps)
+    return _result(losses, chosen, rejected, beta, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# DPOP (Smaug, Pal et al. 2024; and the released code's --DPOP)
+
+
+def dpop_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array,
+    *,
+    beta: float = 0.1,
+    lambda_: float = 50.0,
+    form: str = "smaug",
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """DPO-Positive: DPKD plus a penalty when the student's log-prob of the teacher output falls below the
+    teacher's.
+
+    Formula, with h = (a − c) − (b − d) (Eq. 8) and P = max(0, c − a):
+        form="smaug":    ℓ = softplus(−β(h − λP))     (Pal et al. 2024 Eq. 3: inside σ, scaled by β)
+        form="released": ℓ = softplus(−βh) + λP       (LMOps ``--DPOP``: outside σ, not scaled)
+    P's derivative uses k = 1[c > a] (strict, no subgradient at c = a) — written as a ``where``, not
+    ``jnp.maximum`` (whose tie gradient is ½).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+            a, b, c, d, float arrays of one shape [...].
+        beta: β > 0.  lambda_: λ ≥ 0.  form: "smaug" | "released".  reduction (all static).
+
+    Returns:
+        ``PreferenceLoss``; rewards β(a − c), β(b − d).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> z = jnp.zeros(1)
+        >>> round(float(dpop_loss(z - 1.0, z, z, z, beta=1.0, lambda_=1.0, form="released").loss), 4)
+        2.3133
+
+    References: Pal et al. 2024 (arXiv:2402.13228) Eq. 3; SPEC-MATH §5.
+    See also: ``dpkd_loss``, ``dpkd_token_loss`` (form="dpop").
+    """
+    func = "dpop_loss"
+    reduction = _reduction(func, reduction)
+    form = v.check_choice(func, "form", b.option(func, "form", form), DPOP_FORMS)
+    beta = _beta(func, beta)
+    lam = v.check_scalar(func, "lambda_", b.option(func, "lambda_", lambda_), low=0.0, low_inclusive=True)
+    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                         D: reference_rejected_logps}, reduction=reduction)
+    chosen, rejected = _margin(x)
+    a, c = x[A], x[C]
+    penalty = jnp.where(c > a, c - a, jnp.zeros((), a.dtype))
+    h = chosen - rejected
+    if form == "smaug":
+        losses = b.softplus(-beta * (h - lam * penalty))
+    else:
+        losses = b.softplus(-beta * h) + lam * penalty
+    return _result(losses, chosen, rejected, beta, reduction)

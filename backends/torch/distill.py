@@ -1,0 +1,193 @@
+"""Distillation baselines in PyTorch (SPEC-MATH §6): cross-entropy, forward/reverse KL, generalised JSD, AKL.
+
+Common: p = softmax(T/τ), q = softmax(S/τ) (no τ² factor: TRL's GKD convention). Every divergence is
+written from log-softmax values, so p·log p is 0·(finite) = 0 where p underflows: finite for any finite
+logits, ±1e4 included. Mask and normalizer as ``dpkd_token_loss``: mean = Σ mℓ / (normalizer or Σ m),
+sum = Σ mℓ, none = m·ℓ [..., T].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from dpkd.spec import validation as v
+
+from ._base import kl_divergence, normalizer_option, reduce_tokens, student_teacher_inputs
+from .logps import _token_logps
+
+__all__ = ["cross_entropy", "forward_kl", "reverse_kl", "generalized_jsd", "akl"]
+
+
+def _divergence_options(func: str, reduction: str, temperature: float, **own: float) -> None:
+    """The contract's option order: reduction, the loss's own scalar (JSD β, AKL μ), temperature."""
+    v.check_reduction(func, reduction)
+    if "beta" in own:
+        v.check_scalar(func, "beta", own["beta"], low=0.0, high=1.0, low_inclusive=True, high_inclusive=True)
+    if "mu" in own:
+        v.check_scalar(func, "mu", own["mu"], low=0.0, high=1.0)
+    v.check_scalar(func, "temperature", temperature, low=0.0)
+
+
+def _tempered(func: str, student_logits, teacher_logits, mask, temperature, normalizer, reduction, **own):
+    """Options, then validated inputs and log q, log p at temperature τ."""
+    _divergence_options(func, reduction, temperature, **own)
+    normalizer = normalizer_option(func, normalizer, reduction)
+    x = student_teacher_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer,
+                               reduction=reduction)
+    log_q = torch.log_softmax(x.student / temperature, dim=-1)
+    log_p = torch.log_softmax(x.teacher / temperature, dim=-1)
+    return x, log_q, log_p
+
+
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, normalizer: float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """SFT / LM cross-entropy on labels: ℓ_j = −log q_j[y_j] on non-ignored positions (SPEC-MATH §6).
+
+    Args:
+        logits: [..., T, V] float; labels: [..., T] integer in [0, V) or ``ignore_index``.
+        normalizer: global count of non-ignored labels (> 0, "mean" only); default: this call's count.
+        reduction: "mean" (Σ ℓ / count) | "sum" | "none" ([..., T], 0 at ignored positions).
+
+    Returns:
+        float32 (float64 for float64 logits) scalar, or [..., T] under "none".
+
+    Example:
+        >>> import torch
+        >>> round(cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[1, -100]])).item(), 4)   # log 4
+        1.3863
+
+    See also: ``token_logps``, ``forward_kl``, ``dpkd.spec.cross_entropy``.
+    """
+    func = "cross_entropy"
+    ignore = _cross_entropy_options(func, ignore_index, reduction)
+    normalizer = normalizer_option(func, normalizer, reduction)
+    per_token, keep = _token_logps(func, logits, labels, ignore, presence=False,
+                                   require_tokens=(reduction == "mean" and normalizer is None))
+    if reduction == "none":
+        return -per_token
+    total = -per_token.sum()
+    if reduction == "sum":
+        return total
+    return total / (normalizer if normalizer is not None else keep.sum().to(per_token.dtype))
+
+
+def _cross_entropy_options(func: str, ignore_index: int, reduction: str) -> int:
+    v.check_reduction(func, reduction)
+    return v.check_int_scalar(func, "ignore_index", ignore_index)
+
+
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
+    normalizer: float | None = None, reduction: str = "mean",
+) -> torch.Tensor:
+    """Forward KL(p‖q) = Σ_v p (log p − log q) per token (word-level KD; SPEC-MATH §6).
+
+    The true KL, not the cross-entropy form: the gradient w.r.t. the student logits is the same,
+    (q − p)/τ per token.
+
+    Args: student_logits, teacher_logits [..., T, V] (same dtype/device); mask [..., T];
+        temperature: τ > 0; normalizer; reduction.
+
+    Returns: the reduced loss, or m·ℓ [..., T] under "none".
+
+    Example:
+        >>> import torch
+        >>> forward_kl(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
+        0.0
+
+    See also: ``reverse_kl``, ``generalized_jsd``, ``ForwardKL``, ``dpkd.spec.forward_kl``.
+    """
+    x, log_q, log_p = _tempered("forward_kl", student_logits, teacher_logits, mask, temperature, normalizer,
+                                reduction)
+    return reduce_tokens(kl_divergence(log_p, log_q), x.mask, reduction, x.denominator)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
+    normalizer: float | None = None, reduction: str = "mean",
+) -> torch.Tensor:
+    """Reverse KL(q‖p) = Σ_v q (log q − log p) per token (SPEC-MATH §6).
+
+    Args/Returns: as ``forward_kl``.
+
+    Example:
+        >>> import torch
+        >>> reverse_kl(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
+        0.0
+
+    See also: ``forward_kl``, ``ReverseKL``, ``dpkd.spec.reverse_kl``.
+    """
+    x, log_q, log_p = _tempered("reverse_kl", student_logits, teacher_logits, mask, temperature, normalizer,
+                                reduction)
+    return reduce_tokens(kl_divergence(log_q, log_p), x.mask, reduction, x.denominator)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.5,
+    temperature: float = 1.0, normalizer: float | None = None, reduction: str = "mean",
+) -> torch.Tensor:
+    """Generalised JSD in TRL's GKD convention (SPEC-MATH §11).
+
+    Formula: 0 < β < 1: M = (1−β)q + βp, JSD_β = β KL(p‖M) + (1−β) KL(q‖M); β = 0 → KL(p‖q) (forward),
+    β = 1 → KL(q‖p) (reverse). The mixture form tends to 0 at both ends, so the end points are a
+    convention with a discontinuity (documented, tested). log M is a logaddexp of log-probabilities.
+
+    Args: as ``forward_kl`` plus beta: β ∈ [0, 1].
+
+    Example:
+        >>> import torch
+        >>> generalized_jsd(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
+        0.0
+
+    See also: ``forward_kl``, ``reverse_kl``, ``GeneralizedJSD``, ``dpkd.spec.generalized_jsd``.
+    """
+    x, log_q, log_p = _tempered("generalized_jsd", student_logits, teacher_logits, mask, temperature, normalizer,
+                                reduction, beta=beta)
+    if beta == 0.0:
+        per_token = kl_divergence(log_p, log_q)
+    elif beta == 1.0:
+        per_token = kl_divergence(log_q, log_p)
+    else:
+        log_m = torch.logaddexp(log_q + math.log(1.0 - beta), log_p + math.log(beta))
+        per_token = beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m)
+    return reduce_tokens(per_token, x.mask, reduction, x.denominator)
+
+
+def akl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, mu: float = 0.5,
+    temperature: float = 1.0, normalizer: float | None = None, reduction: str = "mean",
+) -> torch.Tensor:
+    """Adaptive KL (Wu et al. 2024, official AKL.py; SPEC-MATH §6): head/tail-weighted forward + reverse KL.
+
+    Formula: sort p descending (stable), C_k its cumulative sums; head H = {first sorted token} ∪
+    {tokens with C_k ≤ μ}; g_head = Σ_H |p − q|, g_tail = Σ_{not H} |p − q| (detached);
+    ℓ = w_h KL(p‖q) + w_t KL(q‖p), w_h = g_head/(g_head + g_tail), w_t = 1 − w_h. When p = q
+    (g_head + g_tail = 0) the weights are 1/2 and both KLs vanish: ℓ = 0, not the official code's NaN.
+    Gradients treat w_h, w_t as constants.
+
+    Args: as ``forward_kl`` plus mu: μ ∈ (0, 1).
+
+    Example:
+        >>> import torch
+        >>> akl(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
+        0.0
+
+    See also: ``forward_kl``, ``reverse_kl``, ``AKL``, ``dpkd.spec.akl``.
+    """
+    x, log_q, log_p = _tempered("akl", student_logits, teacher_logits, mask, temperature, normalizer, reduction,
+                                mu=mu)
+    with torch.no_grad():
+        p, q = log_p.exp(), log_q.exp()
+        p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
+        first = torch.arange(p.shape[-1], device=p.device) == 0
+        head = (torch.cumsum(p_sorted, dim=-1) <= mu) | first  # in sorted order
+        gap = torch.gather((p - q).abs(), -1, order)
+        g_head = (gap * head).sum(dim=-1)
+        g_tail = (gap * ~head).sum(dim=-1)
+        total = g_head + g_tail
+        w_head = torch.where(total > 0, g_head / torch.where(total > 0, total, 1.0), 0.5)
+    per_token = w_head * kl_divergence(log_p, log_q) + (1.0 - w_head) * kl_divergence(log_q, log_p)
+    return reduce_tokens(per_token, x.mask, reduction, x.denominator)

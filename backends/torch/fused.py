@@ -1,0 +1,974 @@
+"""The fused, token-chunked lm_head path of the Torch backend (DESIGN.md §5).
+
+Materialising the logits ``[N, V]`` (N = batch × tokens) is what limits distillation at scale. Every loss
+here takes the hidden states and the lm_head weight instead, and walks over chunks of TOKENS, so the live
+logits are ``chunk × V`` whatever N is; the results equal the materialised path within the dtype table.
+
+Three building blocks:
+
+* ``linear_token_logps`` — projection + log-softmax + gather per token. Forward keeps only the per-token
+  log-prob and log-sum-exp; backward recomputes each chunk's logits and forms grad_hidden and grad_weight
+  (4 GEMMs of N×H×V in all: its upstream gradient is unknown during the forward).
+* ``fused_sequence_loss`` (``fused_dpkd_loss``, ``fused_ipo_loss``, ``fused_cpo_loss``, ``fused_simpo_loss``,
+  ``fused_dpop_loss``) — a sequence-level loss on the summed log-probs. d loss / d token-logp is one scalar
+  per sequence (SPEC-MATH Eq. 8/9 through the chain rule), known as soon as that sequence's pair is done.
+  So when whole pairs fit the chunk budget the loss and its gradient come out of ONE pass (3 GEMMs:
+  forward, grad_hidden, grad_weight) and backward only scales by the upstream scalar ("single_pass");
+  otherwise, or under ``reduction="none"``, it falls back to ``linear_token_logps`` ("two_pass").
+* ``fused_token_loss`` (``fused_dpkd_token_loss``, ``fused_forward_kl``, ``fused_reverse_kl``,
+  ``fused_generalized_jsd``, ``fused_akl``, ``fused_cross_entropy``) — token-level losses that need the
+  whole student and teacher distributions at the same positions: both logit chunks are computed together,
+  the backend's own per-token formula runs on each chunk, and autograd of that chunk gives d loss/d logits.
+
+The teacher side (its hidden size may differ from the student's) runs without gradient: it is frozen in
+distillation. The loss formulas are the backend's (``dpkd.backends.torch.sequence``, ``.token``,
+``.distill``), never re-written here; any callable with the same contract can be fused.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpkd.spec import validation as v
+from dpkd.spec.results import PreferenceLoss, TokenPreferenceLoss
+
+from ._base import ValueChecks, compute_dtype
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "TeacherLMHead",
+    "TeacherLogps",
+    "auto_chunk_size",
+    "linear_token_logps",
+    "fused_sequence_loss",
+    "fused_dpkd_loss",
+    "fused_ipo_loss",
+    "fused_cpo_loss",
+    "fused_simpo_loss",
+    "fused_dpop_loss",
+    "fused_token_loss",
+    "fused_dpkd_token_loss",
+    "fused_forward_kl",
+    "fused_reverse_kl",
+    "fused_generalized_jsd",
+    "fused_akl",
+    "fused_cross_entropy",
+]
+
+#: Bytes one chunk's logits buffer may take when ``chunk_size`` is not given (64 MiB: 524 rows of float32
+#: at V = 32000). Peak memory beyond the inputs and gradients is about this, whatever N is.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+# Live [chunk, V] buffers per chunk: the sequence/logp paths work in place in one buffer; the token-level
+# losses keep student and teacher logits plus autograd's temporaries of the per-chunk loss.
+_TOKEN_LOSS_BUFFERS = 8
+
+
+def auto_chunk_size(vocab_size: int, *, n_rows: int, itemsize: int = 4, buffers: int = 1,
+                    budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that ``buffers`` live ``[rows, vocab_size]`` arrays fit ``budget_bytes``.
+
+    Clamped to [1, n_rows]. Example: ``auto_chunk_size(32000, n_rows=4096)`` → 524.
+    """
+    rows = budget_bytes // max(1, vocab_size * itemsize * buffers)
+    return int(max(1, min(rows, max(1, n_rows))))
+
+
+@dataclass(frozen=True)
+class TeacherLMHead:
+    """The teacher as hidden states + lm_head (no gradient flows into it).
+
+    chosen_hidden [B, T_c, H_t] at the teacher-output rows, rejected_hidden [B, T_s, H_t] at the
+    student-output rows, weight [V, H_t], bias [V] or None. H_t may differ from the student's H.
+    """
+
+    chosen_hidden: torch.Tensor
+    rejected_hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TeacherLogps:
+    """Precomputed teacher sequence log-probs (c = log p(y_t|x), d = log p(y_s|x)), each [B]; constants."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (shapes and dtypes always; values eagerly through the backend's ValueChecks)
+
+
+def _check_chunk_options(func: str, chunk_size: object, ignore_index: object) -> int | None:
+    v.check_int_scalar(func, "ignore_index", ignore_index)
+    if chunk_size is None:
+        return None
+    return v.check_int_scalar(func, "chunk_size", chunk_size, low=1)
+
+
+def _check_lm_head(func: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                   names: tuple[str, str, str], lead: tuple[int, ...] | None = None) -> None:
+    """hidden [..., H] floating, weight [V, H] of the same dtype, bias [V]; ``lead`` pins hidden's [...]."""
+    h_name, w_name, b_name = names
+    for name, t in ((h_name, hidden), (w_name, weight), (b_name, bias)):
+        if t is not None:
+            v.check_floating_dtype(func, name, t.is_floating_point(), t.dtype)
+    if hidden.ndim < 1:
+        v.fail(func, h_name, f"must have shape [..., H] (at least 1 dim), got {tuple(hidden.shape)}")
+    if lead is not None and tuple(hidden.shape[:-1]) != tuple(lead):
+        v.fail(func, h_name, f"has shape {tuple(hidden.shape)}, expected leading dims {tuple(lead)}")
+    size = hidden.shape[-1]
+    if weight.ndim != 2 or weight.shape[1] != size:
+        v.fail(func, w_name, f"has shape {tuple(weight.shape)}, expected [V, {size}] "
+                             f"(the hidden size of `{h_name}` is {size})")
+    if weight.shape[0] < 1:
+        v.fail(func, w_name, "has an empty vocabulary axis")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        v.fail(func, b_name, f"has shape {tuple(bias.shape)}, expected ({weight.shape[0]},) (one per vocabulary row)")
+    for name, t in ((w_name, weight), (b_name, bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            v.fail(func, name, f"has dtype {t.dtype} but `{h_name}` has {hidden.dtype}; cast them to one dtype")
+        if t is not None and t.device != hidden.device:
+            v.fail(func, name, f"is on device {t.device} but `{h_name}` is on {hidden.device}; move them to one device")
+
+
+def _check_labels(func: str, name: str, labels: torch.Tensor, shape: tuple[int, ...]) -> None:
+    integer = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
+    v.check_integer_dtype(func, name, integer, labels.dtype)
+    if tuple(labels.shape) != tuple(shape):
+        v.fail(func, name, f"has shape {tuple(labels.shape)}, expected {tuple(shape)} "
+                           "(the shape of the hidden states without their hidden axis)")
+
+
+def _check_same_vocab(func: str, student_weight: torch.Tensor, teacher_weight: torch.Tensor,
+                      names: tuple[str, str] = ("weight", "teacher_weight")) -> None:
+    if teacher_weight.ndim == 2 and teacher_weight.shape[0] != student_weight.shape[0]:
+        v.fail(func, names[1], f"has vocabulary size {teacher_weight.shape[0]} but `{names[0]}` has "
+                               f"{student_weight.shape[0]}; teacher and student must share one vocabulary "
+                               "(pad or slice the lm_head first)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-chunk kernels. ``buf`` is a [rows, V] scratch buffer reused by every chunk; all updates are in place
+# so that one chunk costs one buffer.
+
+
+def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out ← rows @ weightᵀ (+ bias): the chunk's logits."""
+    if bias is None:
+        torch.mm(rows, weight.t(), out=out)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=out)
+
+
+def _softmax_stats_(buf: torch.Tensor, safe_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From logits in ``buf``: (logit of the label, logsumexp) per row; ``buf`` is left holding softmax."""
+    picked = buf.gather(1, safe_labels[:, None]).squeeze(1)
+    row_max = buf.amax(1)
+    buf.sub_(row_max[:, None]).exp_()
+    total = buf.sum(1)
+    buf.div_(total[:, None])
+    return picked, row_max + total.log()
+
+
+def _logit_grad_(probs: torch.Tensor, safe_labels: torch.Tensor, g: torch.Tensor) -> None:
+    """probs ← g · (onehot(label) − probs): d(g·logp)/d logits per row (g = 0 on ignored rows)."""
+    probs.mul_(-g[:, None])
+    probs.scatter_add_(1, safe_labels[:, None], g[:, None])
+
+
+def _backprop_chunk(dlogits: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                    grad_rows: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                    grad_bias: torch.Tensor | None) -> None:
+    """grad_rows ← dlogits @ W; grad_weight += dlogitsᵀ @ rows; grad_bias += Σ_rows dlogits."""
+    if grad_rows is not None:
+        torch.mm(dlogits, weight, out=grad_rows)
+    if grad_weight is not None:
+        grad_weight.addmm_(dlogits.t(), rows)
+    if grad_bias is not None:
+        grad_bias.add_(dlogits.sum(0))
+
+
+def _chunk_logps(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                 ignore_index: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of one chunk (0 where ignored) and its logsumexp; ``buf`` ends as the softmax."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    _project(rows, weight, bias, buf)
+    picked, lse = _softmax_stats_(buf, safe)
+    return torch.where(valid, picked - lse, 0.0), lse, safe
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_token_logps
+
+
+@dataclass(frozen=True)
+class _ChunkOptions:
+    chunk_size: int
+    ignore_index: int
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """logp[n] = log_softmax(hidden[n] @ Wᵀ + b)[labels[n]], chunked over tokens (see linear_token_logps)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, opts: _ChunkOptions) -> torch.Tensor:
+        n, size = hidden.shape[0], opts.chunk_size
+        logps = hidden.new_empty(n)
+        lse = hidden.new_empty(n)
+        buf = hidden.new_empty(min(size, n), weight.shape[0])
+        for i0 in range(0, n, size):
+            i1 = min(i0 + size, n)
+            logps[i0:i1], lse[i0:i1], _ = _chunk_logps(hidden[i0:i1], weight, bias, labels[i0:i1],
+                                                       opts.ignore_index, buf[: i1 - i0])
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.opts = opts
+        return logps
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        opts: _ChunkOptions = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        if not (need_h or need_w or need_b):
+            return None, None, None, None, None
+        valid = labels != opts.ignore_index
+        safe = torch.where(valid, labels, 0)
+        g = torch.where(valid, grad_logps, 0.0).to(hidden.dtype)
+        n, size = hidden.shape[0], opts.chunk_size
+        buf = hidden.new_empty(min(size, n), weight.shape[0])
+        for i0 in range(0, n, size):
+            i1 = min(i0 + size, n)
+            chunk = buf[: i1 - i0]
+            _project(hidden[i0:i1], weight, bias, chunk)
+            chunk.sub_(lse[i0:i1, None]).exp_()  # the softmax, from the saved logsumexp
+            _logit_grad_(chunk, safe[i0:i1], g[i0:i1])
+            _backprop_chunk(chunk, hidden[i0:i1], weight, None if grad_h is None else grad_h[i0:i1], grad_w, grad_b)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-token log-probabilities of an lm_head, without materialising the logits.
+
+    logp[n] = log_softmax(hidden[n] @ weightᵀ + bias)[labels[n]]  (SPEC-MATH §1, the token log-prob that
+    Eq. 8/9 sum), exactly 0 where ``labels == ignore_index``. Computed over chunks of ``chunk_size`` token
+    rows: the forward keeps only logp and the logsumexp per token; the backward recomputes each chunk's
+    logits, forms grad_hidden = G @ W and accumulates grad_weight += Gᵀ @ hidden (G = g·(onehot − softmax))
+    in float32 or wider. Peak extra memory ≈ chunk_size × V × 4 bytes, whatever N is.
+
+    Args:
+        hidden: [..., H] (usually [N, H]) float.
+        weight: [V, H], same dtype as ``hidden``.
+        labels: [...] integer, values in [0, V) or ``ignore_index``.
+        bias: optional [V].
+        chunk_size: token rows per chunk; default ``auto_chunk_size(V, n_rows=N)`` (a 64 MiB buffer).
+        ignore_index: label value that contributes 0.
+    Returns:
+        [...] log-probs, in float32 for bfloat16/float16 inputs, else in the input dtype.
+
+    Example:
+        >>> h, w = torch.randn(6, 4), torch.randn(10, 4)
+        >>> linear_token_logps(h, w, torch.tensor([1, 2, 3, -100, 0, 9]), chunk_size=4).shape
+        torch.Size([6])
+
+    See also: ``token_logps`` (the materialised form), ``fused_sequence_loss``. Reference: Liger-Kernel's
+    fused linear cross entropy and pytorch#124480 (chunked over tokens likewise).
+    """
+    func = "linear_token_logps"
+    size = _check_chunk_options(func, chunk_size, ignore_index)
+    _check_lm_head(func, hidden, weight, bias, names=("hidden", "weight", "bias"))
+    _check_labels(func, "labels", labels, tuple(hidden.shape[:-1]))
+    checks = ValueChecks(func)
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        checks.finite(name, t)
+    checks.labels_in_vocab("labels", labels, weight.shape[0], ignore_index)
+    checks.run()
+
+    lead = tuple(labels.shape)
+    dtype = compute_dtype(hidden.dtype)
+    rows = hidden.reshape(-1, hidden.shape[-1]).to(dtype).contiguous()
+    n = rows.shape[0]
+    if n == 0:
+        return rows.new_zeros(lead)
+    size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=rows.element_size())
+    opts = _ChunkOptions(chunk_size=size, ignore_index=int(ignore_index))
+    out = _LinearTokenLogps.apply(rows, weight.to(dtype).contiguous(), None if bias is None else bias.to(dtype),
+                                  labels.reshape(-1), opts)
+    return out.reshape(lead)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence-level losses
+
+#: A sequence loss to fuse: ``loss(a, b, c, d, chosen_lengths=..., rejected_lengths=..., reduction=...)`` →
+#: PreferenceLoss, elementwise over pairs under ``reduction="none"`` (true of every loss in SPEC-MATH §3A).
+SequenceLoss = Callable[..., PreferenceLoss]
+
+
+@dataclass(frozen=True)
+class _SequencePlan:
+    """Everything the single pass needs besides the differentiable inputs."""
+
+    loss: SequenceLoss
+    reduction: str
+    chosen_labels: torch.Tensor
+    rejected_labels: torch.Tensor
+    chosen_lengths: torch.Tensor | None
+    rejected_lengths: torch.Tensor | None
+    teacher: TeacherLMHead | TeacherLogps | None
+    pairs_per_chunk: int
+    ignore_index: int
+
+
+def _pair_grads(plan: _SequencePlan, sl: slice, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None,
+                d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂ℓ_i/∂a_i, ∂ℓ_i/∂b_i) for the pairs of one chunk, by autograd of the backend's own loss."""
+    with torch.enable_grad():
+        a_leaf = a.detach().requires_grad_(True)
+        b_leaf = b.detach().requires_grad_(True)
+        per_pair = plan.loss(a_leaf, b_leaf, c, d, chosen_lengths=_slice(plan.chosen_lengths, sl),
+                             rejected_lengths=_slice(plan.rejected_lengths, sl), reduction="none").loss
+        da, db = torch.autograd.grad(per_pair.sum(), (a_leaf, b_leaf), allow_unused=True)
+    return (torch.zeros_like(a) if da is None else da), (torch.zeros_like(b) if db is None else db)
+
+
+def _slice(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if t is None else t[sl]
+
+
+def _teacher_chunk(teacher: TeacherLMHead | TeacherLogps | None, sl: slice, labels: tuple[torch.Tensor, ...],
+                   dtype: torch.dtype, ignore_index: int, buf: torch.Tensor, split: int
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(c, d) of the pairs ``sl``: precomputed, or from the teacher's lm_head in the shared buffer."""
+    if teacher is None:
+        return None, None
+    if isinstance(teacher, TeacherLogps):
+        return teacher.chosen[sl].to(dtype), teacher.rejected[sl].to(dtype)
+    out = []
+    for hidden, lab, part in ((teacher.chosen_hidden, labels[0], buf[:split]),
+                              (teacher.rejected_hidden, labels[1], buf[split:])):
+        rows = hidden[sl].reshape(-1, hidden.shape[-1]).to(dtype)
+        w = teacher.weight.to(dtype)
+        tb = None if teacher.bias is None else teacher.bias.to(dtype)
+        logp, _, _ = _chunk_logps(rows, w, tb, lab[sl].reshape(-1), ignore_index, part)
+        out.append(logp.view(lab[sl].shape).sum(1))
+    return out[0], out[1]
+
+
+class _SinglePassSequenceLoss(torch.autograd.Function):
+    """Loss and its gradient in one pass over whole pairs; backward scales by the upstream scalar."""
+
+    @staticmethod
+    def forward(ctx: Any, chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, plan: _SequencePlan) -> tuple[torch.Tensor, ...]:
+        need_c, need_r, need_w, need_b = ctx.needs_input_grad[:4]
+        n_pairs, t_c, size = chosen_hidden.shape
+        t_s = rejected_hidden.shape[1]
+        dtype = chosen_hidden.dtype
+        grad_c = torch.empty_like(chosen_hidden) if need_c else None
+        grad_r = torch.empty_like(rejected_hidden) if need_r else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        # d(reduced loss)/d ℓ_i: the mean is over all pairs, so it is known before any pair is seen.
+        scale = 1.0 / n_pairs if plan.reduction == "mean" else 1.0
+        a, b = chosen_hidden.new_empty(n_pairs), chosen_hidden.new_empty(n_pairs)
+        c = d = None
+        if plan.teacher is not None:
+            c, d = chosen_hidden.new_empty(n_pairs), chosen_hidden.new_empty(n_pairs)
+        k = plan.pairs_per_chunk
+        buf = chosen_hidden.new_empty(min(k, n_pairs) * (t_c + t_s), weight.shape[0])
+        labels = (plan.chosen_labels, plan.rejected_labels)
+        for i0 in range(0, n_pairs, k):
+            sl = slice(i0, min(i0 + k, n_pairs))
+            n = sl.stop - sl.start
+            split = n * t_c
+            chunk = buf[: n * (t_c + t_s)]
+            c_k, d_k = _teacher_chunk(plan.teacher, sl, labels, dtype, plan.ignore_index, chunk, split)
+            if c is not None:
+                c[sl], d[sl] = c_k, d_k
+            sides = []
+            for hidden, lab, part in ((chosen_hidden, labels[0], chunk[:split]),
+                                      (rejected_hidden, labels[1], chunk[split:])):
+                rows = hidden[sl].reshape(-1, size)
+                logp, _, safe = _chunk_logps(rows, weight, bias, lab[sl].reshape(-1), plan.ignore_index, part)
+                sides.append((rows, lab[sl], safe, part, logp.view(lab[sl].shape).sum(1)))
+            a[sl], b[sl] = sides[0][4], sides[1][4]
+            da, db = _pair_grads(plan, sl, a[sl], b[sl], c_k, d_k)
+            for (rows, lab, safe, part, _), dseq, grad_side in zip(sides, (da, db), (grad_c, grad_r)):
+                # every token of sequence i gets d loss/d logp = scale · ∂ℓ_i/∂(its summed logp)
+                g = (scale * dseq)[:, None].expand(lab.shape).to(dtype) * (lab != plan.ignore_index)
+                _logit_grad_(part, safe, g.reshape(-1))
+                grad_rows = None if grad_side is None else grad_side[sl].view(-1, size)
+                _backprop_chunk(part, rows, weight, grad_rows, grad_w, grad_b)
+        result = plan.loss(a, b, c, d, chosen_lengths=plan.chosen_lengths, rejected_lengths=plan.rejected_lengths,
+                           reduction=plan.reduction)
+        ctx.save_for_backward(grad_c, grad_r, grad_w, grad_b)
+        rewards = (result.chosen_rewards.detach(), result.rejected_rewards.detach())
+        ctx.mark_non_differentiable(*rewards)
+        return (result.loss.detach(), *rewards)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        grads = tuple(None if g is None else g * grad_loss for g in ctx.saved_tensors)
+        return (*grads, None)
+
+
+def _two_pass_sequence(loss: SequenceLoss, chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor,
+                       weight: torch.Tensor, bias: torch.Tensor | None, plan: _SequencePlan,
+                       chunk_size: int) -> PreferenceLoss:
+    """Summed ``linear_token_logps`` per sequence, then the loss with ordinary autograd (4 GEMMs)."""
+
+    def seq_logps(hidden: torch.Tensor, w: torch.Tensor, bb: torch.Tensor | None, lab: torch.Tensor) -> torch.Tensor:
+        opts = _ChunkOptions(chunk_size=chunk_size, ignore_index=plan.ignore_index)
+        rows = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype).contiguous()
+        bb = None if bb is None else bb.to(weight.dtype)
+        return _LinearTokenLogps.apply(rows, w.to(weight.dtype).contiguous(), bb, lab.reshape(-1), opts
+                                       ).view(lab.shape).sum(1)
+
+    a = seq_logps(chosen_hidden, weight, bias, plan.chosen_labels)
+    b = seq_logps(rejected_hidden, weight, bias, plan.rejected_labels)
+    c = d = None
+    teacher = plan.teacher
+    if isinstance(teacher, TeacherLogps):
+        c, d = teacher.chosen.to(weight.dtype), teacher.rejected.to(weight.dtype)
+    elif isinstance(teacher, TeacherLMHead):
+        with torch.no_grad():
+            c = seq_logps(teacher.chosen_hidden, teacher.weight, teacher.bias, plan.chosen_labels)
+            d = seq_logps(teacher.rejected_hidden, teacher.weight, teacher.bias, plan.rejected_labels)
+    out = loss(a, b, c, d, chosen_lengths=plan.chosen_lengths, rejected_lengths=plan.rejected_lengths,
+               reduction=plan.reduction)
+    return PreferenceLoss(out.loss, out.chosen_rewards.detach(), out.rejected_rewards.detach())
+
+
+def _check_teacher(func: str, teacher: object, weight: torch.Tensor, lead_c: tuple[int, ...],
+                   lead_s: tuple[int, ...], required: bool) -> TeacherLMHead | TeacherLogps | None:
+    if teacher is None:
+        if required:
+            v.fail(func, "teacher", "is required: pass TeacherLMHead(chosen_hidden, rejected_hidden, weight) or "
+                                    "TeacherLogps(chosen, rejected) (or reference_free=True)")
+        return None
+    checks = ValueChecks(func)
+    if isinstance(teacher, TeacherLogps):
+        for name, t in (("teacher.chosen", teacher.chosen), ("teacher.rejected", teacher.rejected)):
+            v.check_floating_dtype(func, name, t.is_floating_point(), t.dtype)
+            if tuple(t.shape) != lead_c[:1]:
+                v.fail(func, name, f"has shape {tuple(t.shape)}, expected {lead_c[:1]} (one per pair)")
+            checks.finite(name, t)
+        checks.run()
+        return TeacherLogps(teacher.chosen.detach(), teacher.rejected.detach())
+    if not isinstance(teacher, TeacherLMHead):
+        v.fail(func, "teacher", f"must be a TeacherLMHead or TeacherLogps, got {type(teacher).__name__}")
+    _check_same_vocab(func, weight, teacher.weight, ("weight", "teacher.weight"))
+    _check_lm_head(func, teacher.chosen_hidden, teacher.weight, teacher.bias, lead=lead_c,
+                   names=("teacher.chosen_hidden", "teacher.weight", "teacher.bias"))
+    _check_lm_head(func, teacher.rejected_hidden, teacher.weight, teacher.bias, lead=lead_s,
+                   names=("teacher.rejected_hidden", "teacher.weight", "teacher.bias"))
+    for name in ("chosen_hidden", "rejected_hidden", "weight", "bias"):
+        checks.finite(f"teacher.{name}", getattr(teacher, name))
+    checks.run()
+    detach = (lambda t: None if t is None else t.detach())  # noqa: E731  (the teacher is frozen)
+    return TeacherLMHead(detach(teacher.chosen_hidden), detach(teacher.rejected_hidden), detach(teacher.weight),
+                         detach(teacher.bias))
+
+
+def fused_sequence_loss(
+    loss: SequenceLoss,
+    chosen_hidden: torch.Tensor,
+    rejected_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    chosen_labels: torch.Tensor,
+    rejected_labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    teacher: TeacherLMHead | TeacherLogps | None = None,
+    teacher_required: bool = True,
+    use_lengths: bool = False,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    mode: str = "auto",
+    ignore_index: int = -100,
+    func: str = "fused_sequence_loss",
+) -> PreferenceLoss:
+    """Any sequence-level preference loss on the student's lm_head, chunked over whole pairs or tokens.
+
+    a_i = Σ_t log q(y_t | ·) over the chosen rows (teacher output y_t) of pair i, b_i likewise over the
+    rejected rows (student output y_s), c_i, d_i the teacher's (SPEC-MATH Eq. 8/9); returns
+    ``loss(a, b, c, d, chosen_lengths=L_t, rejected_lengths=L_s, reduction=reduction)`` with lengths the
+    token counts when ``use_lengths`` (else None).
+
+    Modes: "single_pass" computes the loss and its gradient in one pass (3 GEMMs) over chunks holding
+    whole pairs — d loss/d logp_t = (1/B)·∂ℓ_i/∂a_i for every token t of sequence i, known once pair i is
+    done — and needs a reduced loss; "two_pass" sums ``linear_token_logps`` (4 GEMMs) and works for any
+    reduction and any length; "auto" picks single_pass when ``reduction != "none"`` and one pair
+    (T_c + T_s rows) fits ``chunk_size`` (default: the 64 MiB budget).
+
+    Args:
+        loss: the backend sequence loss, e.g. ``lambda a, b, c, d, **kw: dpkd_loss(a, b, c, d, beta=.1, **kw)``;
+            elementwise over pairs under reduction="none".
+        chosen_hidden: [B, T_c, H] student hidden states at the teacher-output rows (already shifted so
+            that row t predicts ``chosen_labels[:, t]``). rejected_hidden: [B, T_s, H].
+        weight: [V, H] student lm_head; bias: [V] or None.
+        chosen_labels: [B, T_c], rejected_labels: [B, T_s]; ``ignore_index`` on prompt and padding.
+        teacher: TeacherLMHead (hidden size may differ) or TeacherLogps; no gradient flows into it.
+    Returns:
+        PreferenceLoss(loss, chosen_rewards, rejected_rewards), rewards detached.
+
+    See also: ``fused_dpkd_loss`` and siblings, ``linear_token_logps``.
+    """
+    v.check_reduction(func, reduction)
+    v.check_choice(func, "mode", mode, ("auto", "single_pass", "two_pass"))
+    if mode == "single_pass" and reduction == "none":
+        v.fail(func, "mode", "'single_pass' needs a reduced loss (reduction 'mean' or 'sum'); use 'two_pass'")
+    size = _check_chunk_options(func, chunk_size, ignore_index)
+    for name, t in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden)):
+        if t.ndim != 3:
+            v.fail(func, name, f"must have shape [B, T, H], got {tuple(t.shape)}")
+    _check_lm_head(func, chosen_hidden, weight, bias, names=("chosen_hidden", "weight", "bias"))
+    _check_lm_head(func, rejected_hidden, weight, bias, names=("rejected_hidden", "weight", "bias"))
+    if rejected_hidden.shape[0] != chosen_hidden.shape[0]:
+        v.fail(func, "rejected_hidden", f"has {rejected_hidden.shape[0]} pairs but `chosen_hidden` has "
+                                        f"{chosen_hidden.shape[0]}")
+    _check_labels(func, "chosen_labels", chosen_labels, tuple(chosen_hidden.shape[:2]))
+    _check_labels(func, "rejected_labels", rejected_labels, tuple(rejected_hidden.shape[:2]))
+    teacher = _check_teacher(func, teacher, weight, tuple(chosen_hidden.shape[:2]),
+                             tuple(rejected_hidden.shape[:2]), teacher_required)
+    checks = ValueChecks(func)
+    for name, t in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden), ("weight", weight),
+                    ("bias", bias)):
+        checks.finite(name, t)
+    checks.labels_in_vocab("chosen_labels", chosen_labels, weight.shape[0], ignore_index)
+    checks.labels_in_vocab("rejected_labels", rejected_labels, weight.shape[0], ignore_index)
+    checks.run()
+
+    dtype = compute_dtype(chosen_hidden.dtype)
+    lengths = ((chosen_labels != ignore_index).sum(1), (rejected_labels != ignore_index).sum(1)) if use_lengths \
+        else (None, None)
+    rows_per_pair = chosen_hidden.shape[1] + rejected_hidden.shape[1]
+    n_rows = chosen_hidden.shape[0] * rows_per_pair
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = size or auto_chunk_size(weight.shape[0], n_rows=n_rows, itemsize=itemsize)
+    if mode == "auto":
+        mode = "single_pass" if reduction != "none" and rows_per_pair <= size else "two_pass"
+    plan = _SequencePlan(loss=loss, reduction=reduction, chosen_labels=chosen_labels,
+                         rejected_labels=rejected_labels, chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+                         teacher=teacher, pairs_per_chunk=max(1, size // rows_per_pair),
+                         ignore_index=int(ignore_index))
+    w = weight.to(dtype).contiguous()
+    bb = None if bias is None else bias.to(dtype)
+    if mode == "two_pass":
+        return _two_pass_sequence(loss, chosen_hidden, rejected_hidden, w, bb, plan, size)
+    out = _SinglePassSequenceLoss.apply(chosen_hidden.to(dtype).contiguous(), rejected_hidden.to(dtype).contiguous(),
+                                        w, bb, plan)
+    return PreferenceLoss(*out)
+
+
+def _backend_function(name: str) -> Callable[..., Any]:
+    """The backend's own loss ``name`` (looked up at call time: the backend package imports this module)."""
+    package = importlib.import_module("dpkd.backends.torch")
+    fn = getattr(package, name, None)
+    for module in ("sequence", "token", "distill"):
+        if fn is not None:
+            break
+        fn = getattr(importlib.import_module(f"dpkd.backends.torch.{module}"), name, None)
+    if fn is None:  # pragma: no cover - a backend without the loss
+        raise AttributeError(f"dpkd.backends.torch has no {name!r}")
+    return fn
+
+
+def fused_dpkd_loss(
+    chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, *,
+    teacher: TeacherLMHead | TeacherLogps | None = None, bias: torch.Tensor | None = None,
+    length_normalize: bool = False, beta: float = 0.1, label_smoothing: float = 0.0,
+    reference_free: bool = False, reduction: str = "mean", chunk_size: int | None = None, mode: str = "auto",
+    ignore_index: int = -100,
+) -> PreferenceLoss:
+    """Sequence-level DPKD (SPEC-MATH Eq. 8; Eq. 9 with ``length_normalize``) on the student's lm_head.
+
+    ℓ = (1−ε)·softplus(−βh) + ε·softplus(βh), h = (a − c)[/L_t] − (b − d)[/L_s] with policy = student,
+    reference = teacher, chosen = teacher output y_t, rejected = student output y_s; L = token counts.
+    Same value and gradients as ``dpkd_loss`` on materialised logits. Arguments as in
+    ``fused_sequence_loss``; options as in ``dpkd_loss``.
+
+    Example:
+        >>> B, T, H, V = 2, 5, 8, 11
+        >>> w = torch.randn(V, H, requires_grad=True)
+        >>> lab = torch.randint(0, V, (B, T))
+        >>> out = fused_dpkd_loss(torch.randn(B, T, H), torch.randn(B, T, H), w, lab, lab,
+        ...                       teacher=TeacherLogps(torch.zeros(B) - 9.0, torch.zeros(B) - 12.0))
+        >>> out.loss.backward()
+    """
+    def loss(a: Any, b: Any, c: Any, d: Any, **kw: Any) -> PreferenceLoss:
+        return _backend_function("dpkd_loss")(a, b, c, d, beta=beta, label_smoothing=label_smoothing,
+                             reference_free=reference_free, **kw)
+
+    return fused_sequence_loss(loss, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                               bias=bias, teacher=teacher, teacher_required=not reference_free,
+                               use_lengths=length_normalize, reduction=reduction, chunk_size=chunk_size, mode=mode,
+                               ignore_index=ignore_index, func="fused_dpkd_loss")
+
+
+def fused_ipo_loss(
+    chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, *,
+    teacher: TeacherLMHead | TeacherLogps | None = None, bias: torch.Tensor | None = None,
+    tau: float = 0.1, length_normalize: bool = True, reduction: str = "mean", chunk_size: int | None = None,
+    mode: str = "auto", ignore_index: int = -100,
+) -> PreferenceLoss:
+    """IPO, ℓ = (h − 1/(2τ))², with length-normalised h by default (as ``ipo_loss``); see fused_dpkd_loss."""
+    def loss(a: Any, b: Any, c: Any, d: Any, **kw: Any) -> PreferenceLoss:
+        return _backend_function("ipo_loss")(a, b, c, d, tau=tau, length_normalize=length_normalize, **kw)
+
+    return fused_sequence_loss(loss, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                               bias=bias, teacher=teacher, use_lengths=length_normalize, reduction=reduction,
+                               chunk_size=chunk_size, mode=mode, ignore_index=ignore_index, func="fused_ipo_loss")
+
+
+def fused_cpo_loss(
+    chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    beta: float = 0.1, nll_weight: float = 1.0, length_normalize: bool = False, label_smoothing: float = 0.0,
+    reduction: str = "mean", chunk_size: int | None = None, mode: str = "auto", ignore_index: int = -100,
+) -> PreferenceLoss:
+    """CPO (reference-free): z = β(a − b), plus the chosen NLL (÷ L_t with ``length_normalize``)."""
+    def loss(a: Any, b: Any, c: Any, d: Any, *, chosen_lengths: Any, rejected_lengths: Any,
+             reduction: str) -> PreferenceLoss:
+        return _backend_function("cpo_loss")(a, b, beta=beta, nll_weight=nll_weight, chosen_lengths=chosen_lengths,
+                            label_smoothing=label_smoothing, reduction=reduction)
+
+    return fused_sequence_loss(loss, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                               bias=bias, teacher=None, teacher_required=False, use_lengths=length_normalize,
+                               reduction=reduction, chunk_size=chunk_size, mode=mode, ignore_index=ignore_index,
+                               func="fused_cpo_loss")
+
+
+def fused_simpo_loss(
+    chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, *, bias: torch.Tensor | None = None,
+    beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0, reduction: str = "mean",
+    chunk_size: int | None = None, mode: str = "auto", ignore_index: int = -100,
+) -> PreferenceLoss:
+    """SimPO (reference-free): z = βa/L_t − βb/L_s − γ, lengths = token counts."""
+    def loss(a: Any, b: Any, c: Any, d: Any, **kw: Any) -> PreferenceLoss:
+        return _backend_function("simpo_loss")(a, b, beta=beta, gamma=gamma, label_smoothing=label_smoothing, **kw)
+
+    return fused_sequence_loss(loss, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                               bias=bias, teacher=None, teacher_required=False, use_lengths=True,
+                               reduction=reduction, chunk_size=chunk_size, mode=mode, ignore_index=ignore_index,
+                               func="fused_simpo_loss")
+
+
+def fused_dpop_loss(
+    chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, *,
+    teacher: TeacherLMHead | TeacherLogps | None = None, bias: torch.Tensor | None = None,
+    beta: float = 0.1, lambda_: float = 50.0, form: str = "smaug", reduction: str = "mean",
+    chunk_size: int | None = None, mode: str = "auto", ignore_index: int = -100,
+) -> PreferenceLoss:
+    """DPOP (Smaug): penalty λ·max(0, c − a) on the summed h; see ``dpop_loss``."""
+    def loss(a: Any, b: Any, c: Any, d: Any, *, chosen_lengths: Any, rejected_lengths: Any,
+             reduction: str) -> PreferenceLoss:
+        return _backend_function("dpop_loss")(a, b, c, d, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
+
+    return fused_sequence_loss(loss, chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                               bias=bias, teacher=teacher, reduction=reduction, chunk_size=chunk_size, mode=mode,
+                               ignore_index=ignore_index, func="fused_dpop_loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-level losses: student and teacher logit chunks together
+
+#: ``row_loss(student_logits [C, V], teacher_logits [C, V] | None, target [C])`` → (m·ℓ [C], extras dict of
+#: detached [C] tensors). ``target`` is the mask chunk (or the labels chunk for cross entropy).
+RowLoss = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class _TokenPlan:
+    row_loss: RowLoss
+    target: torch.Tensor  # [N] mask or labels
+    teacher_hidden: torch.Tensor | None  # [N, H_t]
+    teacher_weight: torch.Tensor | None
+    teacher_bias: torch.Tensor | None
+    chunk_size: int
+    scale: float | None  # None: "none" (two pass); else d(reduced)/d(Σ m·ℓ)
+    extras: dict[str, torch.Tensor]  # filled by the forward (per-token detached outputs)
+
+
+def _token_chunks(plan: _TokenPlan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Yields (slice, student logits, teacher logits or None) for every token chunk."""
+    n = hidden.shape[0]
+    for i0 in range(0, n, plan.chunk_size):
+        sl = slice(i0, min(i0 + plan.chunk_size, n))
+        logits = torch.addmm(bias, hidden[sl], weight.t()) if bias is not None else hidden[sl] @ weight.t()
+        teacher = None
+        if plan.teacher_hidden is not None:
+            th = plan.teacher_hidden[sl]
+            tw = plan.teacher_weight
+            teacher = (torch.addmm(plan.teacher_bias, th, tw.t()) if plan.teacher_bias is not None else th @ tw.t())
+        yield sl, logits, teacher
+
+
+def _record_extras(plan: _TokenPlan, sl: slice, extras: dict[str, torch.Tensor], n: int) -> None:
+    for key, value in extras.items():
+        if key not in plan.extras:
+            plan.extras[key] = value.new_zeros(n)
+        plan.extras[key][sl] = value.detach()
+
+
+class _TokenChunkLoss(torch.autograd.Function):
+    """Σ_t m_t ℓ_t over token chunks (reduced: single pass) or the per-token values (two pass)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                plan: _TokenPlan) -> torch.Tensor:
+        ctx.plan = plan
+        n = hidden.shape[0]
+        if plan.scale is None:  # per-token outputs: the upstream gradient is only known in backward
+            out = hidden.new_empty(n)
+            for sl, logits, teacher in _token_chunks(plan, hidden, weight, bias):
+                per_row, extras = plan.row_loss(logits, teacher, plan.target[sl])
+                out[sl] = per_row
+                _record_extras(plan, sl, extras, n)
+            ctx.save_for_backward(hidden, weight, bias)
+            return out
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        total = hidden.new_zeros(())
+        for sl, logits, teacher in _token_chunks(plan, hidden, weight, bias):
+            with torch.enable_grad():
+                leaf = logits.requires_grad_(True)
+                per_row, extras = plan.row_loss(leaf, teacher, plan.target[sl])
+                chunk_total = per_row.sum()
+                (dlogits,) = torch.autograd.grad(chunk_total, leaf)
+            total += chunk_total.detach()
+            _record_extras(plan, sl, extras, n)
+            dlogits.mul_(plan.scale)
+            _backprop_chunk(dlogits, hidden[sl], weight, None if grad_h is None else grad_h[sl], grad_w, grad_b)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return total * plan.scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan: _TokenPlan = ctx.plan
+        if plan.scale is not None:
+            return (*(None if g is None else g * grad_out for g in ctx.saved_tensors), None)
+        hidden, weight, bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
+        for sl, logits, teacher in _token_chunks(plan, hidden, weight, bias):
+            with torch.enable_grad():
+                leaf = logits.requires_grad_(True)
+                per_row, _ = plan.row_loss(leaf, teacher, plan.target[sl])
+                (dlogits,) = torch.autograd.grad(per_row, leaf, grad_outputs=grad_out[sl])
+            _backprop_chunk(dlogits, hidden[sl], weight, None if grad_h is None else grad_h[sl], grad_w, grad_b)
+        return grad_h, grad_w, grad_b, None
+
+
+def fused_token_loss(
+    row_loss: RowLoss,
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    target_is_labels: bool = False,
+    ignore_index: int = -100,
+    func: str = "fused_token_loss",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A token-level loss Σ_t m_t ℓ_t / (normalizer or Σ m) computed over token chunks of the lm_heads.
+
+    For every chunk the student logits S = hidden @ Wᵀ (+b) and the teacher logits T = teacher_hidden @ W_tᵀ
+    (+b_t, no gradient) are formed together and ``row_loss(S, T, target_chunk)`` (the backend's per-token
+    formula under reduction="none") gives m·ℓ per row. Reduced losses take one pass (the gradient is
+    formed during the forward, 3 GEMMs + the teacher's); ``reduction="none"`` recomputes in backward.
+
+    Args:
+        student_hidden: [..., H]; weight: [V, H]; target: [...] mask (or labels if ``target_is_labels``).
+        teacher_hidden: [..., H_t]; teacher_weight: [V, H_t] (same vocabulary); both optional for losses
+            that need no teacher (cross entropy).
+    Returns:
+        (loss — scalar, or [...] under "none"; extras — per-token detached outputs of ``row_loss``, [...]).
+    """
+    v.check_reduction(func, reduction)
+    normalizer = v.check_normalizer_option(func, normalizer, reduction)
+    size = _check_chunk_options(func, chunk_size, ignore_index)
+    _check_lm_head(func, student_hidden, weight, bias, names=("student_hidden", "weight", "bias"))
+    lead = tuple(student_hidden.shape[:-1])
+    checks = ValueChecks(func)
+    if teacher_hidden is not None or teacher_weight is not None:
+        if teacher_hidden is None or teacher_weight is None:
+            v.fail(func, "teacher_hidden" if teacher_hidden is None else "teacher_weight",
+                   "is required with the other teacher argument")
+        _check_same_vocab(func, weight, teacher_weight)
+        _check_lm_head(func, teacher_hidden, teacher_weight, teacher_bias, lead=lead,
+                       names=("teacher_hidden", "teacher_weight", "teacher_bias"))
+    target_name = "labels" if target_is_labels else "mask"
+    if target_is_labels:
+        _check_labels(func, target_name, target, lead)
+    elif tuple(target.shape) != lead:
+        v.fail(func, target_name, f"has shape {tuple(target.shape)}, expected {lead} "
+                                  "(the shape of `student_hidden` without its hidden axis)")
+    for name, t in (("student_hidden", student_hidden), ("weight", weight), ("bias", bias),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias)):
+        checks.finite(name, t)
+    if target_is_labels:
+        checks.labels_in_vocab(target_name, target, weight.shape[0], ignore_index)
+    else:
+        checks.binary(target_name, target)
+    checks.run()
+
+    dtype = compute_dtype(student_hidden.dtype)
+    flat_target = target.reshape(-1)
+    count = (flat_target != ignore_index).sum() if target_is_labels else (flat_target != 0).sum()
+    scale = None
+    if reduction == "sum":
+        scale = 1.0
+    elif reduction == "mean":
+        if normalizer is None:
+            v.check_nonempty(func, target_name, float(count))
+        scale = 1.0 / (normalizer if normalizer is not None else float(count))
+    rows = student_hidden.reshape(-1, student_hidden.shape[-1]).to(dtype).contiguous()
+    n = rows.shape[0]
+    itemsize = rows.element_size()
+    size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=itemsize, buffers=_TOKEN_LOSS_BUFFERS)
+    plan = _TokenPlan(
+        row_loss=row_loss, target=flat_target,
+        teacher_hidden=None if teacher_hidden is None else
+        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).to(dtype).contiguous(),
+        teacher_weight=None if teacher_weight is None else teacher_weight.detach().to(dtype).contiguous(),
+        teacher_bias=None if teacher_bias is None else teacher_bias.detach().to(dtype),
+        chunk_size=size, scale=scale, extras={},
+    )
+    out = _TokenChunkLoss.apply(rows, weight.to(dtype).contiguous(), None if bias is None else bias.to(dtype), plan)
+    extras = {k: t.reshape(lead) for k, t in plan.extras.items()}
+    return (out.reshape(lead) if reduction == "none" else out), extras
+
+
+def fused_dpkd_token_loss(
+    student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None, beta: float = 0.1, form: str = "sigmoid",
+    label_smoothing: float = 0.0, reference_free: bool = False, lambda_: float = 50.0,
+    normalizer: float | None = None, reduction: str = "mean", chunk_size: int | None = None,
+) -> TokenPreferenceLoss:
+    """Token-level DPKD (the released code's argmax preference, SPEC-MATH §3B) on the two lm_heads.
+
+    Per position: y^t = argmax P, y^s = argmax Q, h = (Q[y^t] − Q[y^s]) − (P[y^t] − P[y^s]), ℓ by ``form``;
+    the same value and student gradients as ``dpkd_token_loss`` on materialised logits (the teacher is frozen
+    here). student_hidden [..., H], teacher_hidden [..., H_t], mask [...].
+    """
+    def row_loss(s: torch.Tensor, t: torch.Tensor | None, m: torch.Tensor):
+        out = _backend_function("dpkd_token_loss")(s, t, m, beta=beta, form=form, label_smoothing=label_smoothing,
+                                    reference_free=reference_free, lambda_=lambda_, reduction="none")
+        agree = ((s.detach().argmax(-1) == t.argmax(-1)) & (m != 0)).to(s.dtype)
+        return out.loss, {"agree": agree, "chosen": out.chosen_rewards, "rejected": out.rejected_rewards}
+
+    loss, extras = fused_token_loss(row_loss, student_hidden, weight, mask, teacher_hidden=teacher_hidden,
+                                    teacher_weight=teacher_weight, bias=bias, teacher_bias=teacher_bias,
+                                    normalizer=normalizer, reduction=reduction, chunk_size=chunk_size,
+                                    func="fused_dpkd_token_loss")
+    agreement = extras["agree"].sum() / max(int((mask != 0).sum()), 1)
+    return TokenPreferenceLoss(loss, agreement, extras["chosen"], extras["rejected"])
+
+
+def _distill_fused(name: str, func: str, **options: Any) -> Callable[..., torch.Tensor]:
+    def fused(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+              teacher_weight: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+              teacher_bias: torch.Tensor | None = None, normalizer: float | None = None, reduction: str = "mean",
+              chunk_size: int | None = None, **kw: Any) -> torch.Tensor:
+        loss_fn = _backend_function(name)
+
+        def row_loss(s: torch.Tensor, t: torch.Tensor | None, m: torch.Tensor):
+            return loss_fn(s, t, m, reduction="none", **kw), {}
+
+        return fused_token_loss(row_loss, student_hidden, weight, mask, teacher_hidden=teacher_hidden,
+                                teacher_weight=teacher_weight, bias=bias, teacher_bias=teacher_bias,
+                                normalizer=normalizer, reduction=reduction, chunk_size=chunk_size, func=func)[0]
+
+    return fused
+
+
+def fused_forward_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                     teacher_weight: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+                     teacher_bias: torch.Tensor | None = None, temperature: float = 1.0,
+                     normalizer: float | None = None, reduction: str = "mean",
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """Forward KL(p‖q) per token (``forward_kl``) over token chunks of the two lm_heads; teacher frozen."""
+    return _distill_fused("forward_kl", "fused_forward_kl")(
+        student_hidden, weight, teacher_hidden, teacher_weight, mask, bias=bias, teacher_bias=teacher_bias,
+        normalizer=normalizer, reduction=reduction, chunk_size=chunk_size, temperature=temperature)
+
+
+def fused_reverse_kl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                     teacher_weight: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+                     teacher_bias: torch.Tensor | None = None, temperature: float = 1.0,
+                     normalizer: float | None = None, reduction: str = "mean",
+                     chunk_size: int | None = None) -> torch.Tensor:
+    """Reverse KL(q‖p) per token (``reverse_kl``) over token chunks of the two lm_heads; teacher frozen."""
+    return _distill_fused("reverse_kl", "fused_reverse_kl")(
+        student_hidden, weight, teacher_hidden, teacher_weight, mask, bias=bias, teacher_bias=teacher_bias,
+        normalizer=normalizer, reduction=reduction, chunk_size=chunk_size, temperature=temperature)
+
+
+def fused_generalized_jsd(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                          teacher_weight: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+                          teacher_bias: torch.Tensor | None = None, beta: float = 0.5, temperature: float = 1.0,
+                          normalizer: float | None = None, reduction: str = "mean",
+                          chunk_size: int | None = None) -> torch.Tensor:
+    """Generalized JSD (``generalized_jsd``, TRL's β convention) over token chunks; teacher frozen."""
+    return _distill_fused("generalized_jsd", "fused_generalized_jsd")(
+        student_hidden, weight, teacher_hidden, teacher_weight, mask, bias=bias, teacher_bias=teacher_bias,
+        normalizer=normalizer, reduction=reduction, chunk_size=chunk_size, beta=beta, temperature=temperature)
+
+
+def fused_akl(student_hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
+              teacher_weight: torch.Tensor, mask: torch.Tensor, *, bias: torch.Tensor | None = None,
+              teacher_bias: torch.Tensor | None = None, mu: float = 0.5, temperature: float = 1.0,
+              normalizer: float | None = None, reduction: str = "mean", chunk_size: int | None = None) -> torch.Tensor:
+    """Adaptive KL (``akl``: head/tail weighted forward + reverse KL) over token chunks; teacher frozen."""
+    return _distill_fused("akl", "fused_akl")(
+        student_hidden, weight, teacher_hidden, teacher_weight, mask, bias=bias, teacher_bias=teacher_bias,
+        normalizer=normalizer, reduction=reduction, chunk_size=chunk_size, mu=mu, temperature=temperature)
+
+
+def fused_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                        bias: torch.Tensor | None = None, ignore_index: int = -100, normalizer: float | None = None,
+                        reduction: str = "mean", chunk_size: int | None = None) -> torch.Tensor:
+    """Cross entropy −log q[label] (``cross_entropy``, SFT/LM term) over token chunks of the lm_head."""
+    def row_loss(s: torch.Tensor, t: torch.Tensor | None, lab: torch.Tensor):
+        return _backend_function("cross_entropy")(s, lab, ignore_index=ignore_index, reduction="none"), {}
+
+    return fused_token_loss(row_loss, hidden, weight, labels, bias=bias, normalizer=normalizer,
+                            reduction=reduction, chunk_size=chunk_size, target_is_labels=True,
+                            ignore_index=ignore_index, func="fused_cross_entropy")[0]

@@ -1,0 +1,318 @@
+"""Sequence-level preference losses in PyTorch: DPKD (paper Eq. 8/9), IPO, CPO, SimPO, DPOP.
+
+Naming (the DPO-trainer convention, so these drop into an existing trainer): **policy = the student q_θ,
+reference = the teacher p, chosen = the teacher's output y_t, rejected = the student's output y_s.**
+a = policy_chosen_logps, b = policy_rejected_logps, c = reference_chosen_logps,
+d = reference_rejected_logps (summed log-probs, e.g. from ``sequence_logps``); L_t, L_s their lengths.
+
+One mechanism serves every loss: ``_prepare`` validates and casts the arrays (spec order: options,
+presence, shapes, device/dtype, values), ``_ratio`` forms one side's log-ratio (policy − reference)[/L],
+and ``_finish`` reduces and detaches the rewards. Each loss adds only its own margin and per-pair formula.
+Reference (teacher) tensors are not detached: as in TRL the caller decides (pass them under no_grad).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from dpkd.spec import validation as v
+from dpkd.spec.results import PreferenceLoss
+
+from ._base import (
+    hinge,
+    reduce_elements,
+    sequence_inputs,
+    smoothed_sigmoid_loss,
+    softplus,
+)
+
+__all__ = ["dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss"]
+
+_LOGPS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
+_LENGTHS = ("chosen_lengths", "rejected_lengths")
+
+
+def _prepare(func: str, arrays: dict[str, Any], optional: tuple[str, ...], reduction: str
+             ) -> dict[str, torch.Tensor | None]:
+    return sequence_inputs(func, arrays, optional=optional, lengths=_LENGTHS, reduction=reduction)
+
+
+def _ratio(policy: torch.Tensor, reference: torch.Tensor | None, length: torch.Tensor | None) -> torch.Tensor:
+    """One side's log-ratio log q_θ(y)/p(y) (reference None: reference-free), divided by |y| if given."""
+    r = policy if reference is None else policy - reference
+    return r if length is None else r / length
+
+
+def _finish(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, reduction: str) -> PreferenceLoss:
+    return PreferenceLoss(reduce_elements(losses, reduction), chosen.detach(), rejected.detach())
+
+
+def dpkd_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor | None,
+    reference_rejected_logps: torch.Tensor | None,
+    *,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """Sequence-level DPKD: teacher output preferred over student output, teacher as the reference.
+
+    Symbols: a, b, c, d as in the module docstring; β temperature; ε label smoothing (cDPO).
+
+    Formula (SPEC-MATH §3A): h = (a − c) − (b − d) (paper Eq. 8), or with lengths
+    h = (a − c)/L_t − (b − d)/L_s (Eq. 9); ℓ = (1−ε)·softplus(−βh) + ε·softplus(βh).
+    ``reference_free=True`` sets c = d = 0. Without lengths and with ε = 0 this is TRL's DPO "sigmoid"
+    loss with ref_model = teacher, chosen = teacher output, rejected = student output.
+
+    Args:
+        policy_chosen_logps: a [...], student log q_θ(y_t) (any float dtype; all four share one).
+        policy_rejected_logps: b [...], student log q_θ(y_s).
+        reference_chosen_logps: c [...], teacher log p(y_t) (may be None with ``reference_free``).
+        reference_rejected_logps: d [...], teacher log p(y_s) (may be None with ``reference_free``).
+        chosen_lengths, rejected_lengths: L_t, L_s [...] (> 0, int or float), both or neither.
+        beta: β > 0. label_smoothing: ε ∈ [0, 0.5]. reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``; rewards β(a−c)[/L_t], β(b−d)[/L_s],
+        detached, per example; loss in float32 (float64 for float64 inputs).
+
+    Example:
+        >>> import torch
+        >>> out = dpkd_loss(torch.tensor([-5.0]), torch.tensor([-4.0]), torch.tensor([-3.0]),
+        ...                 torch.tensor([-6.0]), beta=0.5)
+        >>> round(out.loss.item(), 4)   # h = (−5+3) − (−4+6) = −4; softplus(2)
+        2.1269
+
+    References: DPKD paper Eq. 8, 9; Rafailov et al. 2023 Eq. 7; Mitchell 2023 (cDPO).
+    See also: ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss``, ``DPKDLoss``, ``dpkd.spec.dpkd_loss``.
+    """
+    func = "dpkd_loss"
+    _dpkd_options(func, beta, label_smoothing, reduction)
+    with_lengths = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    t = _prepare(func, dict(zip(_LOGPS + _LENGTHS, (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        chosen_lengths, rejected_lengths))),
+        optional=(_LOGPS[2:] if reference_free else ()) + _LENGTHS, reduction=reduction)
+    c = None if reference_free else t[_LOGPS[2]]
+    d = None if reference_free else t[_LOGPS[3]]
+    lt, ls = (t["chosen_lengths"], t["rejected_lengths"]) if with_lengths else (None, None)
+    chosen, rejected = _ratio(t[_LOGPS[0]], c, lt), _ratio(t[_LOGPS[1]], d, ls)
+    losses = smoothed_sigmoid_loss(beta * (chosen - rejected), label_smoothing)
+    return _finish(losses, beta * chosen, beta * rejected, reduction)
+
+
+def _dpkd_options(func: str, beta: float, label_smoothing: float, reduction: str) -> None:
+    v.check_reduction(func, reduction)
+    v.check_scalar(func, "beta", beta, low=0.0)
+    v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
+                   high_inclusive=True)
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    tau: float = 0.1,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    length_normalize: bool = True,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """IPO with the teacher as reference (Azar et al. 2024 Eq. 17; DPKD Table 2).
+
+    Formula (SPEC-MATH §5): ℓ = (h − 1/(2τ))², h = (a−c)/L_t − (b−d)/L_s (``length_normalize=True``,
+    TRL's convention, lengths required) or h = (a−c) − (b−d) (``length_normalize=False``, lengths must be
+    None).
+
+    Args: a, b, c, d [...] as in ``dpkd_loss``; tau: τ > 0; chosen_lengths/rejected_lengths: L_t, L_s;
+        length_normalize: which margin; reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss(loss, τ(a−c)[/L_t], τ(b−d)[/L_s])``, rewards detached.
+
+    Example:
+        >>> import torch
+        >>> z = torch.zeros(1)
+        >>> ipo_loss(z, z, z, z, tau=0.5, length_normalize=False).loss.item()   # (0 − 1)²
+        1.0
+
+    See also: ``dpkd_loss``, ``IPOLoss``, ``dpkd.spec.ipo_loss``.
+    """
+    func = "ipo_loss"
+    _ipo_options(func, tau, reduction, chosen_lengths, rejected_lengths, length_normalize)
+    t = _prepare(func, dict(zip(_LOGPS + _LENGTHS, (
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+        chosen_lengths, rejected_lengths))), optional=_LENGTHS, reduction=reduction)
+    chosen = _ratio(t[_LOGPS[0]], t[_LOGPS[2]], t["chosen_lengths"])
+    rejected = _ratio(t[_LOGPS[1]], t[_LOGPS[3]], t["rejected_lengths"])
+    losses = (chosen - rejected - 1.0 / (2.0 * tau)) ** 2
+    return _finish(losses, tau * chosen, tau * rejected, reduction)
+
+
+def _ipo_options(func: str, tau: float, reduction: str, chosen_lengths: object, rejected_lengths: object,
+                 length_normalize: bool) -> None:
+    v.check_reduction(func, reduction)
+    v.check_scalar(func, "tau", tau, low=0.0)
+    if length_normalize:
+        # both lengths are needed (TRL's length-averaged IPO); with neither given the first is named
+        if chosen_lengths is None and rejected_lengths is None:
+            v.fail(func, "chosen_lengths", "is required, got None")
+        v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    else:
+        for name, given in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+            if given is not None:
+                v.fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    nll_weight: float = 1.0,
+    chosen_lengths: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """CPO (Xu et al. 2024; DPKD Table 2 with q_θ(y_s) in the denominator): reference-free plus NLL.
+
+    Formula (SPEC-MATH §5): z = β(a − b); ℓ = (1−ε)softplus(−z) + ε softplus(z) + w·(−a[/L_t]).
+
+    Args: a, b [...]; beta: β > 0; nll_weight: w ≥ 0; chosen_lengths: L_t (divides the NLL term);
+        label_smoothing: ε ∈ [0, 0.5]; reduction.
+
+    Returns:
+        ``PreferenceLoss(loss, βa, βb)``, rewards detached.
+
+    Example:
+        >>> import torch
+        >>> round(cpo_loss(torch.tensor([-2.0]), torch.tensor([-2.0])).loss.item(), 4)   # log 2 + 2
+        2.6931
+
+    See also: ``simpo_loss``, ``CPOLoss``, ``dpkd.spec.cpo_loss``.
+    """
+    func = "cpo_loss"
+    _cpo_options(func, beta, nll_weight, label_smoothing, reduction)
+    t = _prepare(func, {_LOGPS[0]: policy_chosen_logps, _LOGPS[1]: policy_rejected_logps,
+                        "chosen_lengths": chosen_lengths}, optional=("chosen_lengths",), reduction=reduction)
+    a, b = t[_LOGPS[0]], t[_LOGPS[1]]
+    chosen, rejected = beta * a, beta * b
+    nll = -_ratio(a, None, t["chosen_lengths"])
+    losses = smoothed_sigmoid_loss(chosen - rejected, label_smoothing) + nll_weight * nll
+    return _finish(losses, chosen, rejected, reduction)
+
+
+def _cpo_options(func: str, beta: float, nll_weight: float, label_smoothing: float, reduction: str) -> None:
+    v.check_reduction(func, reduction)
+    v.check_scalar(func, "beta", beta, low=0.0)
+    v.check_scalar(func, "nll_weight", nll_weight, low=0.0, low_inclusive=True)
+    v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
+                   high_inclusive=True)
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """SimPO (Meng et al. 2024): reference-free, length-normalised, target margin γ inside σ.
+
+    Formula (SPEC-MATH §5): z = βa/L_t − βb/L_s − γ; ℓ = (1−ε)softplus(−z) + ε softplus(z).
+
+    Args: a, b [...]; chosen_lengths, rejected_lengths: L_t, L_s (required, > 0); beta: β > 0;
+        gamma: γ (any finite real); label_smoothing: ε ∈ [0, 0.5]; reduction.
+
+    Returns:
+        ``PreferenceLoss(loss, βa/L_t, βb/L_s)``, rewards detached.
+
+    Example:
+        >>> import torch
+        >>> one = torch.ones(1)
+        >>> round(simpo_loss(-one, -one, chosen_lengths=one, rejected_lengths=one, gamma=0.0).loss.item(), 4)
+        0.6931
+
+    See also: ``cpo_loss``, ``SimPOLoss``, ``dpkd.spec.simpo_loss``.
+    """
+    func = "simpo_loss"
+    _simpo_options(func, beta, gamma, label_smoothing, reduction)
+    t = _prepare(func, {_LOGPS[0]: policy_chosen_logps, _LOGPS[1]: policy_rejected_logps,
+                        "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}, (),
+                 reduction)
+    chosen = beta * _ratio(t[_LOGPS[0]], None, t["chosen_lengths"])
+    rejected = beta * _ratio(t[_LOGPS[1]], None, t["rejected_lengths"])
+    losses = smoothed_sigmoid_loss(chosen - rejected - gamma, label_smoothing)
+    return _finish(losses, chosen, rejected, reduction)
+
+
+def _simpo_options(func: str, beta: float, gamma: float, label_smoothing: float, reduction: str) -> None:
+    v.check_reduction(func, reduction)
+    v.check_scalar(func, "beta", beta, low=0.0)
+    v.check_scalar(func, "gamma", gamma)
+    v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
+                   high_inclusive=True)
+
+
+def dpop_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    lambda_: float = 50.0,
+    form: str = "smaug",
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """DPOP, in the Smaug paper's form or the released DPKD code's form (SPEC-MATH §5, §7).
+
+    Formula: h = (a − c) − (b − d), P = max(0, c − a);
+    smaug (Pal et al. 2024 Eq. 3): ℓ = softplus(−β(h − λP)); released: ℓ = softplus(−βh) + λP.
+    The penalty's gradient uses k = 1[c > a] (strict: no gradient at c = a).
+
+    Args: a, b, c, d [...]; beta: β > 0; lambda_: λ ≥ 0; form: "smaug" | "released"; reduction.
+
+    Returns:
+        ``PreferenceLoss(loss, β(a−c), β(b−d))``, rewards detached.
+
+    Example:
+        >>> import torch
+        >>> z = torch.zeros(1)
+        >>> round(dpop_loss(z - 1, z, z, z, beta=1.0, lambda_=1.0, form="released").loss.item(), 4)
+        2.3133
+
+    See also: ``dpkd_loss``, ``DPOPLoss``, ``dpkd.spec.dpop_loss``.
+    """
+    func = "dpop_loss"
+    _dpop_options(func, beta, lambda_, form, reduction)
+    t = _prepare(func, dict(zip(_LOGPS, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                         reference_rejected_logps))), (), reduction)
+    a, c = t[_LOGPS[0]], t[_LOGPS[2]]
+    chosen, rejected = _ratio(a, c, None), _ratio(t[_LOGPS[1]], t[_LOGPS[3]], None)
+    h = chosen - rejected
+    penalty = hinge(c - a)
+    if form == "smaug":
+        losses = softplus(-beta * (h - lambda_ * penalty))
+    else:
+        losses = softplus(-beta * h) + lambda_ * penalty
+    return _finish(losses, beta * chosen, beta * rejected, reduction)
+
+
+def _dpop_options(func: str, beta: float, lambda_: float, form: str, reduction: str) -> None:
+    v.check_reduction(func, reduction)
+    v.check_choice(func, "form", form, ("smaug", "released"))
+    v.check_scalar(func, "beta", beta, low=0.0)
+    v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)

@@ -1,0 +1,110 @@
+"""Padding, generation and log-probability scoring of (prompt, response) pairs for causal LMs.
+
+Training sequences are right-padded ``prompt + response`` with labels ``-100`` on the prompt and the
+padding (so only response tokens, including the final EOS, are scored). Generation prompts are left-padded
+(decoder-only models continue from the last position).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["SequenceBatch", "pad_pairs", "left_pad", "generate", "forward_logits", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded ``prompt + response`` sequences: input_ids, attention_mask, labels — all [B, T]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def n_response_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def pad_pairs(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> SequenceBatch:
+    """Right-pad ``prompt + response`` rows; labels are the response tokens (not shifted), -100 elsewhere."""
+    if len(prompts) != len(responses):
+        raise ValueError("pad_pairs: `responses` must have one entry per prompt")
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    labels = torch.full((len(prompts), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if len(r) == 0:
+            raise ValueError(f"pad_pairs: `responses` row {i} is empty (every response ends with EOS)")
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor([*p, *r])
+        mask[i, :n] = 1
+        labels[i, len(p) : n] = torch.tensor(list(r))
+    return SequenceBatch(ids, mask, labels)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask [B, P] for generation."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(list(p))
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Responses of ``model`` to ``prompts`` via ``model.generate`` (pure sampling at T = 1, top_k = 0,
+    top_p = 1 by default, the MiniLLM/DPKD setting). Each response is cut after its first EOS (kept) and is
+    never empty. Sampling draws from torch's global RNG (seed it for reproducibility)."""
+    was_training = model.training
+    model.eval()
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids, mask = left_pad(chunk, pad_id)
+        kwargs: dict[str, Any] = {"do_sample": do_sample}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            **kwargs,
+        )
+        for row in gen[:, ids.shape[1] :].tolist():
+            resp = []
+            for tok in row:
+                resp.append(tok)
+                if tok == eos_id:
+                    break
+            out.append(resp)
+    model.train(was_training)
+    return out
+
+
+def forward_logits(model: Any, batch: SequenceBatch) -> torch.Tensor:
+    """Logits [B, T, V] of a right-padded batch (positions are 0..T-1 from the left: no pad before tokens)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

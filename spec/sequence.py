@@ -1,0 +1,663 @@
+"""Sequence-level preference losses (paper Eq. 8 / Eq. 9 and the Table 2 variants), float64 reference.
+
+Naming, as in DPO trainers: policy = the student q_θ, reference = the teacher p, chosen = the teacher's
+output y_t, rejected = the student's output y_s. Per example
+
+    a = log q_θ(y_t|x)  (policy_chosen_logps)      c = log p(y_t|x)  (reference_chosen_logps)
+    b = log q_θ(y_s|x)  (policy_rejected_logps)    d = log p(y_s|x)  (reference_rejected_logps)
+    L_t = |y_t|  (chosen_lengths)                  L_s = |y_s|  (rejected_lengths)
+
+One mechanism serves every loss (SPEC-MATH §3A, §5): each loss is a function of the two per-side
+log-ratios  r_t = (a − c)/L_t  and  r_s = (b − d)/L_s  (reference terms 0 for the reference-free
+losses, lengths 1 when not normalising), of the margin  h = r_t − r_s, and of a few extra terms.
+``_validate`` checks the inputs once, ``_Margin`` builds r_t, r_s, h and their partial derivatives, and
+``_Core`` turns a per-element loss and its per-element partials into the reduced result or the gradient
+dict. Each public loss is then a few lines on top.
+
+Validation order (CONVENTIONS.md "Errors"): options (``reduction``, ``form``, scalars in signature order),
+then which arguments are needed (the lengths pair), then presence (required arrays not None), shapes
+(all exactly equal, no broadcasting), dtypes (float or integer), then values: finite (signature order),
+lengths > 0 (chosen, then rejected), and a non-empty input under ``reduction="mean"``.
+
+Gradients: ``<loss>_grad(<same arguments>)`` returns ``{argument name: ∂S/∂argument}`` for the float
+array arguments (the four log-prob arrays when given; lengths never), S = sum(loss output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import validation as v
+from ._common import float64_array, reduce_elements, reduce_elements_grad, sigmoid, softplus
+from .results import PreferenceLoss
+
+__all__ = [
+    "dpkd_loss",
+    "dpkd_loss_grad",
+    "ipo_loss",
+    "ipo_loss_grad",
+    "cpo_loss",
+    "cpo_loss_grad",
+    "simpo_loss",
+    "simpo_loss_grad",
+    "dpop_loss",
+    "dpop_loss_grad",
+]
+
+A, B = "policy_chosen_logps", "policy_rejected_logps"
+C, D = "reference_chosen_logps", "reference_rejected_logps"
+LT, LS = "chosen_lengths", "rejected_lengths"
+
+
+# --------------------------------------------------------------------------------------------------
+# The shared mechanism
+
+
+def _validate(
+    func: str,
+    arrays: dict[str, object],
+    *,
+    optional: tuple[str, ...] = (),
+    lengths: tuple[str, ...] = (),
+    reduction: str | None = None,
+) -> dict[str, np.ndarray | None]:
+    """Presence, shapes, dtypes, then values, for the arrays of one call (given in signature order).
+
+    ``optional`` names may be None (they stay None); ``lengths`` names are checked > 0 after finiteness;
+    ``reduction="mean"`` refuses an empty input (a mean over nothing is 0/0).
+    """
+    for name, x in arrays.items():
+        if x is None and name not in optional:
+            v.fail(func, name, "is required, got None")
+    given = {name: x for name, x in arrays.items() if x is not None}
+    v.check_same_shape(func, {name: np.shape(x) for name, x in given.items()})
+    out: dict[str, np.ndarray | None] = {name: None for name in arrays}
+    for name, x in given.items():
+        out[name] = float64_array(func, name, x)
+    for name, x in out.items():
+        if x is not None:
+            v.check_finite(func, name, bool(np.all(np.isfinite(x))))
+    for name in lengths:
+        if out[name] is not None:
+            v.check_positive_lengths(func, name, bool(np.all(out[name] > 0)))
+    if reduction == "mean":
+        first = next(iter(given))
+        v.check_nonempty(func, first, float(np.size(out[first])))
+    return out
+
+
+@dataclass(frozen=True)
+class _Margin:
+    """r_t = (a − c)/L_t, r_s = (b − d)/L_s, h = r_t − r_s; ``dh[name]`` = ∂h/∂name (elementwise).
+
+    Without a reference (c, d None) the reference terms are 0 and get no partial; without lengths the
+    divisors are 1.
+    """
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    dh: dict[str, np.ndarray]
+
+    @property
+    def h(self) -> np.ndarray:
+        return self.chosen - self.rejected
+
+    @staticmethod
+    def of(x: dict[str, np.ndarray | None], *, reference: bool = True, normalize: bool = False) -> _Margin:
+        a, b = x[A], x[B]
+        c = x[C] if reference else None
+        d = x[D] if reference else None
+        lt = x[LT] if normalize else np.ones_like(a)
+        ls = x[LS] if normalize else np.ones_like(b)
+        chosen = (a - c if c is not None else a) / lt
+        rejected = (b - d if d is not None else b) / ls
+        dh = {A: 1.0 / lt, B: -1.0 / ls}
+        if reference:
+            dh[C], dh[D] = -1.0 / lt, 1.0 / ls
+        return _Margin(chosen, rejected, dh)
+
+
+@dataclass(frozen=True)
+class _Core:
+    """A per-element loss, its per-element partials (∂ℓ_n/∂x_n), the rewards, and the reduction."""
+
+    losses: np.ndarray
+    partials: dict[str, np.ndarray]
+    chosen_rewards: np.ndarray
+    rejected_rewards: np.ndarray
+    reduction: str
+
+    def result(self) -> PreferenceLoss:
+        return PreferenceLoss(reduce_elements(self.losses, self.reduction), self.chosen_rewards,
+                              self.rejected_rewards)
+
+    def grad(self) -> dict[str, np.ndarray]:
+        # S = sum(reduced loss): each per-element partial times d(S)/d(ℓ_n) (1/N for "mean", else 1)
+        scale = reduce_elements_grad(np.shape(self.losses), self.reduction)
+        return {name: p * scale for name, p in self.partials.items()}
+
+
+def _logistic(z: np.ndarray, label_smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """ℓ(z) = (1−ε)·softplus(−z) + ε·softplus(z) = −(1−ε) log σ(z) − ε log σ(−z), and dℓ/dz = σ(z) − (1−ε)."""
+    eps = label_smoothing
+    return (1.0 - eps) * softplus(-z) + eps * softplus(z), sigmoid(z) - (1.0 - eps)
+
+
+def _chain(dl_dh: np.ndarray, margin: _Margin) -> dict[str, np.ndarray]:
+    return {name: dl_dh * dh for name, dh in margin.dh.items()}
+
+
+def _beta(func: str, beta: object) -> float:
+    return v.check_scalar(func, "beta", beta, low=0.0)
+
+
+def _smoothing(func: str, label_smoothing: object) -> float:
+    return v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
+                          high_inclusive=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# DPKD (Eq. 8 / Eq. 9)
+
+
+def _dpkd(func, a, b, c, d, chosen_lengths, rejected_lengths, beta, label_smoothing, reference_free,
+          reduction) -> _Core:
+    reduction = v.check_reduction(func, reduction)
+    beta = _beta(func, beta)
+    eps = _smoothing(func, label_smoothing)
+    normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    x = _validate(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
+                  optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
+                  reduction=reduction)
+    m = _Margin.of(x, reference=not reference_free, normalize=normalize)
+    losses, dl_dz = _logistic(beta * m.h, eps)
+    partials = _chain(beta * dl_dz, m)
+    if reference_free:
+        # the reference arrays are unused: given ones get an explicit zero gradient
+        partials.update({name: np.zeros_like(x[name]) for name in (C, D) if x[name] is not None})
+    return _Core(losses, partials, beta * m.chosen, beta * m.rejected, reduction)
+
+
+def dpkd_loss(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray | None,
+    reference_rejected_logps: np.ndarray | None,
+    *,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """Sequence-level DPKD: the DPO loss with the teacher as the reference model (paper Eq. 8 / Eq. 9).
+
+    Symbols: a, b, c, d the summed log-probs (policy = student q_θ, reference = teacher p, chosen = teacher
+    output y_t, rejected = student output y_s); L_t, L_s the two responses' token counts; β the
+    temperature; ε the label smoothing (cDPO).
+
+    Formula:
+        h = (a − c) − (b − d)                       (Eq. 8, no lengths)
+        h = (a − c)/L_t − (b − d)/L_s               (Eq. 9, both lengths given)
+        ℓ = (1−ε)·softplus(−βh) + ε·softplus(βh)    (= −log σ(βh) for ε = 0)
+    ``reference_free=True`` sets c = d = 0 (Mitchell / TRL option; released code ``--reference-free``).
+    ℓ(h = 0) = log 2 for every ε; dℓ/dh = β[σ(βh) − (1−ε)].
+
+    Args:
+        policy_chosen_logps: a, float array of any shape [...] (usually [B]).
+        policy_rejected_logps: b, same shape.
+        reference_chosen_logps: c, same shape (may be None only with ``reference_free=True``).
+        reference_rejected_logps: d, same shape (may be None only with ``reference_free=True``).
+        chosen_lengths, rejected_lengths: L_t, L_s (int or float, > 0, same shape); both or neither.
+        beta: β > 0.  label_smoothing: ε ∈ [0, 0.5].
+        reduction: "mean" (default, paper's E), "sum" (Algorithm 1's Σ) or "none".
+
+    Returns:
+        ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``: loss scalar (or [...] under "none");
+        rewards β(a − c)[/L_t] and β(b − d)[/L_s], shape [...], never reduced.
+
+    Example (the FD example of the README: h = −7, βh = −4.9, loss = softplus(4.9)):
+        >>> import numpy as np
+        >>> out = dpkd_loss(np.array([-5.0]), np.array([-3.0]), np.array([-4.0]), np.array([-9.0]), beta=0.7)
+        >>> print(np.round(out.loss, 4), out.chosen_rewards, np.round(out.rejected_rewards, 4))
+        4.9074 [-0.7] [4.2]
+        >>> print(np.round(dpkd_loss(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3)).loss, 4))
+        0.6931
+
+    References: Li et al. 2024 (arXiv:2406.19774) Eq. 8, Eq. 9; Rafailov et al. 2023 Eq. 7;
+    SPEC-MATH §3A; spec/README.md "Sequence-level DPKD".
+    See also: ``dpkd_loss_grad``, ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss`` (released-code form),
+    ``implicit_reward``.
+    """
+    return _dpkd("dpkd_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                 reference_rejected_logps, chosen_lengths, rejected_lengths, beta, label_smoothing,
+                 reference_free, reduction).result()
+
+
+def dpkd_loss_grad(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray | None,
+    reference_rejected_logps: np.ndarray | None,
+    *,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    reduction: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Analytic gradient of S = sum(dpkd_loss(...).loss) w.r.t. a, b, c, d.
+
+    Formula (SPEC-MATH §3A), g = dℓ/dh = β[σ(βh) − (1−ε)]  (= −β σ(−βh) for ε = 0):
+        ∂ℓ/∂a = g/L_t,  ∂ℓ/∂b = −g/L_s,  ∂ℓ/∂c = −g/L_t,  ∂ℓ/∂d = g/L_s,
+    times 1/N under "mean". The weight is σ(−βh) — large when the student's implicit reward of its own
+    output beats that of the teacher's output — NOT the σ(βh) printed in paper Eq. 11/28/30.
+    ``reference_free``: c, d get zero entries when given, no entry when None.
+
+    Returns:
+        dict with keys "policy_chosen_logps", "policy_rejected_logps" and (when given)
+        "reference_chosen_logps", "reference_rejected_logps"; float64, each the shape of the inputs.
+
+    Example (finite differences give ∂L/∂a = −0.6948; the printed Eq. 11 would give −0.0052):
+        >>> import numpy as np
+        >>> a, b, c, d = np.array([-5.0]), np.array([-3.0]), np.array([-4.0]), np.array([-9.0])
+        >>> g = dpkd_loss_grad(a, b, c, d, beta=0.7)
+        >>> print(np.round(g["policy_chosen_logps"], 4), np.round(g["reference_rejected_logps"], 4))
+        [-0.6948] [-0.6948]
+
+    See also: ``dpkd_loss``.
+    """
+    return _dpkd("dpkd_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                 reference_rejected_logps, chosen_lengths, rejected_lengths, beta, label_smoothing,
+                 reference_free, reduction).grad()
+
+
+# --------------------------------------------------------------------------------------------------
+# IPO (Table 2; Azar et al. 2024 Eq. 17)
+
+
+def _ipo(func, a, b, c, d, tau, chosen_lengths, rejected_lengths, length_normalize, reduction) -> _Core:
+    reduction = v.check_reduction(func, reduction)
+    tau = v.check_scalar(func, "tau", tau, low=0.0)
+    if length_normalize:
+        # both lengths are needed; with neither given, the first missing one is named
+        if chosen_lengths is None and rejected_lengths is None:
+            v.fail(func, LT, "is required, got None")
+        v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    else:
+        for name, given in ((LT, chosen_lengths), (LS, rejected_lengths)):
+            if given is not None:
+                v.fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
+    x = _validate(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
+                  optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
+    m = _Margin.of(x, normalize=bool(length_normalize))
+    gap = m.h - 1.0 / (2.0 * tau)
+    return _Core(gap**2, _chain(2.0 * gap, m), tau * m.chosen, tau * m.rejected, reduction)
+
+
+def ipo_loss(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    tau: float = 0.1,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    length_normalize: bool = True,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """IPO with the teacher as reference: a squared loss pulling the margin to 1/(2τ).
+
+    Symbols: a, b, c, d, L_t, L_s as in ``dpkd_loss``; τ the IPO regulariser.
+
+    Formula (paper Table 2; Azar et al. 2024 Eq. 17):
+        h = (a − c)/L_t − (b − d)/L_s     (length_normalize=True, TRL's length-averaged log-probs)
+        h = (a − c) − (b − d)             (length_normalize=False, the paper's/released code's summed form)
+        ℓ = (h − 1/(2τ))²
+    The minimum ℓ = 0 is at h = 1/(2τ); at h = 0, ℓ = 1/(4τ²) (25 for τ = 0.1).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+            a, b, c, d, float arrays of one shape [...].
+        tau: τ > 0.
+        chosen_lengths, rejected_lengths: required (> 0) when ``length_normalize=True``; must be None
+            when it is False.
+        length_normalize: choose the margin (explicit; no silent default from the presence of lengths).
+        reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss``; rewards τ(a − c)[/L_t], τ(b − d)[/L_s].
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.zeros(2)
+        >>> print(ipo_loss(z, z, z, z, length_normalize=False).loss)
+        25.0
+        >>> out = ipo_loss(np.array([-6.0]), np.array([-9.0]), np.array([-8.0]), np.array([-8.0]), tau=0.25,
+        ...                chosen_lengths=np.array([2]), rejected_lengths=np.array([4]))
+        >>> print(np.round(out.loss, 4))   # h = 1 + 0.25 = 1.25, target 2
+        0.5625
+
+    References: Azar et al. 2024 (arXiv:2310.12036) Eq. 17; SPEC-MATH §2 (Table 2), §5, §7 D8.
+    See also: ``ipo_loss_grad``, ``dpkd_loss``, ``dpkd_token_loss`` (form="ipo").
+    """
+    return _ipo("ipo_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                reference_rejected_logps, tau, chosen_lengths, rejected_lengths, length_normalize,
+                reduction).result()
+
+
+def ipo_loss_grad(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    tau: float = 0.1,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    length_normalize: bool = True,
+    reduction: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Analytic gradient of S = sum(ipo_loss(...).loss) w.r.t. a, b, c, d.
+
+    Formula: g = 2(h − 1/(2τ));  (∂a, ∂b, ∂c, ∂d) = (g/L_t, −g/L_s, −g/L_t, g/L_s)  (L = 1 when summed),
+    times 1/N under "mean".
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.zeros(1)
+        >>> g = ipo_loss_grad(z, z, z, z, length_normalize=False)
+        >>> print(g["policy_chosen_logps"], g["policy_rejected_logps"])
+        [-10.] [10.]
+
+    See also: ``ipo_loss``.
+    """
+    return _ipo("ipo_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                reference_rejected_logps, tau, chosen_lengths, rejected_lengths, length_normalize,
+                reduction).grad()
+
+
+# --------------------------------------------------------------------------------------------------
+# CPO (Table 2, with the typo corrected; Xu et al. 2024)
+
+
+def _cpo(func, a, b, beta, nll_weight, chosen_lengths, label_smoothing, reduction) -> _Core:
+    reduction = v.check_reduction(func, reduction)
+    beta = _beta(func, beta)
+    w = v.check_scalar(func, "nll_weight", nll_weight, low=0.0, low_inclusive=True)
+    eps = _smoothing(func, label_smoothing)
+    x = _validate(func, {A: a, B: b, LT: chosen_lengths}, optional=(LT,), lengths=(LT,), reduction=reduction)
+    m = _Margin.of(x, reference=False)  # h = a − b: no reference, no length inside σ
+    pref, dl_dz = _logistic(beta * m.h, eps)
+    lt = x[LT] if x[LT] is not None else np.ones_like(x[A])
+    partials = _chain(beta * dl_dz, m)
+    partials[A] = partials[A] - w / lt  # the NLL term −w·a/L_t
+    return _Core(pref - w * x[A] / lt, partials, beta * x[A], beta * x[B], reduction)
+
+
+def cpo_loss(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    *,
+    beta: float = 0.1,
+    nll_weight: float = 1.0,
+    chosen_lengths: np.ndarray | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """CPO: a reference-free preference term plus an NLL term on the teacher's output.
+
+    Symbols: a = log q_θ(y_t|x), b = log q_θ(y_s|x); β; w the NLL weight; ε label smoothing; L_t.
+
+    Formula (paper Table 2 with its typo corrected — the printed denominator q_θ(y_t|x) is q_θ(y_s|x);
+    Xu et al. 2024):
+        z = β(a − b)
+        ℓ = (1−ε)·softplus(−z) + ε·softplus(z) + w·(−a/L_t)    (−a when ``chosen_lengths`` is None)
+    With the printed typo the preference term would be the constant log 2.
+
+    Args:
+        policy_chosen_logps: a, float array [...].
+        policy_rejected_logps: b, same shape.
+        beta: β > 0.  nll_weight: w ≥ 0 (TRL ``cpo_alpha``, default 1).  label_smoothing: ε ∈ [0, 0.5].
+        chosen_lengths: L_t > 0 (same shape) to make the NLL a per-token mean, as in TRL; else summed.
+        reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss``; rewards βa, βb.
+
+    Example:
+        >>> import numpy as np
+        >>> out = cpo_loss(np.array([-2.0]), np.array([-2.0]), chosen_lengths=np.array([4]))
+        >>> print(np.round(out.loss, 4))   # log 2 + 2/4
+        1.1931
+
+    References: Xu et al. 2024 (arXiv:2401.08417) Eq. 3–6; SPEC-MATH §2 item 2, §5, §7 D7, D13.
+    See also: ``cpo_loss_grad``, ``simpo_loss``, ``dpkd_loss`` (reference_free=True).
+    """
+    return _cpo("cpo_loss", policy_chosen_logps, policy_rejected_logps, beta, nll_weight, chosen_lengths,
+                label_smoothing, reduction).result()
+
+
+def cpo_loss_grad(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    *,
+    beta: float = 0.1,
+    nll_weight: float = 1.0,
+    chosen_lengths: np.ndarray | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Analytic gradient of S = sum(cpo_loss(...).loss) w.r.t. a and b.
+
+    Formula: g = β[σ(β(a − b)) − (1−ε)];  ∂ℓ/∂a = g − w/L_t,  ∂ℓ/∂b = −g  (times 1/N under "mean").
+
+    Example:
+        >>> import numpy as np
+        >>> g = cpo_loss_grad(np.array([-2.0]), np.array([-2.0]), beta=1.0, nll_weight=0.5)
+        >>> print(g["policy_chosen_logps"], g["policy_rejected_logps"])
+        [-1.] [0.5]
+
+    See also: ``cpo_loss``.
+    """
+    return _cpo("cpo_loss_grad", policy_chosen_logps, policy_rejected_logps, beta, nll_weight,
+                chosen_lengths, label_smoothing, reduction).grad()
+
+
+# --------------------------------------------------------------------------------------------------
+# SimPO (Table 2; Meng et al. 2024)
+
+
+def _simpo(func, a, b, chosen_lengths, rejected_lengths, beta, gamma, label_smoothing, reduction) -> _Core:
+    reduction = v.check_reduction(func, reduction)
+    beta = _beta(func, beta)
+    gamma = v.check_scalar(func, "gamma", gamma)
+    eps = _smoothing(func, label_smoothing)
+    x = _validate(func, {A: a, B: b, LT: chosen_lengths, LS: rejected_lengths}, lengths=(LT, LS),
+                  reduction=reduction)
+    m = _Margin.of(x, reference=False, normalize=True)  # h = a/L_t − b/L_s
+    losses, dl_dz = _logistic(beta * m.h - gamma, eps)
+    return _Core(losses, _chain(beta * dl_dz, m), beta * m.chosen, beta * m.rejected, reduction)
+
+
+def simpo_loss(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    *,
+    chosen_lengths: np.ndarray,
+    rejected_lengths: np.ndarray,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """SimPO: reference-free, length-normalised, with a target margin γ inside σ.
+
+    Symbols: a, b the student's summed log-probs of y_t, y_s; L_t, L_s their lengths; β; γ; ε.
+
+    Formula (paper Table 2; Meng et al. 2024 Eq. 6):
+        z = β·a/L_t − β·b/L_s − γ
+        ℓ = (1−ε)·softplus(−z) + ε·softplus(z)
+    (The released code's ``--simpo`` is different: reference-based, no γ, rescaled outside σ — §7 D6.)
+
+    Args:
+        policy_chosen_logps: a, float array [...].  policy_rejected_logps: b, same shape.
+        chosen_lengths, rejected_lengths: L_t, L_s, required (> 0, same shape).
+        beta: β > 0 (default 2.0, Meng et al.).  gamma: γ, any finite real (default 1.0).
+        label_smoothing: ε ∈ [0, 0.5].  reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss``; rewards βa/L_t, βb/L_s.
+
+    Example:
+        >>> import numpy as np
+        >>> out = simpo_loss(np.array([-2.0]), np.array([-6.0]), chosen_lengths=np.array([2]),
+        ...                  rejected_lengths=np.array([3]), gamma=2.0)
+        >>> print(np.round(out.loss, 4))   # z = 2·(−1) − 2·(−2) − 2 = 0
+        0.6931
+
+    References: Meng et al. 2024 (arXiv:2405.14734) Eq. 6; SPEC-MATH §2 item 1, §5, §7 D6.
+    See also: ``simpo_loss_grad``, ``cpo_loss``.
+    """
+    return _simpo("simpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
+                  beta, gamma, label_smoothing, reduction).result()
+
+
+def simpo_loss_grad(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    *,
+    chosen_lengths: np.ndarray,
+    rejected_lengths: np.ndarray,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Analytic gradient of S = sum(simpo_loss(...).loss) w.r.t. a and b.
+
+    Formula: g = σ(z) − (1−ε);  ∂ℓ/∂a = gβ/L_t,  ∂ℓ/∂b = −gβ/L_s  (times 1/N under "mean").
+
+    Example:
+        >>> import numpy as np
+        >>> g = simpo_loss_grad(np.array([-2.0]), np.array([-6.0]), chosen_lengths=np.array([2]),
+        ...                     rejected_lengths=np.array([3]), gamma=2.0)
+        >>> print(np.round(g["policy_chosen_logps"], 4), np.round(g["policy_rejected_logps"], 4))
+        [-0.5] [0.3333]
+
+    See also: ``simpo_loss``.
+    """
+    return _simpo("simpo_loss_grad", policy_chosen_logps, policy_rejected_logps, chosen_lengths,
+                  rejected_lengths, beta, gamma, label_smoothing, reduction).grad()
+
+
+# --------------------------------------------------------------------------------------------------
+# DPOP (Smaug, Pal et al. 2024; and the released code's --DPOP)
+
+DPOP_FORMS = ("smaug", "released")
+
+
+def _dpop(func, a, b, c, d, beta, lambda_, form, reduction) -> _Core:
+    reduction = v.check_reduction(func, reduction)
+    form = v.check_choice(func, "form", form, DPOP_FORMS)
+    beta = _beta(func, beta)
+    lam = v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)
+    x = _validate(func, {A: a, B: b, C: c, D: d}, reduction=reduction)
+    m = _Margin.of(x)  # summed margin (Eq. 8)
+    penalty = np.maximum(0.0, x[C] - x[A])  # P = max(0, c − a): the chosen log-ratio fell below 0
+    k = (x[C] > x[A]).astype(np.float64)  # dP/dc = k, dP/da = −k (strict: no subgradient at c = a)
+    if form == "smaug":
+        # ℓ = softplus(−β(h − λP)): the penalty inside σ, scaled by β (Pal et al. Eq. 3)
+        losses, dl_dz = _logistic(beta * (m.h - lam * penalty), 0.0)
+        partials = _chain(beta * dl_dz, m)
+        partials[A] = partials[A] + beta * dl_dz * lam * k
+        partials[C] = partials[C] - beta * dl_dz * lam * k
+    else:
+        # ℓ = softplus(−βh) + λP: the penalty outside σ, not scaled by β (LMOps get_distil_loss)
+        pref, dl_dz = _logistic(beta * m.h, 0.0)
+        losses = pref + lam * penalty
+        partials = _chain(beta * dl_dz, m)
+        partials[A] = partials[A] - lam * k
+        partials[C] = partials[C] + lam * k
+    return _Core(losses, partials, beta * m.chosen, beta * m.rejected, reduction)
+
+
+def dpop_loss(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    beta: float = 0.1,
+    lambda_: float = 50.0,
+    form: str = "smaug",
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """DPO-Positive: DPKD plus a penalty when the student's log-prob of the teacher output falls below the
+    teacher's.
+
+    Symbols: a, b, c, d as in ``dpkd_loss``; h = (a − c) − (b − d) (summed, Eq. 8); P = max(0, c − a); λ.
+
+    Formula:
+        form="smaug"    (Pal et al. 2024 Eq. 3):   ℓ = softplus(−β(h − λP))
+        form="released" (LMOps ``--DPOP``):        ℓ = softplus(−βh) + λP
+    The gradient uses k = 1[c > a] (strict), so exactly at c = a the penalty contributes nothing.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+            a, b, c, d, float arrays of one shape [...].
+        beta: β > 0.  lambda_: λ ≥ 0 (default 50, the released code's).  form: "smaug" | "released".
+        reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss``; rewards β(a − c), β(b − d) (without the penalty).
+
+    Example (a − c = −2, so P = 2, h = −2 − 0 = −2):
+        >>> import numpy as np
+        >>> a, b, c, d = np.array([-5.0]), np.array([-4.0]), np.array([-3.0]), np.array([-4.0])
+        >>> print(np.round(dpop_loss(a, b, c, d, beta=0.5, lambda_=1.0, form="released").loss, 4))
+        3.3133
+        >>> print(np.round(dpop_loss(a, b, c, d, beta=0.5, lambda_=1.0).loss, 4))   # softplus(2)
+        2.1269
+
+    References: Pal et al. 2024 (arXiv:2402.13228) Eq. 3; SPEC-MATH §3B, §5, §7 D9.
+    See also: ``dpop_loss_grad``, ``dpkd_loss``, ``dpkd_token_loss`` (form="dpop", the released form).
+    """
+    return _dpop("dpop_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                 reference_rejected_logps, beta, lambda_, form, reduction).result()
+
+
+def dpop_loss_grad(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    beta: float = 0.1,
+    lambda_: float = 50.0,
+    form: str = "smaug",
+    reduction: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Analytic gradient of S = sum(dpop_loss(...).loss) w.r.t. a, b, c, d.
+
+    Formula, k = 1[c > a]:
+        smaug:    H = h − λP, g = β(σ(βH) − 1);   (∂a, ∂b, ∂c, ∂d) = g·(1 + λk, −1, −1 − λk, 1)
+        released: g = β(σ(βh) − 1);               (∂a, ∂b, ∂c, ∂d) = (g − λk, −g, −g + λk, g)
+    times 1/N under "mean".
+
+    Example:
+        >>> import numpy as np
+        >>> a, b, c, d = np.array([-5.0]), np.array([-4.0]), np.array([-3.0]), np.array([-4.0])
+        >>> g = dpop_loss_grad(a, b, c, d, beta=0.5, lambda_=1.0, form="released")
+        >>> print(np.round(g["policy_chosen_logps"], 4), np.round(g["reference_chosen_logps"], 4))
+        [-1.3655] [1.3655]
+
+    See also: ``dpop_loss``.
+    """
+    return _dpop("dpop_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                 reference_rejected_logps, beta, lambda_, form, reduction).grad()

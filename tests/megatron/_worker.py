@@ -1,0 +1,50 @@
+"""One rank of the persistent 2-process gloo world the megatron tests run in (started by conftest.py).
+
+Protocol (multiprocessing.connection, authenticated): the test process sends
+``(file, function_name, args, kwargs, tp)``; the worker re-initialises Megatron's parallel state with
+tensor_model_parallel_size=tp, imports ``file`` (cached), calls ``function(*args, **kwargs)`` and sends back
+``("ok", result)`` or ``("error", traceback_text)``. ``None`` ends the worker.
+"""
+
+import importlib.util
+import os
+import sys
+import traceback
+from multiprocessing.connection import Client
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    rank, world, dist_port, ctl_port = (int(a) for a in sys.argv[1:5])
+    authkey = os.environ["DPKD_TEST_AUTHKEY"].encode()
+    torch.set_num_threads(1)
+    conn = Client(("127.0.0.1", ctl_port), authkey=authkey)
+    conn.send(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{dist_port}", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+
+    modules = {}
+    while True:
+        task = conn.recv()
+        if task is None:
+            break
+        path, name, args, kwargs, tp = task
+        try:
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+            if path not in modules:
+                spec = importlib.util.spec_from_file_location(f"_dpkd_megatron_test_{len(modules)}", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                modules[path] = module
+            conn.send(("ok", getattr(modules[path], name)(*args, **kwargs)))
+        except BaseException:  # report everything; the test process turns it into a failure
+            conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
