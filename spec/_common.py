@@ -38,7 +38,7 @@ def as_float(func: str, name: str, x: object, *, allow_none: bool = False) -> np
     if x is None:
         if allow_none:
             return None
-        v.fail(func, name, "is required, got None")
+        v.require(func, name, x)
     arr = np.asarray(x)
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
@@ -52,8 +52,7 @@ def as_float(func: str, name: str, x: object, *, allow_none: bool = False) -> np
 def float64_array(func: str, name: str, x: object) -> np.ndarray:
     """The dtype half of ``as_float``: a required float (or integer) array, in float64, NOT yet checked for
     finiteness — for functions that must run every shape/dtype check before any value check."""
-    if x is None:
-        v.fail(func, name, "is required, got None")
+    v.require(func, name, x)
     arr = np.asarray(x)
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
@@ -184,8 +183,6 @@ def logit_pair(func: str, student_logits: object, teacher_logits: object, mask: 
     contract. Here: shapes (incl. a vocabulary mismatch), dtypes, finiteness, mask binary, non-empty mean.
     """
     v.check_student_teacher_shapes(func, np.shape(student_logits), np.shape(teacher_logits), np.shape(mask))
-    if np.shape(student_logits)[-1] < 1:  # log-softmax over nothing; same words as check_logits_labels_shapes
-        v.fail(func, "student_logits", "has an empty vocabulary axis")
     s, t = as_float_arrays(func, {"student_logits": student_logits, "teacher_logits": teacher_logits})
     m = as_mask(func, "mask", mask)
     denominator = token_denominator(func, m, normalizer, reduction)

@@ -26,8 +26,7 @@ __all__ = [
 def _require(func: str, logits: object, labels: object) -> None:
     # the same "is required" error as every float array argument of the spec (_common.float64_array)
     for name, arr in (("logits", logits), ("labels", labels)):
-        if arr is None:
-            v.fail(func, name, "is required, got None")
+        v.require(func, name, arr)
 
 
 def _inputs(func: str, logits: object, labels: object, ignore_index: object):
@@ -153,6 +152,8 @@ def sequence_logps_grad(logits: np.ndarray, labels: np.ndarray, *, ignore_index:
     Formula: ∂S/∂ℓ_j = m_j · (e_{y_j} − softmax(ℓ_j)) — the same as ``token_logps_grad``, since the
     row sum of token log-probs is summed again.
 
+    Args/Raises: as ``sequence_logps``.
+
     Returns:
         ``{"logits": float64 array [..., T, V]}``.
 
@@ -195,6 +196,5 @@ def shift_for_causal_lm(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndar
     _require(func, logits, labels)
     lg, lb = np.asarray(logits), np.asarray(labels)
     v.check_logits_labels_shapes(func, lg.shape, lb.shape)
-    if lg.shape[-2] < 2:
-        v.fail(func, "logits", f"needs at least 2 positions to shift (T >= 2), got T={lg.shape[-2]}")
+    v.check_shiftable(func, "logits", lg.shape[-2])
     return lg[..., :-1, :], lb[..., 1:]

@@ -66,12 +66,11 @@ def _terms(
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Validate: ``config`` first, then presence (a term is required iff its coefficient is non-zero),
     shapes (all given terms alike), dtypes, finiteness."""
-    if not isinstance(config, ObjectiveConfig):
-        v.fail(func, "config", f"must be an ObjectiveConfig, got {type(config).__name__}")
+    v.check_instance(func, "config", config, ObjectiveConfig)
     coef = config.coefficients()
     for name in _TERMS:
         if losses[name] is None and coef[name] != 0.0:
-            float64_array(func, name, None)  # the shared "is required, got None" error
+            v.require(func, name, None)
     given = {name: x for name, x in losses.items() if x is not None}
     v.check_same_shape(func, {name: np.shape(x) for name, x in given.items()})
     arrays = {name: float64_array(func, name, x) for name, x in given.items()}
@@ -139,6 +138,8 @@ def objective_grad(
     """Gradient of S = sum(objective(...)) w.r.t. each loss given: its linear coefficient.
 
     Formula: ∂L/∂sft = 1 − α, ∂L/∂distil = α, ∂L/∂pt_lm = λ(1 − κ), ∂L/∂pt_kd = λκ.
+
+    Args/Raises: exactly as ``objective``.
 
     Returns:
         dict keyed by the argument names of the terms that are not None; float64, each the terms' shape.

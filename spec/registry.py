@@ -666,7 +666,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                                              tau=0.25, length_normalize=False),
                        lambda call: np.full(4, 4.0)),
             ClosedForm("ipo_loss: h = 1/(2 tau) => 0",
-                       lambda rng: _seq_call("ipo_loss", np.full(3, -1.0), np.full(3, -3.0), np.full(3, -2.0),
+                       lambda rng: _seq_call("ipo_loss", np.full(3, -1.0), np.full(3, -2.0), np.full(3, -2.0),
                                              np.full(3, -2.0), tau=0.5, length_normalize=False),
                        lambda call: np.zeros(3), atol=1e-15),
         ),

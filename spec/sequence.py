@@ -69,8 +69,8 @@ def _validate(
     ``reduction="mean"`` refuses an empty input (a mean over nothing is 0/0).
     """
     for name, x in arrays.items():
-        if x is None and name not in optional:
-            v.fail(func, name, "is required, got None")
+        if name not in optional:
+            v.require(func, name, x)
     given = {name: x for name, x in arrays.items() if x is not None}
     v.check_same_shape(func, {name: np.shape(x) for name, x in given.items()})
     out: dict[str, np.ndarray | None] = {name: None for name in arrays}
@@ -84,7 +84,7 @@ def _validate(
             v.check_positive_lengths(func, name, bool(np.all(out[name] > 0)))
     if reduction == "mean":
         first = next(iter(given))
-        v.check_nonempty(func, first, float(np.size(out[first])))
+        v.check_nonempty_elements(func, first, int(np.size(out[first])))
     return out
 
 
@@ -219,6 +219,11 @@ def dpkd_loss(
         ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``: loss scalar (or [...] under "none");
         rewards β(a − c)[/L_t] and β(b − d)[/L_s], shape [...], never reduced.
 
+    Raises:
+        DPKDInputError (in this order): bad ``reduction``/``beta``/``label_smoothing``; one length without
+        the other; a required array None; shapes not all equal; a non-numeric dtype; NaN/Inf; a length
+        ≤ 0; an empty input under "mean".
+
     Example (the FD example of the README: h = −7, βh = −4.9, loss = softplus(4.9)):
         >>> import numpy as np
         >>> out = dpkd_loss(np.array([-5.0]), np.array([-3.0]), np.array([-4.0]), np.array([-9.0]), beta=0.7)
@@ -269,6 +274,8 @@ def dpkd_loss_grad(
         >>> print(np.round(g["policy_chosen_logps"], 4), np.round(g["reference_rejected_logps"], 4))
         [-0.6948] [-0.6948]
 
+    Args/Raises: exactly as ``dpkd_loss`` (same validation, same messages).
+    References: SPEC-MATH §3A; paper Eq. 10/11 (corrected, D12).
     See also: ``dpkd_loss``.
     """
     return _dpkd("dpkd_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -286,12 +293,11 @@ def _ipo(func, a, b, c, d, tau, chosen_lengths, rejected_lengths, length_normali
     if length_normalize:
         # both lengths are needed; with neither given, the first missing one is named
         if chosen_lengths is None and rejected_lengths is None:
-            v.fail(func, LT, "is required, got None")
+            v.require(func, LT, None)
         v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     else:
         for name, given in ((LT, chosen_lengths), (LS, rejected_lengths)):
-            if given is not None:
-                v.fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
+            v.check_no_lengths_when_summed(func, name, given)
     x = _validate(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
                   optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
     m = _Margin.of(x, normalize=bool(length_normalize))
@@ -375,6 +381,8 @@ def ipo_loss_grad(
         >>> print(g["policy_chosen_logps"], g["policy_rejected_logps"])
         [-10.] [10.]
 
+    Args/Raises: exactly as ``ipo_loss`` (same validation, same messages).
+    References: SPEC-MATH §5 (gradients).
     See also: ``ipo_loss``.
     """
     return _ipo("ipo_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -463,6 +471,8 @@ def cpo_loss_grad(
         >>> print(g["policy_chosen_logps"], g["policy_rejected_logps"])
         [-1.] [0.5]
 
+    Args/Raises: exactly as ``cpo_loss`` (same validation, same messages).
+    References: SPEC-MATH §5 (gradients).
     See also: ``cpo_loss``.
     """
     return _cpo("cpo_loss_grad", policy_chosen_logps, policy_rejected_logps, beta, nll_weight,
@@ -550,6 +560,8 @@ def simpo_loss_grad(
         >>> print(np.round(g["policy_chosen_logps"], 4), np.round(g["policy_rejected_logps"], 4))
         [-0.5] [0.3333]
 
+    Args/Raises: exactly as ``simpo_loss`` (same validation, same messages).
+    References: SPEC-MATH §5 (gradients).
     See also: ``simpo_loss``.
     """
     return _simpo("simpo_loss_grad", policy_chosen_logps, policy_rejected_logps, chosen_lengths,
@@ -657,6 +669,8 @@ def dpop_loss_grad(
         >>> print(np.round(g["policy_chosen_logps"], 4), np.round(g["reference_chosen_logps"], 4))
         [-1.3655] [1.3655]
 
+    Args/Raises: exactly as ``dpop_loss`` (same validation, same messages).
+    References: SPEC-MATH §5 (gradients).
     See also: ``dpop_loss``.
     """
     return _dpop("dpop_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

@@ -34,8 +34,7 @@ FORMS = ("sigmoid", "ipo", "dpop")
 
 def _check_label_smoothing_form(func: str, label_smoothing: float, form: str) -> None:
     # cDPO smoothing is only defined for the sigmoid form (the LMOps/Mitchell code ignores it elsewhere).
-    if label_smoothing > 0 and form != "sigmoid":
-        v.fail(func, "label_smoothing", f"only applies to form='sigmoid', got form={form!r}")
+    v.check_label_smoothing_form(func, label_smoothing, form)
 
 
 def _prepare(func, student_logits, teacher_logits, mask, beta, form, label_smoothing, reference_free,

@@ -35,6 +35,13 @@ __all__ = [
     "check_nonempty",
     "check_integer_dtype",
     "check_floating_dtype",
+    "require",
+    "check_label_smoothing_form",
+    "check_no_lengths_when_summed",
+    "check_shiftable",
+    "check_instance",
+    "check_nonempty_elements",
+    "check_nonempty_positions",
 ]
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -90,6 +97,17 @@ def check_scalar(
     return v
 
 
+def check_label_smoothing_form(func: str, label_smoothing: float, form: str) -> None:
+    """cDPO label smoothing is defined for the sigmoid (Bradley–Terry) form only."""
+    if label_smoothing != 0.0 and form != "sigmoid":
+        fail(func, "label_smoothing", f"only applies to form='sigmoid', got form={form!r}")
+
+
+def check_instance(func: str, name: str, value: object, cls: type) -> None:
+    if not isinstance(value, cls):
+        fail(func, name, f"must be an {cls.__name__}, got {type(value).__name__}")
+
+
 def check_int_scalar(func: str, name: str, value: object, *, low: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) and not _is_numpy_integer(value):
         fail(func, name, f"must be an integer, got {type(value).__name__}")
@@ -120,6 +138,22 @@ def check_same_shape(func: str, shapes: Mapping[str, tuple[int, ...] | None]) ->
         if shape != first:
             fail(func, name, f"has shape {shape}, expected {first} (the shape of `{first_name}`)")
     return first
+
+
+def require(func: str, name: str, value: object) -> None:
+    if value is None:
+        fail(func, name, "is required, got None")
+
+
+def check_no_lengths_when_summed(func: str, name: str, lengths: object) -> None:
+    """IPO with length_normalize=False uses summed log-ratios: lengths would be silently unused."""
+    if lengths is not None:
+        fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
+
+
+def check_shiftable(func: str, name: str, n_positions: int) -> None:
+    if n_positions < 2:
+        fail(func, name, f"needs at least 2 positions to shift (T >= 2), got T={n_positions}")
 
 
 def check_lengths_pair(func: str, chosen_lengths: object, rejected_lengths: object) -> bool:
@@ -177,6 +211,8 @@ def check_student_teacher_shapes(
         fail(func, teacher_name, f"has shape {teacher_shape}, expected {student_shape}")
     if teacher_shape != student_shape:
         fail(func, teacher_name, f"has shape {teacher_shape}, expected {student_shape}")
+    if student_shape[-1] < 1:
+        fail(func, student_name, "has an empty vocabulary axis")
     if mask_shape is not None and tuple(mask_shape) != student_shape[:-1]:
         fail(
             func,
@@ -224,6 +260,17 @@ def check_nonempty(func: str, name: str, count: float) -> None:
     """A mean over zero loss tokens is 0/0: refuse it instead of returning NaN."""
     if not count > 0:
         fail(func, name, "selects no loss tokens, so reduction='mean' is undefined; pass `normalizer` or use 'sum'")
+
+
+def check_nonempty_elements(func: str, name: str, count: int) -> None:
+    """A mean over zero examples is 0/0."""
+    if not count > 0:
+        fail(func, name, "is empty, so reduction='mean' is undefined; use 'sum' or 'none'")
+
+
+def check_nonempty_positions(func: str, name: str, shape: tuple[int, ...]) -> None:
+    if len(shape) == 0 or 0 in tuple(shape):
+        fail(func, name, f"has no positions or an empty vocabulary, got shape {tuple(shape)}")
 
 
 def _is_numpy_scalar(value: object) -> bool:

@@ -178,13 +178,22 @@ def as_array(x: Any) -> jax.Array:
     return jnp.asarray(x)
 
 
+def _is_number_dtype(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
 def float_arg(func: str, name: str, x: Any) -> jax.Array:
     """A float array argument: required, floating or integer (integers are promoted, like the spec).
 
     Not yet checked for finiteness: every value check comes after every shape/dtype check."""
     require(func, **{name: x})
+    if not isinstance(x, jax.Array):
+        # judge the dtype on the host first: an object array (e.g. holding None) cannot become a jax array
+        host = np.asarray(x)
+        if host.dtype == object or not _is_number_dtype(host.dtype):
+            v.check_floating_dtype(func, name, False, host.dtype)
     a = as_array(x)
-    if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
+    if not _is_number_dtype(a.dtype):
         v.check_floating_dtype(func, name, False, a.dtype)
     return a
 
@@ -200,7 +209,7 @@ def mask_arg(func: str, name: str, x: Any) -> jax.Array:
     """A loss mask: bool, or numbers (values checked later by ``check_binary``)."""
     require(func, **{name: x})
     a = as_array(x)
-    if a.dtype != jnp.bool_ and not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
+    if a.dtype != jnp.bool_ and not _is_number_dtype(a.dtype):
         v.check_binary_mask(func, name, False)
     return a
 

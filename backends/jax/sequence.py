@@ -223,7 +223,7 @@ def ipo_loss(
     else:
         for name, given in ((LT, chosen_lengths), (LS, rejected_lengths)):
             if given is not None:
-                v.fail(func, name, "must be None when length_normalize=False (the summed log-ratios are used)")
+                v.fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
                          D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
                   optional=(LT, LS), lengths=(LT, LS), reduction=reduction)

@@ -94,6 +94,11 @@ def require(func: str, **arrays: Any) -> None:
             v.fail(func, name, "is required, got None")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float64`` → ``float64``: the words NumPy prints, so the message equals the spec's."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _is_integer(t: torch.Tensor) -> bool:
     return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
@@ -106,14 +111,14 @@ def float_arg(func: str, name: str, x: Any) -> torch.Tensor:
     require(func, **{name: x})
     t = as_tensor(x)
     if not t.is_floating_point():
-        v.check_floating_dtype(func, name, _is_integer(t), t.dtype)
+        v.check_floating_dtype(func, name, _is_integer(t), _dtype_name(t.dtype))
     return t
 
 
 def integer_arg(func: str, name: str, x: Any) -> torch.Tensor:
     """An integer array argument (labels)."""
     t = as_tensor(x)
-    v.check_integer_dtype(func, name, _is_integer(t), t.dtype)
+    v.check_integer_dtype(func, name, _is_integer(t), _dtype_name(t.dtype))
     return t
 
 

@@ -1,13 +1,15 @@
 """One rank of the persistent 2-process gloo world the megatron tests run in (started by conftest.py).
 
 Protocol (multiprocessing.connection, authenticated): the test process sends
-``(file, function_name, args, kwargs, tp)``; the worker re-initialises Megatron's parallel state with
+``(file, function_name, args, kwargs, tp)`` (plain pickle: torch's multiprocessing reducers would
+hand tensors over through shared memory, which needs a shared authkey); the worker re-initialises Megatron's parallel state with
 tensor_model_parallel_size=tp, imports ``file`` (cached), calls ``function(*args, **kwargs)`` and sends back
 ``("ok", result)`` or ``("error", traceback_text)``. ``None`` ends the worker.
 """
 
 import importlib.util
 import os
+import pickle
 import sys
 import traceback
 from multiprocessing.connection import Client
@@ -27,7 +29,7 @@ def main() -> None:
 
     modules = {}
     while True:
-        task = conn.recv()
+        task = pickle.loads(conn.recv_bytes())
         if task is None:
             break
         path, name, args, kwargs, tp = task
@@ -40,9 +42,10 @@ def main() -> None:
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
                 modules[path] = module
-            conn.send(("ok", getattr(modules[path], name)(*args, **kwargs)))
+            result = getattr(modules[path], name)(*args, **kwargs)
+            conn.send_bytes(pickle.dumps(("ok", result)))
         except BaseException:  # report everything; the test process turns it into a failure
-            conn.send(("error", traceback.format_exc()))
+            conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
     dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ session; each test then sends a module-level function to both ranks and gets bot
 """
 
 import os
+import pickle
 import secrets
 import socket
 import subprocess
@@ -45,13 +46,13 @@ class GlooPool:
         returns the list of per-rank results."""
         task = (fn.__code__.co_filename, fn.__name__, args, kwargs, tp)
         for c in self._conns:
-            c.send(task)
+            c.send_bytes(pickle.dumps(task))
         results, errors = [], []
         for rank, c in enumerate(self._conns):
             if not c.poll(TIMEOUT_S):
                 self.close()
                 raise RuntimeError(f"rank {rank} did not answer within {TIMEOUT_S} s (hung collective?)")
-            status, value = c.recv()
+            status, value = pickle.loads(c.recv_bytes())
             (results if status == "ok" else errors).append(value if status == "ok" else f"[rank {rank}] {value}")
         if errors:
             pytest.fail("\n".join(errors), pytrace=False)
@@ -60,7 +61,7 @@ class GlooPool:
     def close(self) -> None:
         for c in self._conns:
             try:
-                c.send(None)
+                c.send_bytes(pickle.dumps(None))
             except OSError:
                 pass
         for p in self._procs:

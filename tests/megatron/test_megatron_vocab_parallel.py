@@ -130,6 +130,11 @@ def _inputs(vocab, seed=0, batch=(2, 5)):
     return s, t, labels, mask, weights
 
 
+def _grad(x):
+    """x.grad, or zeros when x did not reach the loss (e.g. the teacher under reference_free)."""
+    return torch.zeros_like(x) if x.grad is None else x.grad
+
+
 def _scalar(out, weights):
     """A scalar with a non-uniform upstream gradient: Σ w·out for per-token outputs."""
     x = out[0] if isinstance(out, tuple) else out
@@ -155,8 +160,8 @@ def body_pair(name, vocab, local, kwargs):
         out, tuple) else (lambda o: [o.detach()])
     return {
         "value": as_list(out), "ref": as_list(ref),
-        "grad_s": s_sh.grad, "ref_grad_s": _grad_shard(s_full.grad, rank, world, local),
-        "grad_t": t_sh.grad, "ref_grad_t": _grad_shard(t_full.grad, rank, world, local),
+        "grad_s": _grad(s_sh), "ref_grad_s": _grad_shard(_grad(s_full), rank, world, local),
+        "grad_t": _grad(t_sh), "ref_grad_t": _grad_shard(_grad(t_full), rank, world, local),
     }
 
 
