@@ -17,9 +17,8 @@ import importlib.util
 import os
 
 import pytest
-from hypothesis import HealthCheck, settings
-
 from dpkd.spec.adapters import BackendAdapter, JaxAdapter, NumpyAdapter, TorchAdapter, adapter_for_module
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci", max_examples=6, deadline=None, derandomize=True, database=None, print_blob=True,

@@ -2,10 +2,10 @@
 every float array argument, in every dtype the backend takes."""
 
 import pytest
+from dpkd.spec import registry
+from dpkd.spec import testing as t
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
-from dpkd.spec import registry, testing as t
 
 DTYPES = ("float64", "float32", "bfloat16")
 

@@ -2,10 +2,9 @@
 backend takes, the tolerance table of ``dpkd.spec.testing``)."""
 
 import pytest
+from dpkd.spec import testing as t
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
-from dpkd.spec import testing as t
 
 DTYPES = ("float64", "float32", "bfloat16")
 

@@ -118,7 +118,8 @@ class TorchAdapter(BackendAdapter):
     def asarray(self, x: Any, dtype: str | None = None) -> Any:
         import torch
 
-        t = torch.from_numpy(np.ascontiguousarray(x))
+        # np.array(copy, order="C") rather than np.ascontiguousarray, which turns a 0-d array into shape (1,)
+        t = torch.from_numpy(np.array(x, order="C", copy=True))
         if dtype is not None and t.is_floating_point():
             t = t.to(getattr(torch, dtype))
         return t

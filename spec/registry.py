@@ -495,9 +495,9 @@ def _uniform_logits_call(name: str, rng: np.random.Generator, **kwargs: Any) -> 
     return Call(name, (logits, labels), kwargs)
 
 
-def _all(name: str) -> Callable[[Call], np.ndarray]:
+def _loss_positions(call: Call) -> np.ndarray:
     """The ``where`` of the strict token-level bounds: every loss position."""
-    return lambda call: np.asarray(call.args[2], bool)
+    return np.asarray(call.args[2], bool)
 
 
 def _no_penalty_dpop(rng: np.random.Generator, form: str) -> Call:
@@ -698,7 +698,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         "PreferenceLoss", gradient="simpo_loss_grad",
         closed_forms=(
             ClosedForm("simpo_loss: beta a/L_t - beta b/L_s = gamma => log 2",
-                       lambda rng: _seq_call("simpo_loss", np.array([-4.0, -9.0]), np.array([-12.0, -10.0]),
+                       lambda rng: _seq_call("simpo_loss", np.array([-4.0, -9.0]), np.array([-12.0, -8.0]),
                                              chosen_lengths=np.array([2, 3]), rejected_lengths=np.array([4, 2]),
                                              beta=2.0, gamma=2.0),
                        lambda call: np.full(2, LOG2)),
@@ -751,14 +751,14 @@ REGISTRY: tuple[FunctionSpec, ...] = (
             ClosedForm("dpkd_token_loss: argmaxes differ => per-token loss > log 2",
                        lambda rng: _token_call("dpkd_token_loss", *_disagreeing(rng), beta=0.3),
                        lambda call: np.full(call.args[2].shape, LOG2), relation=">",
-                       where=_all("dpkd_token_loss")),
+                       where=_loss_positions),
             ClosedForm("dpkd_token_loss: ipo: argmaxes agree => 1/(4 beta^2)",
                        lambda rng: _token_call("dpkd_token_loss", *_agreeing(rng), beta=0.5, form="ipo"),
                        lambda call: np.full(call.args[2].shape, 1.0)),
             ClosedForm("dpkd_token_loss: ipo: argmaxes differ => loss > 1/(4 beta^2)",
                        lambda rng: _token_call("dpkd_token_loss", *_disagreeing(rng), beta=0.5, form="ipo"),
                        lambda call: np.full(call.args[2].shape, 1.0), relation=">",
-                       where=_all("dpkd_token_loss")),
+                       where=_loss_positions),
             ClosedForm("dpkd_token_loss: argmaxes agree => agreement_rate = 1",
                        lambda rng: _token_call("dpkd_token_loss", *_agreeing(rng), beta=0.3),
                        lambda call: 1.0, output=1),
@@ -924,8 +924,11 @@ def bad_inputs(spec: FunctionSpec) -> tuple[BadInput, ...]:
     cases: list[BadInput] = []
     # options out of range / unknown choices (checked first, so any valid arrays do)
     for p in spec.params:
+        # the normalizer only exists under a mean: test its range there, not the reduction rule
+        extra = {"reduction": "mean"} if p.name == "normalizer" else {}
         for bad in p.invalid_values():
-            cases.append(BadInput(f"{p.name}={bad!r}", p.name, lambda c, n=p.name, b=bad: c.with_args(**{n: b})))
+            cases.append(BadInput(f"{p.name}={bad!r}", p.name,
+                                  lambda c, n=p.name, b=bad, e=extra: c.with_args(**{n: b}, **e)))
     positional = spec.positional
     floats = [a for a in spec.arrays if a.role in ("logps", "logits", "vocab_logits", "scalar_loss")]
     for a in floats:
@@ -961,7 +964,8 @@ def bad_inputs(spec: FunctionSpec) -> tuple[BadInput, ...]:
     if "labels" in names:
         v = lambda c: c.arg("logits").shape[-1]  # noqa: E731
         cases += [
-            BadInput("labels have a different shape", "labels", lambda c: c.with_args(labels=c.arg("labels")[..., :-1])),
+            BadInput("labels have a different shape", "labels",
+                     lambda c: c.with_args(labels=c.arg("labels")[..., :-1])),
             BadInput("label = V (outside the vocabulary)", "labels",
                      lambda c: c.with_args(labels=_set_first(c.arg("labels"), v(c)))),
             BadInput("label = -5 (negative, not the ignore_index)", "labels",

@@ -18,9 +18,10 @@ One entry per input dtype. A comparison passes when, elementwise,
 ``|actual − expected| ≤ rtol·|expected| + atol·scale`` where ``scale`` is, for values, the largest
 magnitude among the float inputs (at least 1) — rounding errors of log-softmax, logsumexp and log-ratios
 are absolute errors proportional to the magnitude of the logits / log-probs fed in — and, for gradients,
-the largest magnitude of the expected gradient (a norm-wise bound: cancellations such as q − p carry the
-error of their operands, not of their difference). ``expected`` is always the float64 spec evaluated on
-the inputs as the backend saw them (rounded to its dtype).
+the largest magnitude of the expected gradient, at least 1 (a norm-wise bound: cancellations such as
+q − p or σ(βh) − 1 carry the absolute error of their O(1) operands, not a relative error of their
+difference, so a saturated entry of 1e-15 is only known to ~eps64 absolutely). ``expected`` is always
+the float64 spec evaluated on the inputs as the backend saw them (rounded to its dtype).
 
 * float64 — rtol 1e-10, atol 1e-12, both quantities. Two independent float64 implementations differ by
   summation order and the choice of stable formula: a few hundred ulps (eps = 2.2e-16) at most, on
@@ -127,6 +128,12 @@ class Case:
     def __str__(self) -> str:
         return f"{self.spec.name}[{self.variant.name}]"
 
+    def __repr__(self) -> str:
+        return f"Case({self})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # Hypothesis' falsifying-example printer
+        printer.text(repr(self))
+
 
 def cases(predicate: Callable[[FunctionSpec], bool] = lambda s: True) -> list[Case]:
     return [Case(s, v) for s in reg.REGISTRY if predicate(s) for v in s.variants]
@@ -169,7 +176,7 @@ def assert_close(
         raise AssertionError(f"{header}: shape {a.shape} != expected {e.shape}\n{_repro(call)}")
     if scale is None:
         if quantity == "gradients":
-            scale = float(np.max(np.abs(e))) if e.size else 0.0
+            scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
         elif quantity == "finite_difference":
             scale = 1.0
         else:

@@ -55,6 +55,8 @@ __all__ = [
     "smoothed_sigmoid_loss",
     "log_softmax",
     "logsumexp",
+    "shifted_normalizer",
+    "picked_log_softmax",
     "gather_last",
     "reduce_elements",
     "normalizer_option",
@@ -236,13 +238,32 @@ def smoothed_sigmoid_loss(z: jax.Array, label_smoothing: float) -> jax.Array:
     return (1.0 - label_smoothing) * loss + label_smoothing * softplus(z)
 
 
+def shifted_normalizer(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(m, z) with logsumexp(x) = m + z over the last axis, m = max x (stop-gradient), z = log Σ e^{x−m}.
+
+    log-softmax is then (x − m) − z: the shift x − m is exact near the maximum and z ∈ [0, log V] keeps its
+    full relative precision, whereas x − logsumexp(x) rounds at the scale of |x| (with ±1e4 float32 logits
+    that turns p = 0.99999 into 1.0). The max carries no gradient: its contributions cancel exactly."""
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    z = jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+    return m, z
+
+
 def logsumexp(x: jax.Array) -> jax.Array:
-    """Over the last axis; ``jax.nn.logsumexp`` shifts by a stop-gradient max, so ±1e4 logits are fine."""
-    return jax.nn.logsumexp(x, axis=-1)
+    """Over the last axis; the max is shifted out first, so ±1e4 logits are fine."""
+    m, z = shifted_normalizer(x)
+    return (m + z)[..., 0]
 
 
 def log_softmax(x: jax.Array) -> jax.Array:
-    return x - logsumexp(x)[..., None]
+    m, z = shifted_normalizer(x)
+    return (x - m) - z
+
+
+def picked_log_softmax(x: jax.Array, index: jax.Array) -> jax.Array:
+    """log_softmax(x)[..., index] without materialising the whole log-softmax: (x_i − m) − z."""
+    m, z = shifted_normalizer(x)
+    return (gather_last(x, index) - m[..., 0]) - z[..., 0]
 
 
 def gather_last(x: jax.Array, index: jax.Array) -> jax.Array:

@@ -50,10 +50,10 @@ def label_inputs(func: str, logits: Any, labels: Any, ignore_index: int, *, pres
 def picked_logps(inputs: LabelInputs) -> jax.Array:
     """log_softmax(ℓ_j)[y_j] = ℓ_{j,y_j} − logsumexp(ℓ_j), 0 at ignored positions, in the compute dtype.
 
-    The gathered-minus-logsumexp form never materialises the full log-softmax, and its gradient is
-    e_{y_j} − softmax(ℓ_j) without cancellation."""
+    Gathered from the shifted logits (``_base.picked_log_softmax``): the full log-softmax is never
+    materialised, and its gradient is e_{y_j} − softmax(ℓ_j)."""
     x = inputs.logits.astype(b.compute_dtype(inputs.logits))
-    picked = b.gather_last(x, inputs.safe) - b.logsumexp(x)
+    picked = b.picked_log_softmax(x, inputs.safe)
     return jnp.where(inputs.keep, picked, jnp.zeros((), x.dtype))
 
 

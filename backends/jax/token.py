@@ -89,8 +89,11 @@ def dpkd_token_loss(
     s_t, s_s = b.gather_last(s, y_t), b.gather_last(s, y_s)
     t_t, t_s = b.gather_last(t, y_t), b.gather_last(t, y_s)
     h = s_t - s_s if reference_free else (s_t - s_s) - (t_t - t_s)
-    lse_s, lse_t = b.logsumexp(s), b.logsumexp(t)
-    a, bb, c, d = s_t - lse_s, s_s - lse_s, t_t - lse_t, t_s - lse_t
+    # a, b, c, d from the max-shifted logits (accurate for ±1e4 logits, see _base.shifted_normalizer)
+    (ms, zs), (mt, zt) = b.shifted_normalizer(s), b.shifted_normalizer(t)
+    ms, zs, mt, zt = ms[..., 0], zs[..., 0], mt[..., 0], zt[..., 0]
+    a, bb = (s_t - ms) - zs, (s_s - ms) - zs
+    c, d = (t_t - mt) - zt, (t_s - mt) - zt
 
     if form == "ipo":
         per_token = jnp.square(h - 1.0 / (2.0 * beta))

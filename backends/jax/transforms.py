@@ -116,13 +116,15 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# checkify decorates the message: "at mapped index 3: <message> (`check` failed)" (the prefix under vmap)
+_PREFIX = re.compile(r"^(at mapped index \d+: )+")
 _SUFFIX = re.compile(r"\s*\(`check` failed\)\s*$")
 
 
 def throw(err: checkify.Error) -> None:
-    """Raise the first failed value check of a ``checked`` call as ``DPKDInputError`` (the eager message).
-
-    Call it outside ``jit``. Under ``vmap`` checkify may prefix the failing batch index."""
+    """Raise the first failed value check of a ``checked`` call as ``DPKDInputError``, with exactly the
+    message the eager call raises (checkify's decorations — the vmap index, "(`check` failed)" — are
+    removed; ``err.get()`` still shows them). Call it outside ``jit``; it does nothing if every check held."""
     message = err.get()
     if message is not None:
-        raise DPKDInputError(_SUFFIX.sub("", message))
+        raise DPKDInputError(_SUFFIX.sub("", _PREFIX.sub("", message)))

@@ -20,6 +20,7 @@ from ._base import (
     integer_arg,
     require,
     shape_of,
+    shifted_logits,
 )
 
 __all__ = ["token_logps", "sequence_logps", "shift_for_causal_lm"]
@@ -50,7 +51,8 @@ def _token_logps(func: str, logits: torch.Tensor, labels: torch.Tensor, ignore: 
     keep = lab != ignore
     # ignored positions may hold any integer (usually -100): gather index 0 there, zero it afterwards
     safe = torch.where(keep, lab, torch.zeros((), dtype=lab.dtype, device=lab.device)).long()
-    picked = gather_last(x, safe) - torch.logsumexp(x, dim=-1)
+    shifted, log_z = shifted_logits(x)
+    picked = gather_last(shifted, safe) - log_z
     return torch.where(keep, picked, torch.zeros((), dtype=x.dtype, device=x.device)), keep
 
 
@@ -147,6 +149,5 @@ def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     require(func, logits=logits, labels=labels)
     logits, labels = as_tensor(logits), as_tensor(labels)
     v.check_logits_labels_shapes(func, tuple(logits.shape), tuple(labels.shape))
-    if logits.shape[-2] < 2:
-        v.fail(func, "logits", f"needs at least 2 positions to shift (T >= 2), got T={logits.shape[-2]}")
+    v.check_shiftable(func, "logits", logits.shape[-2])
     return logits[..., :-1, :], labels[..., 1:]

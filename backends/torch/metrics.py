@@ -119,6 +119,8 @@ def first_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.T
     """
     func = "first_token_divergence"
     v.check_student_teacher_shapes(func, shape_of(student_logits), shape_of(teacher_logits), None, min_ndim=1)
+    # a mean over no prompts, or an empty vocabulary, would be a silent NaN
+    v.check_nonempty_positions(func, "student_logits", shape_of(student_logits))
     s = float_arg(func, "student_logits", student_logits)
     t = float_arg(func, "teacher_logits", teacher_logits)
     check_same_placement(func, [("student_logits", s), ("teacher_logits", t)],
@@ -127,8 +129,6 @@ def first_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.T
     checks.finite("student_logits", s)
     checks.finite("teacher_logits", t)
     checks.run()
-    if s.numel() == 0:  # a mean over no prompts, or an empty vocabulary, would be a silent NaN
-        v.fail(func, "student_logits", f"has no positions or an empty vocabulary, got shape {tuple(s.shape)}")
     with torch.no_grad():
         dtype = compute_dtype(s.dtype)
         log_q = torch.log_softmax(s.to(dtype), dim=-1)

@@ -49,13 +49,12 @@ def objective(
     See also: ``dpkd.spec.objective``, ``ObjectiveConfig``.
     """
     func = "objective"
-    if not isinstance(config, ObjectiveConfig):
-        v.fail(func, "config", f"must be an ObjectiveConfig, got {type(config).__name__}")
+    v.check_instance(func, "config", config, ObjectiveConfig)
     coef = config.coefficients()
     losses = {"sft_loss": sft_loss, "distil_loss": distil_loss, "pt_lm_loss": pt_lm_loss, "pt_kd_loss": pt_kd_loss}
     for name, x in losses.items():
-        if x is None and coef[name] != 0.0:
-            v.fail(func, name, "is required, got None")
+        if coef[name] != 0.0:
+            v.require(func, name, x)
     given = {n: x for n, x in losses.items() if x is not None}
     v.check_same_shape(func, {n: shape_of(x) for n, x in given.items()})
     tensors = {n: float_arg(func, n, x) for n, x in given.items()}

@@ -164,12 +164,11 @@ def _ipo_options(func: str, tau: float, reduction: str, chosen_lengths: object, 
     if length_normalize:
         # both lengths are needed (TRL's length-averaged IPO); with neither given the first is named
         if chosen_lengths is None and rejected_lengths is None:
-            v.fail(func, "chosen_lengths", "is required, got None")
+            v.require(func, "chosen_lengths", None)
         v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     else:
         for name, given in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-            if given is not None:
-                v.fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
+            v.check_no_lengths_when_summed(func, name, given)
 
 
 def cpo_loss(

@@ -18,6 +18,7 @@ from ._base import (
     hinge,
     normalizer_option,
     reduce_tokens,
+    shifted_logits,
     smoothed_sigmoid_loss,
     softplus,
     student_teacher_inputs,
@@ -90,14 +91,15 @@ def dpkd_token_loss(
     t_gap = gather_last(T, y_t) - gather_last(T, y_s)  # c − d
     h = s_gap if reference_free else s_gap - t_gap
 
-    lse_s, lse_t = torch.logsumexp(S, dim=-1), torch.logsumexp(T, dim=-1)
+    S_shift, lse_s = shifted_logits(S)  # log_softmax(S)[v] = S_shift[v] − lse_s
+    T_shift, lse_t = shifted_logits(T)
     if form == "sigmoid":
         per_token = smoothed_sigmoid_loss(beta * h, label_smoothing)
     elif form == "ipo":
         per_token = (h - 1.0 / (2.0 * beta)) ** 2
     else:
-        a = gather_last(S, y_t) - lse_s
-        c = gather_last(T, y_t) - lse_t
+        a = gather_last(S_shift, y_t) - lse_s
+        c = gather_last(T_shift, y_t) - lse_t
         per_token = softplus(-beta * h) + lambda_ * hinge(c - a)
     loss = reduce_tokens(per_token, m, reduction, x.denominator)
 
@@ -105,8 +107,8 @@ def dpkd_token_loss(
         agree = (y_t == y_s).to(m.dtype)
         agreement_rate = (agree * m).sum() / m.sum().clamp(min=1.0)
         # a − c and b − d, the per-side log-ratios of the released code's reward diagnostics
-        chosen = (gather_last(S, y_t) - lse_s) - (gather_last(T, y_t) - lse_t)
-        rejected = (gather_last(S, y_s) - lse_s) - (gather_last(T, y_s) - lse_t)
+        chosen = (gather_last(S_shift, y_t) - lse_s) - (gather_last(T_shift, y_t) - lse_t)
+        rejected = (gather_last(S_shift, y_s) - lse_s) - (gather_last(T_shift, y_s) - lse_t)
     return TokenPreferenceLoss(loss, agreement_rate, beta * chosen * m, beta * rejected * m)
 
 
@@ -118,6 +120,5 @@ def _token_options(func: str, beta: float, form: str, label_smoothing: float, la
     v.check_scalar(func, "beta", beta, low=0.0)
     v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
                    high_inclusive=True)
-    if label_smoothing > 0 and form != "sigmoid":
-        v.fail(func, "label_smoothing", f"only applies to form='sigmoid', got form={form!r}")
+    v.check_label_smoothing_form(func, label_smoothing, form)
     v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)

@@ -14,6 +14,9 @@ gradient convention and MEGATRON-CPU.md for why it matters.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from dpkd.spec import validation as v
@@ -248,7 +251,7 @@ def vocab_parallel_sample(
     logits_shard: torch.Tensor,
     *,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
@@ -258,8 +261,10 @@ def vocab_parallel_sample(
     distributed as softmax(ℓ/τ). Every rank draws the noise of the full padded row [..., TP·V_local] from
     ``generator`` and keeps its own columns, so with the generator in the same state on every rank (pass
     one seeded identically, or keep the default generator in step, as Megatron seeds it within a TP group)
-    the sample does not depend on the TP size at all. The result is the same on every rank in any case:
-    each column's noise is read only by its owner and the argmax is all-reduced.
+    the sample does not depend on the TP size at all. ``generator`` may also be a list with one generator
+    per row (leading dims flattened): a row's draw then depends only on its own generator, which makes
+    sampling independent of how rows are split over data-parallel ranks too. The result is the same on
+    every rank in any case: each column's noise is read only by its owner and the argmax is all-reduced.
 
     Memory: the noise is [..., TP·V_local] float64 per call; sampling is used on one position per row
     (generation), so that is B × V — not N × V.
@@ -273,6 +278,13 @@ def vocab_parallel_sample(
     shard = _logits_arg(func, logits_shard, group, vocab_size)
     xm = masked_logits(logits_shard, shard).detach().to(torch.float64) / tau
     full_shape = (*xm.shape[:-1], shard.local * shard.world)
-    u = torch.rand(full_shape, generator=generator, dtype=torch.float64, device=xm.device)
+    if isinstance(generator, (list, tuple)):
+        rows = math.prod(xm.shape[:-1])
+        if len(generator) != rows:
+            v.fail(func, "generator", f"has {len(generator)} generators, expected one per row ({rows})")
+        u = torch.stack([torch.rand(full_shape[-1], generator=g, dtype=torch.float64, device=xm.device)
+                         for g in generator]).reshape(full_shape)
+    else:
+        u = torch.rand(full_shape, generator=generator, dtype=torch.float64, device=xm.device)
     u = u[..., shard.start : shard.start + shard.local].clamp(min=torch.finfo(torch.float64).tiny)
     return argmax_shard(xm - torch.log(-torch.log(u)), shard)

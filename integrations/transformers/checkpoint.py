@@ -66,7 +66,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def _numpy_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (the legacy global state is what user code seeds)
     return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
             "cached": float(cached)}
 
@@ -155,6 +155,6 @@ def load_checkpoint(folder: str | Path, model: Any, optimizer: torch.optim.Optim
     py = state["python_rng"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npst = state["numpy_rng"]
-    np.random.set_state((npst["name"], np.array(npst["keys"], dtype=np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached"]))
+    np_state = (npst["name"], np.array(npst["keys"], dtype=np.uint32), npst["pos"], npst["has_gauss"], npst["cached"])
+    np.random.set_state(np_state)  # noqa: NPY002
     return state

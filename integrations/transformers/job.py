@@ -20,10 +20,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,16 +39,16 @@ class JobConfig:
 
     n_train: int = 2000
     n_valid: int = 64
-    n_test: int = 300
-    teacher_d_model: int = 128
-    teacher_layers: int = 4
-    teacher_steps: int = 1200
+    n_test: int = 150
+    teacher_d_model: int = 96
+    teacher_layers: int = 3
+    teacher_steps: int = 600
     teacher_lr: float = 1e-3
     student_family: str = "gpt2"
-    student_d_model: int = 64
+    student_d_model: int = 48
     student_layers: int = 2
-    init_steps: int = 300
-    method_steps: int = 150
+    init_steps: int = 200
+    method_steps: int = 60
     batch_size: int = 16
     student_lr: float = 5e-4
     max_new_tokens: int = 100
@@ -58,17 +56,18 @@ class JobConfig:
     beta: float = 0.1
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = BASE_METHODS
-    eval_every: int = 25
-    n_probe: int = 32
+    eval_every: int = 20
+    n_probe: int = 16
     threads: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, JobConfig] = {
     "default": JobConfig(),
-    "ci": JobConfig(n_train=400, n_valid=16, n_test=60, teacher_d_model=64, teacher_layers=2,
-                    teacher_steps=250, student_d_model=32, student_layers=1, init_steps=60, method_steps=20,
-                    batch_size=8, max_new_tokens=100, seeds=(0, 1, 2), eval_every=10, n_probe=16),
+    # CI: the whole pipeline at toy size, one seed (a smoke test of the job, not a result)
+    "ci": JobConfig(n_train=300, n_valid=8, n_test=40, teacher_d_model=48, teacher_layers=2,
+                    teacher_steps=120, student_d_model=32, student_layers=1, init_steps=30, method_steps=10,
+                    batch_size=8, max_new_tokens=48, seeds=(0,), eval_every=5, n_probe=8),
 }
 
 
@@ -125,13 +124,6 @@ def _train(model: Any, teacher: Any, examples: list, out_dir: Path, *, method: s
     trainer = DistillTrainer(model, teacher, examples, dc, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, probe_examples=probe)
     return trainer.train()
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def run_job(

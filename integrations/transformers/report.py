@@ -67,7 +67,10 @@ def summary_markdown(summary: dict[str, Any], cfg: Any, train_report: Any, test_
                 continue
             diff = d[0] - row["rougeL"][0]
             spread = math.hypot(d[1], row["rougeL"][1])
-            word = "beats" if diff > spread else "loses to" if diff < -spread else "ties (within 1 sd)"
+            if summary["dpkd"]["n_seeds"] < 2:
+                word = "vs (one seed, no spread: not a comparison)"
+            else:
+                word = "beats" if diff > spread else "loses to" if diff < -spread else "ties (within 1 sd) with"
             verdicts.append(f"DPKD {word} {name}: Rouge-L {diff:+.2f}")
         lines += ["", "; ".join(verdicts) + "."]
     return "\n".join(lines) + "\n"

@@ -175,7 +175,8 @@ class DistillTrainer:
         self.pt = [list(s) for s in pt_sequences]
         self.callbacks = list(callbacks)
         spec = METHODS[config.method]
-        needs_teacher = spec.needs_teacher_model or config.teacher_outputs == "online" or (
+        online = spec.needs_teacher_outputs and config.teacher_outputs == "online"
+        needs_teacher = spec.needs_teacher_model or online or (
             config.objective.lm_coef > 0 and config.objective.pt_kd_ratio > 0)
         if teacher is None and needs_teacher:
             raise ValueError(f"DistillTrainer: method {config.method!r} with these options needs a `teacher`")

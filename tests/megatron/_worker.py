@@ -2,9 +2,10 @@
 
 Protocol (multiprocessing.connection, authenticated): the test process sends
 ``(file, function_name, args, kwargs, tp)`` (plain pickle: torch's multiprocessing reducers would
-hand tensors over through shared memory, which needs a shared authkey); the worker re-initialises Megatron's parallel state with
-tensor_model_parallel_size=tp, imports ``file`` (cached), calls ``function(*args, **kwargs)`` and sends back
-``("ok", result)`` or ``("error", traceback_text)``. ``None`` ends the worker.
+hand tensors over through shared memory, which needs a shared authkey); the worker re-initialises
+Megatron's parallel state with tensor_model_parallel_size=tp, imports ``file`` (cached), calls
+``function(*args, **kwargs)`` and sends back ``("ok", result)`` or ``("error", traceback_text)``.
+``None`` ends the worker.
 """
 
 import importlib.util

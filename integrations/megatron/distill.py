@@ -1,0 +1,431 @@
+"""Tensor-parallel DPKD distillation driver: ``torchrun ... -m dpkd.integrations.megatron.distill [options]``.
+
+Teacher and student are Megatron-Core GPTModels with the OPT architecture (``opt_model``), loaded from
+Hugging Face OPT checkpoints (``opt_convert``) or randomly initialised from a config. The teacher is frozen
+and runs forward only; the student is trained with AdamW. World = TP × DP (``--tp``; DP is the rest).
+
+Modes (SPEC-MATH §3B/§3C, §4):
+* ``--mode token`` (the released code): teacher-forced on dataset sequences, the token-level DPKD
+  ``vocab_parallel_dpkd_token_loss`` with the CE / PT mix of ``--objective released`` (default for it).
+* ``--mode sequence`` (the paper, Algorithm 1): y_t = the dataset response (teacher outputs, as in the
+  released "pseudo" data) or ``--teacher-generate``; y_s sampled from the current student under TP
+  (``vocab_parallel_sample``, per-row generators so the draw is independent of TP and DP); the four summed
+  log-probs from ``vocab_parallel_sequence_logps``; Eq. 9 ``dpkd_loss`` (length-normalised) with
+  ``--objective paper`` (default for it).
+
+Exactness across layouts: every loss is normalised by GLOBAL counts (loss tokens, or examples) and the
+student's gradients are SUMMED over the data-parallel group, so a step is the same computation at any TP/DP
+split (tested: TP=2 equals TP=1). Metrics are summed over DP ranks and logged by global rank 0 (stdout and
+``--metrics-file`` JSONL). Checkpoints: one ``torch.save`` file per rank, resumed with ``weights_only=True``.
+
+CPU mode (``--cpu``): gloo backend, parameters initialised and kept on the CPU. Megatron-Core's own core
+attention allocates on ``torch.cuda.current_device()``; the project's ``SDPACoreAttention`` does not, so the
+same model code runs on both. This is what ``examples/megatron_opt.sh`` and CI run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from dpkd.backends.torch import dpkd_loss, objective
+from dpkd.spec.objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
+from megatron.core import parallel_state
+
+from . import data as D
+from .opt_convert import load_hf_state_dict
+from .opt_model import OPTShape, build_opt_gpt_model, opt_shape
+from .vocab_parallel import vocab_parallel_sample, vocab_parallel_sequence_logps
+from .vocab_parallel_losses import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_dpkd_token_loss,
+    vocab_parallel_forward_kl,
+)
+
+__all__ = ["parse_args", "run", "main", "OBJECTIVES"]
+
+OBJECTIVES: dict[str, ObjectiveConfig] = {
+    "released": RELEASED_OBJECTIVE, "paper": PAPER_OBJECTIVE, "distil-only": DISTIL_ONLY,
+}
+# Tiny OPT shapes for CPU runs (the vocabulary is the tokenizer's).
+TINY = {"tiny-teacher": dict(hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256),
+        "tiny-student": dict(hidden_size=32, num_layers=2, num_heads=4, ffn_dim=128)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dpkd.integrations.megatron.distill", description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--tp", type=int, default=1, help="tensor-parallel size (DP = world size / TP)")
+    a("--dp", type=int, default=None, help="data-parallel size; if given it must equal world / TP")
+    a("--teacher", default="tiny-teacher", help="HF OPT model dir (config + weights), or tiny-teacher")
+    a("--student", default="tiny-student", help="HF OPT model dir (config + weights), or tiny-student")
+    a("--random-init", action="store_true", help="take only the config from HF dirs, initialise randomly")
+    a("--tokenizer", default=None, help="HF tokenizer dir (default: the built-in character tokenizer)")
+    a("--data", default=None, help="Dolly-style JSONL (instruction, context, response); default: generated")
+    a("--num-examples", type=int, default=256, help="size of the generated task when --data is absent")
+    a("--mode", choices=("token", "sequence"), default="token")
+    a("--objective", choices=tuple(OBJECTIVES), default=None, help="default: released (token), paper (sequence)")
+    a("--beta", type=float, default=0.1)
+    a("--steps", type=int, default=10)
+    a("--global-batch", type=int, default=8, help="examples per step over all DP ranks")
+    a("--max-prompt", type=int, default=256)
+    a("--max-length", type=int, default=512)
+    a("--max-new-tokens", type=int, default=32, help="student (and teacher) sampling length, sequence mode")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (released eval: 1.0, top-k 0)")
+    a("--teacher-generate", action="store_true", help="sequence mode: sample y_t from the teacher too")
+    a("--lr", type=float, default=5e-4)
+    a("--weight-decay", type=float, default=0.01)
+    a("--clip-grad", type=float, default=1.0)
+    a("--lr-tmax", type=int, default=None, help="CosineAnnealingLR T_max in steps (default: --steps)")
+    a("--lr-min", type=float, default=1e-7)
+    a("--vocab-multiple", type=int, default=128, help="pad the vocabulary to a multiple of this (and of TP)")
+    a("--bf16", action="store_true", help="bf16 weights for both models (losses still in float32)")
+    a("--cpu", action="store_true", help="CPU mode: gloo, parameters on the CPU (tests, CI, the tiny example)")
+    a("--seed", type=int, default=40)
+    a("--log-interval", type=int, default=1)
+    a("--metrics-file", default=None)
+    a("--save-dir", default=None)
+    a("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
+    a("--resume", action="store_true", help="resume from the latest checkpoint in --save-dir")
+    args = p.parse_args(argv)
+    if args.objective is None:
+        args.objective = "released" if args.mode == "token" else "paper"
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# set-up
+
+
+def _init(args) -> torch.device:
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if args.cpu else "nccl")
+    world = dist.get_world_size()
+    if world % args.tp or (args.dp is not None and args.dp * args.tp != world):
+        raise SystemExit(f"world size {world} is not TP={args.tp} x DP={args.dp or world // args.tp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if args.cpu:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    if not args.cpu:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    return device
+
+
+def _hf_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def _model(name: str, vocab: int, max_positions: int, args, device) -> tuple[Any, OPTShape]:
+    tp = args.tp
+    if name in TINY:
+        shape = OPTShape(vocab_size=vocab, max_positions=max_positions, **TINY[name])
+        hf_state = None
+    else:
+        shape = opt_shape(_hf_config(name))
+        hf_state = None
+        if not args.random_init:
+            from transformers import OPTForCausalLM
+
+            hf_state = OPTForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16 if args.bf16 else None
+                                                      ).state_dict()
+    model = build_opt_gpt_model(shape, tp_size=tp, bf16=args.bf16, use_cpu_initialization=args.cpu,
+                                vocab_multiple=args.vocab_multiple)
+    if hf_state is not None:
+        load_hf_state_dict(model, hf_state, shape, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                           tp_size=tp, vocab_multiple=args.vocab_multiple)
+        del hf_state
+    return model.to(device), shape
+
+
+def _param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "layernorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------------
+# model calls
+
+
+def _logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """This rank's vocabulary shard of the logits [B, S, V_local] (causal attention, positions 0..S-1)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return model(tokens, positions, None).float()
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, max_new: int, eos_id: int, pad_id: int, vocab: int,
+             generators: list[torch.Generator], temperature: float, device) -> list[list[int]]:
+    """Sample a continuation of each prompt under TP (right-padded batch, full recomputation per step:
+    with causal attention a row's padding never influences its own positions)."""
+    was_training = model.training
+    model.eval()
+    b = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.full((b, int(lengths.max()) + max_new), pad_id, dtype=torch.int64, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, device=device)
+    cur = lengths.clone()
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)
+    for _ in range(max_new):
+        shard = _logits(model, tokens[:, : int(cur.max())])
+        nxt = vocab_parallel_sample(shard[rows, cur - 1], generator=generators, vocab_size=vocab,
+                                    temperature=temperature)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[rows[~done], cur[~done]] = nxt[~done]
+        cur = cur + (~done).long()
+        done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+    model.train(was_training)
+    return [tokens[i, len(p): int(cur[i])].tolist() for i, p in enumerate(prompts)]
+
+
+# --------------------------------------------------------------------------------------------------
+# one step
+
+
+def _dp_sum(x: torch.Tensor) -> torch.Tensor:
+    out = x.detach().clone()
+    dist.all_reduce(out, group=parallel_state.get_data_parallel_group())
+    return out
+
+
+def _rows(args, step: int, n_records: int) -> list[int]:
+    """Global example indices of this step (an epoch-wise deterministic shuffle), then this DP rank's share."""
+    per_epoch = n_records // args.global_batch
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n_records))
+    random.Random(args.seed * 7919 + epoch).shuffle(order)
+    return order[k * args.global_batch:(k + 1) * args.global_batch]
+
+
+def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, vocab, device
+               ) -> dict[str, torch.Tensor]:
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp = parallel_state.get_data_parallel_world_size()
+    local = args.global_batch // dp
+    mine = batch_rows[dp_rank * local:(dp_rank + 1) * local]
+    cfg = OBJECTIVES[args.objective]
+    coef = cfg.coefficients()
+    terms: dict[str, torch.Tensor | None] = {"sft_loss": None, "distil_loss": None, "pt_lm_loss": None,
+                                               "pt_kd_loss": None}
+    metrics: dict[str, torch.Tensor] = {}
+    batch = D.collate([pairs[i] for i in mine], pad_id=tok.pad_id)
+    labels = batch.labels.to(device)
+    n_tokens = _dp_sum(batch.mask.sum().to(device).float())
+
+    if args.mode == "token":
+        s_logits = _logits(student, batch.tokens.to(device))
+        with torch.no_grad():
+            t_logits = _logits(teacher, batch.tokens.to(device))
+        if coef["sft_loss"]:
+            terms["sft_loss"] = vocab_parallel_cross_entropy(s_logits, labels, normalizer=float(n_tokens),
+                                                             vocab_size=vocab)
+        out = vocab_parallel_dpkd_token_loss(s_logits, t_logits, labels != -100, beta=args.beta,
+                                             normalizer=float(n_tokens), vocab_size=vocab)
+        terms["distil_loss"] = out.loss
+        metrics["agreement"] = out.agreement_rate * batch.mask.sum() / n_tokens
+    else:
+        prompts = [pairs[i][0] for i in mine]
+        gens = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * 65_537 + i) for i in mine]
+        y_s = generate(student, prompts, max_new=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       vocab=vocab, generators=gens, temperature=args.temperature, device=device)
+        if args.teacher_generate:
+            tgens = [torch.Generator(device=device).manual_seed(args.seed * 7 + step * 65_537 + i) for i in mine]
+            y_t = generate(teacher, prompts, max_new=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           vocab=vocab, generators=tgens, temperature=args.temperature, device=device)
+        else:
+            y_t = [pairs[i][1] for i in mine]
+        # an empty sample (cut at max_new=0) cannot be length-normalised: it scores its EOS instead
+        y_s = [y if y else [tok.eos_id] for y in y_s]
+        chosen = D.collate(list(zip(prompts, y_t, strict=True)), pad_id=tok.pad_id)
+        rejected = D.collate(list(zip(prompts, y_s, strict=True)), pad_id=tok.pad_id)
+        ct, rt = chosen.tokens.to(device), rejected.tokens.to(device)
+        cl, rl = chosen.labels.to(device), rejected.labels.to(device)
+        a, n_t = vocab_parallel_sequence_logps(_logits(student, ct), cl, vocab_size=vocab)
+        b, n_s = vocab_parallel_sequence_logps(_logits(student, rt), rl, vocab_size=vocab)
+        with torch.no_grad():
+            c, _ = vocab_parallel_sequence_logps(_logits(teacher, ct), cl, vocab_size=vocab)
+            d, _ = vocab_parallel_sequence_logps(_logits(teacher, rt), rl, vocab_size=vocab)
+        out = dpkd_loss(a, b, c, d, chosen_lengths=n_t, rejected_lengths=n_s, beta=args.beta, reduction="sum")
+        terms["distil_loss"] = out.loss / args.global_batch
+        if coef["sft_loss"]:
+            terms["sft_loss"] = vocab_parallel_cross_entropy(_logits(student, batch.tokens.to(device)), labels,
+                                                             normalizer=float(n_tokens), vocab_size=vocab)
+        margins = (out.chosen_rewards - out.rejected_rewards)
+        metrics["rewards/margins"] = margins.sum() / args.global_batch
+        metrics["rewards/accuracies"] = (margins > 0).float().sum() / args.global_batch
+        metrics["student_len"] = n_s.float().sum() / args.global_batch
+
+    if coef["pt_lm_loss"] or coef["pt_kd_loss"]:
+        pt = D.collate([pt_pairs[i] for i in mine], pad_id=tok.pad_id)
+        pt_tokens, pt_labels = pt.tokens.to(device), pt.labels.to(device)
+        n_pt = float(_dp_sum(pt.mask.sum().to(device).float()))
+        ps_logits = _logits(student, pt_tokens)
+        terms["pt_lm_loss"] = vocab_parallel_cross_entropy(ps_logits, pt_labels, normalizer=n_pt, vocab_size=vocab)
+        if coef["pt_kd_loss"]:
+            with torch.no_grad():
+                pt_t_logits = _logits(teacher, pt_tokens)
+            # forward KL: the released code's teacher–student cross-entropy minus the constant teacher entropy
+            terms["pt_kd_loss"] = vocab_parallel_forward_kl(ps_logits, pt_t_logits, pt.mask.to(device),
+                                                            normalizer=n_pt, vocab_size=vocab)
+    loss = objective(terms["sft_loss"], terms["distil_loss"], terms["pt_lm_loss"], terms["pt_kd_loss"], config=cfg)
+    loss.backward()
+    metrics.update({k: t for k, t in terms.items() if t is not None})
+    metrics["loss"] = loss
+    return {k: _dp_sum(t.float().reshape(())) for k, t in metrics.items()}
+
+
+def _sum_grads_over_dp(model) -> None:
+    group = parallel_state.get_data_parallel_group()
+    if parallel_state.get_data_parallel_world_size() == 1:
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Clip by the global gradient norm: sharded parameters counted on every TP rank, replicated ones once."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    grads = [p for p in model.parameters() if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].grad.device)
+    for p in grads:
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            total += p.grad.float().pow(2).sum()
+    dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    norm = total.sqrt()
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in grads:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return norm
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _ckpt_path(save_dir: str, step: int) -> Path:
+    return Path(save_dir) / f"step_{step:07d}" / f"rank_{dist.get_rank():05d}.pt"
+
+
+def save_checkpoint(args, step, student, optimizer, scheduler) -> None:
+    path = _ckpt_path(args.save_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: t for k, t in student.state_dict().items() if not k.endswith("._extra_state")}
+    torch.save({"step": step, "student": state, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, path)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (Path(args.save_dir) / "latest").write_text(str(step))
+
+
+def load_checkpoint(args, student, optimizer, scheduler, device) -> int:
+    latest = Path(args.save_dir) / "latest"
+    if not latest.exists():
+        return 0
+    step = int(latest.read_text())
+    ckpt = torch.load(_ckpt_path(args.save_dir, step), map_location=device, weights_only=True)
+    student.load_state_dict(ckpt["student"], strict=False)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    return int(ckpt["step"])
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+
+
+def run(args: argparse.Namespace) -> list[dict[str, float]]:
+    """Train; returns the logged metrics (global, identical on every rank)."""
+    device = _init(args)
+    torch.manual_seed(args.seed)
+    tok = D.HFTokenizer(args.tokenizer) if args.tokenizer else D.CharTokenizer()
+    records = D.load_records(args.data) if args.data else D.generate_records(args.num_examples, seed=args.seed)
+    if len(records) < args.global_batch:
+        raise SystemExit(f"{len(records)} records cannot fill a global batch of {args.global_batch}")
+    if args.global_batch % parallel_state.get_data_parallel_world_size():
+        raise SystemExit("--global-batch must be divisible by the data-parallel size")
+    pairs = D.encode(records, tok, max_prompt=args.max_prompt, max_length=args.max_length)
+    # the pre-training batch D_p: the same records as plain LM text (every next token is a target)
+    pt_pairs = [(p[:1], p[1:] + r) for p, r in pairs]
+    max_pos = max(args.max_length, args.max_prompt + args.max_new_tokens)
+    teacher, t_shape = _model(args.teacher, tok.vocab_size, max_pos, args, device)
+    student, s_shape = _model(args.student, tok.vocab_size, max_pos, args, device)
+    if t_shape.vocab_size != s_shape.vocab_size:
+        raise SystemExit(f"teacher vocabulary {t_shape.vocab_size} != student vocabulary {s_shape.vocab_size}")
+    vocab = s_shape.vocab_size
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    optimizer = torch.optim.AdamW(_param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.lr_tmax or args.steps,
+                                                           eta_min=args.lr_min)
+    start = load_checkpoint(args, student, optimizer, scheduler, device) if args.resume and args.save_dir else 0
+    is_main = dist.get_rank() == 0
+    if is_main:
+        print(f"[dpkd.megatron] world={dist.get_world_size()} tp={args.tp} "
+              f"dp={parallel_state.get_data_parallel_world_size()} mode={args.mode} objective={args.objective} "
+              f"teacher={t_shape.parameters / 1e6:.2f}M student={s_shape.parameters / 1e6:.2f}M params "
+              f"vocab={vocab} start_step={start}", flush=True)
+    history = []
+    for step in range(start, args.steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        rows = _rows(args, step, len(pairs))
+        metrics = train_step(args, step, rows, pairs, pt_pairs, student, teacher, tok, vocab, device)
+        _sum_grads_over_dp(student)
+        metrics["grad_norm"] = clip_grad_norm(student, args.clip_grad)
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()},
+                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if is_main and ((step + 1) % args.log_interval == 0 or step + 1 == args.steps):
+            print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}),
+                  flush=True)
+            if args.metrics_file:
+                with open(args.metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if args.save_dir and args.save_interval and (step + 1) % args.save_interval == 0:
+            save_checkpoint(args, step + 1, student, optimizer, scheduler)
+    if args.save_dir and (not history or not args.save_interval or args.steps % args.save_interval):
+        save_checkpoint(args, args.steps, student, optimizer, scheduler)
+    if not all(math.isfinite(r["loss"]) for r in history):
+        raise SystemExit("non-finite loss")
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("DPKD_NUM_THREADS", "1")) if args.cpu else torch.get_num_threads())
+    run(args)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

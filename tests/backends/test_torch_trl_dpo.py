@@ -1,0 +1,91 @@
+"""Sequence-level DPKD without length normalisation IS TRL's DPO "sigmoid" loss with the teacher as reference.
+
+The mapping (DESIGN.md §2, CONVENTIONS.md): TRL's policy = the student q_θ, TRL's ref_model = the teacher p,
+TRL's chosen response = the teacher's output y_t, TRL's rejected response = the student's output y_s. So
+  policy_chosen_logps = log q_θ(y_t), policy_rejected_logps = log q_θ(y_s),
+  reference_chosen_logps = log p(y_t), reference_rejected_logps = log p(y_s).
+
+TRL's ``DPOTrainer.dpo_loss`` for ``loss_type="sigmoid"`` (written out here from its documented formula, the
+convention of Rafailov et al. Eq. 7 with cDPO smoothing), per pair:
+  logits  = (policy_chosen − policy_rejected) − (ref_chosen − ref_rejected)
+  losses  = −logσ(β·logits)·(1 − ε) − logσ(−β·logits)·ε
+  chosen_rewards   = β·(policy_chosen − ref_chosen).detach()
+  rejected_rewards = β·(policy_rejected − ref_rejected).detach()
+and the trainer takes losses.mean(). DPKD Eq. 8 is the same expression with h = logits.
+"""
+
+from __future__ import annotations
+
+import dpkd.backends.torch as dt
+import pytest
+import torch
+import torch.nn.functional as F
+
+torch.set_num_threads(1)
+
+
+def trl_dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+              - F.logsigmoid(-beta * logits) * label_smoothing)
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def _summed_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # TRL's get_batch_logps with ignore_index -100, written independently: Σ_j log_softmax(ℓ_j)[y_j]
+    mask = labels != -100
+    safe = torch.where(mask, labels, 0)
+    per_token = torch.gather(logits.log_softmax(-1), -1, safe.unsqueeze(-1)).squeeze(-1)
+    return (per_token * mask).sum(-1)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("beta", [0.1, 0.7])
+def test_dpkd_loss_equals_trl_dpo_sigmoid(beta: float, label_smoothing: float) -> None:
+    g = torch.Generator().manual_seed(3)
+    a, b, c, d = (torch.randn(16, generator=g, dtype=torch.float64) * 20 for _ in range(4))
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    ours = dt.dpkd_loss(a, b, c, d, beta=beta, label_smoothing=label_smoothing, reduction="none")
+    theirs = trl_dpo_sigmoid(a, b, c, d, beta, label_smoothing)
+    torch.testing.assert_close(ours.loss, theirs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.chosen_rewards, theirs[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.rejected_rewards, theirs[2], rtol=1e-12, atol=1e-12)
+    assert not ours.chosen_rewards.requires_grad and not ours.rejected_rewards.requires_grad
+
+    mean_ours = dt.dpkd_loss(a, b, c, d, beta=beta, label_smoothing=label_smoothing).loss
+    mean_theirs = theirs[0].mean()
+    torch.testing.assert_close(mean_ours, mean_theirs, rtol=1e-12, atol=1e-12)
+    g_ours = torch.autograd.grad(mean_ours, (a, b))
+    g_theirs = torch.autograd.grad(mean_theirs, (a, b))
+    for x, y in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
+
+
+def test_trl_mapping_end_to_end_from_logits() -> None:
+    """Teacher-generated y_t as TRL's chosen, student-generated y_s as rejected, the teacher as ref_model."""
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 5, 11
+    y_t = torch.randint(0, V, (B, T), generator=g)
+    y_s = torch.randint(0, V, (B, T), generator=g)
+    y_t[0, 3:] = -100  # padding / prompt positions
+    y_s[2, :2] = -100
+    student_t = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    student_s = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher_t = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    teacher_s = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+
+    a, _ = dt.sequence_logps(student_t, y_t)
+    b, _ = dt.sequence_logps(student_s, y_s)
+    c, _ = dt.sequence_logps(teacher_t, y_t)
+    d, _ = dt.sequence_logps(teacher_s, y_s)
+    ours = dt.dpkd_loss(a, b, c, d, beta=0.1).loss
+
+    theirs = trl_dpo_sigmoid(_summed_logps(student_t, y_t), _summed_logps(student_s, y_s),
+                             _summed_logps(teacher_t, y_t), _summed_logps(teacher_s, y_s), 0.1)[0].mean()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad(ours, (student_t, student_s)),
+                    torch.autograd.grad(theirs, (student_t, student_s)), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)
