@@ -21,7 +21,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-
 from dpkd.backends.jax import dpkd_loss, dpkd_token_loss, sequence_logps
 
 VOCAB, HIDDEN, BATCH, MAX_LEN = 32, 16, 16, 8

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
-
 from dpkd.spec import validation as v
+from jax.experimental import checkify
 
 __all__ = [
     "compute_dtype",

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-
 from dpkd.spec import validation as v
 
 from . import _base as b

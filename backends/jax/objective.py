@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-
 from dpkd.spec import validation as v
 from dpkd.spec.objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
 

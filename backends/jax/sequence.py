@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 from dpkd.spec import validation as v
 from dpkd.spec.results import PreferenceLoss
 
@@ -148,8 +147,8 @@ def dpkd_loss(
         >>> import jax.numpy as jnp
         >>> out = dpkd_loss(jnp.array([-12.0]), jnp.array([-5.0]), jnp.array([-5.0]), jnp.array([-5.0]),
         ...                 beta=0.7)
-        >>> round(float(out.loss), 4), out.chosen_rewards.tolist(), out.rejected_rewards.tolist()
-        (4.9074, [-4.899999618530273], [0.0])
+        >>> round(float(out.loss), 4), round(float(out.chosen_rewards[0]), 4), float(out.rejected_rewards[0])
+        (4.9074, -4.9, 0.0)
 
     References: Li et al. 2024 (arXiv:2406.19774) Eq. 8, Eq. 9; Rafailov et al. 2023 Eq. 7; SPEC-MATH §3A.
     See also: ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss``, ``dpkd.spec.dpkd_loss_grad``.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from dpkd.spec import validation as v
 from dpkd.spec.results import TokenPreferenceLoss
 

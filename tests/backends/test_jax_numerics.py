@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import math
 
+import dpkd.backends.jax as J
+import dpkd.spec as S
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import dpkd.backends.jax as J
-import dpkd.spec as S
 
 
 @pytest.fixture(params=[False, True], ids=["x32", "x64"])
@@ -146,7 +145,7 @@ def test_sequence_losses_at_extreme_margins_are_finite():
     for fn in (lambda a: J.dpkd_loss(a, z, z, z, beta=1.0), lambda a: J.dpop_loss(a, z, z, z),
                lambda a: J.cpo_loss(a, z, beta=1.0), lambda a: J.ipo_loss(a, z, z, z, length_normalize=False),
                lambda a: J.simpo_loss(a, z, chosen_lengths=jnp.ones(3), rejected_lengths=jnp.ones(3))):
-        value, g = jax.value_and_grad(lambda a: fn(a).loss)(big)
+        value, g = jax.value_and_grad(lambda a, fn=fn: fn(a).loss)(big)
         assert bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(g)))
 
 
@@ -155,7 +154,7 @@ def test_agreeing_argmaxes_give_the_minimum_with_zero_gradient(x64):
     t = s * 2.0 + 1.0  # the same argmax at every position
     m = jnp.ones(s.shape[:-1], bool)
     for form, minimum in (("sigmoid", math.log(2.0)), ("ipo", 1.0 / (4 * 0.1**2))):
-        out, (gs, gt) = jax.value_and_grad(lambda a, b: J.dpkd_token_loss(a, b, m, form=form).loss,
+        out, (gs, gt) = jax.value_and_grad(lambda a, b, form=form: J.dpkd_token_loss(a, b, m, form=form).loss,
                                            argnums=(0, 1))(s, t)
         np.testing.assert_allclose(out, minimum, rtol=1e-14)
         np.testing.assert_array_equal(gs, 0.0)
@@ -204,9 +203,9 @@ def test_akl_head_uses_a_stable_sort_of_tied_teacher_probabilities(x64):
 
 def test_dpop_penalty_derivative_is_strict_at_the_kink(x64):
     # c == a exactly: k = 1[c > a] = 0, so the released form's ∂/∂a is the plain DPKD term (no λ/2)
-    a = jnp.asarray([-3.0]); b = jnp.asarray([-5.0]); c = jnp.asarray([-3.0]); d = jnp.asarray([-4.0])
+    a, b, c, d = (jnp.asarray([x]) for x in (-3.0, -5.0, -3.0, -4.0))
     for form in ("smaug", "released"):
-        g = jax.grad(lambda x: J.dpop_loss(x, b, c, d, beta=0.5, lambda_=10.0, form=form).loss)(a)
+        g = jax.grad(lambda x, form=form: J.dpop_loss(x, b, c, d, beta=0.5, lambda_=10.0, form=form).loss)(a)
         ref = S.dpop_loss_grad(*(np.asarray(x) for x in (a, b, c, d)), beta=0.5, lambda_=10.0, form=form)
         np.testing.assert_allclose(g, ref["policy_chosen_logps"], rtol=1e-14)
 

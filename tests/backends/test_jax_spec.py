@@ -7,7 +7,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
 from dpkd.spec import registry as R
 from dpkd.spec.adapters import JaxAdapter, NumpyAdapter, scalar_of
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import inspect
 
+import dpkd.backends.jax as J
+import dpkd.spec as S
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import dpkd.backends.jax as J
-import dpkd.spec as S
 from dpkd.spec import registry as R
 
 

@@ -4,13 +4,12 @@ registry's bad-input battery: eagerly, and under ``jit(checked(fn))`` — direct
 
 from __future__ import annotations
 
+import dpkd.backends.jax as J
+import dpkd.spec as S
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import dpkd.backends.jax as J
-import dpkd.spec as S
 from dpkd.spec import registry as R
 
 # the problems of the value checks (spec/validation.py "Values"); every other error is static

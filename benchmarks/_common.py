@@ -1,0 +1,127 @@
+"""Shared plumbing of the benchmark scripts: one subprocess per variant, peak-RSS sampling, RESULTS.md.
+
+Memory, honestly: each variant runs in its own process with ``MALLOC_MMAP_THRESHOLD_=65536`` so every
+large buffer is an mmap that goes back to the OS when freed, i.e. the resident set follows the live heap.
+A thread samples ``/proc/self/statm`` every ~0.2 ms during one forward+backward step; the number reported
+is (peak RSS during the step) − (RSS just before it), with the inputs resident and every ``.grad`` cleared,
+so it counts the activations, the scratch buffers AND the gradients the step produces (grad_weight is the
+same 65 MB for every variant). Compilation (torch.compile, jax.jit) happens in the warm-up, outside the
+measured step. Time: wall clock of forward+backward, median over the repeats after one warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakSampler:
+    """Samples the resident set in a background thread (the GEMMs release the GIL) while active."""
+
+    def __init__(self, interval: float = 2e-4):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def measure(step: Callable[[], None], reset: Callable[[], None], repeats: int) -> dict:
+    """Warm up once (compiles), then ``repeats`` timed steps; peak memory of the first timed step."""
+    reset()
+    step()
+    times, peaks = [], []
+    for _ in range(repeats):
+        reset()
+        before = rss_bytes()
+        with PeakSampler() as sampler:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        peaks.append(sampler.peak - before)
+    return {"time_s": statistics.median(times), "times_s": times, "peak_bytes": max(peaks),
+            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def run_child(script: str, args: list[str], threads: int, timeout: float = 1800) -> dict:
+    """Run ``script --child ...`` in a fresh process; its last stdout line is a JSON dict."""
+    env = dict(os.environ)
+    env.update({"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads),
+                "MKL_NUM_THREADS": str(threads),
+                "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
+                             f"intra_op_parallelism_threads={threads}"})
+    proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for mod in ("torch", "jax", "numpy", "liger_kernel"):
+        try:
+            from importlib.metadata import version
+
+            versions[mod] = version(mod.replace("_", "-"))
+        except Exception:  # noqa: BLE001  (absent is fine: say so)
+            versions[mod] = "absent"
+    return {"nproc": os.cpu_count(), "cpu": cpu, "versions": versions,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load": os.getloadavg()}
+
+
+def write_section(name: str, text: str) -> None:
+    """Replace (or append) the section of RESULTS.md between this script's markers."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in this folder.\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(new)
+
+
+def mib(x: float) -> str:
+    return f"{x / 2**20:.0f}"

@@ -1,0 +1,252 @@
+"""Forward+backward of sequence-level DPKD (Eq. 8) side by side: dpkd fused (torch, jax), a TRL-style
+materialised loss (eager and torch.compile), Liger-Kernel's LigerFusedLinearDPOLoss with the teacher as the
+reference model, and the floor: the GEMMs alone, measured in the same run.
+
+    python benchmarks/bench_sequence_dpkd.py                       # the issue's size: N=4096, H=512, V=32000
+    python benchmarks/bench_sequence_dpkd.py --n 1024 --vocab 8000 --repeats 3 --scale 4
+
+N = 2·B·T tokens (B pairs of a chosen and a rejected sequence of T tokens, the first ``--prompt`` of each
+ignored); the teacher has hidden size ``--teacher-hidden`` and its own lm_head (no gradient). Time ratios
+are against the chunked GEMMs the loss must do (floor "gemm4": student forward, grad_hidden, grad_weight
+and the teacher forward; "gemm3": without the teacher, for the precomputed-teacher-logps row; "gemm4s":
+the four student GEMMs of ``linear_token_logps`` alone). Memory ratios are against the materialised eager
+baseline. See _common.py for what the memory number measures. Run it in the benchmark environment
+(/work/bench-venv: torch, jax, liger-kernel 0.8.5); it writes its section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+VARIANTS = {
+    "dpkd_fused_torch": ("(a) dpkd fused, torch", "gemm4"),
+    "dpkd_fused_torch_logps": ("(a') dpkd fused, torch, precomputed teacher logps", "gemm3"),
+    "linear_token_logps_torch": ("(a'') torch linear_token_logps alone (Σ g·logp)", "gemm4s"),
+    "dpkd_fused_jax": ("(b) dpkd fused, jax (jit)", "gemm4"),
+    "trl_eager": ("(c) materialised, TRL-style, eager", "gemm4"),
+    "trl_compile": ("(d) torch.compile of (c)", "gemm4"),
+    "liger": ("(e) Liger LigerFusedLinearDPOLoss (ref = teacher)", "gemm4"),
+    "gemm4": ("(f) the 4 GEMMs alone (3 student + teacher fwd)", "gemm4"),
+    "gemm3": ("(f') the 3 student GEMMs alone", "gemm3"),
+    "gemm4s": ("(f'') the 4 GEMMs of linear_token_logps", "gemm4s"),
+}
+LARGE = ("dpkd_fused_torch", "dpkd_fused_jax", "trl_eager", "liger", "gemm4")
+
+
+def child(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    name = args.child
+    rng = np.random.default_rng(0)
+    pairs = args.n // (2 * args.seq_len)
+    t_len, h, v, ht = args.seq_len, args.hidden, args.vocab, args.teacher_hidden
+    labels = rng.integers(0, v, (2, pairs, t_len))
+    labels[:, :, : args.prompt] = -100
+    arrays = {
+        "ch": rng.standard_normal((pairs, t_len, h), dtype=np.float32),
+        "rj": rng.standard_normal((pairs, t_len, h), dtype=np.float32),
+        "w": (rng.standard_normal((v, h), dtype=np.float32) / np.sqrt(h)).astype(np.float32),
+        "tch": rng.standard_normal((pairs, t_len, ht), dtype=np.float32),
+        "trj": rng.standard_normal((pairs, t_len, ht), dtype=np.float32),
+        "tw": (rng.standard_normal((v, ht), dtype=np.float32) / np.sqrt(ht)).astype(np.float32),
+    }
+    beta = 0.1
+    if name == "dpkd_fused_jax":
+        return _child_jax(arrays, labels, beta, args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    x = {k: torch.from_numpy(a) for k, a in arrays.items()}
+    lc, ls = torch.from_numpy(labels[0]), torch.from_numpy(labels[1])
+    params = [x["ch"], x["rj"], x["w"]]
+    for p in params:
+        p.requires_grad_(True)
+
+    def reset() -> None:
+        for p in params:
+            p.grad = None
+
+    chunk = 2 * t_len  # the rows of one pair: the single pass's chunk, and the floors'
+    if name.startswith("dpkd_fused_torch") or name == "linear_token_logps_torch":
+        from dpkd.backends.torch import fused
+
+        if name == "linear_token_logps_torch":
+            rows = [x["ch"].reshape(-1, h), x["rj"].reshape(-1, h)]
+            g = torch.randn(pairs * t_len)
+
+            def step() -> None:
+                total = sum((fused.linear_token_logps(r, x["w"], lab.reshape(-1)) * g).sum()
+                            for r, lab in zip(rows, (lc, ls)))
+                total.backward()
+        else:
+            if name == "dpkd_fused_torch_logps":
+                with torch.no_grad():
+                    c = fused.linear_token_logps(x["tch"].reshape(-1, ht), x["tw"], lc.reshape(-1)).view(pairs, -1).sum(1)
+                    d = fused.linear_token_logps(x["trj"].reshape(-1, ht), x["tw"], ls.reshape(-1)).view(pairs, -1).sum(1)
+                teacher = fused.TeacherLogps(c, d)
+            else:
+                teacher = fused.TeacherLMHead(x["tch"], x["trj"], x["tw"])
+
+            def step() -> None:
+                out = fused.fused_dpkd_loss(x["ch"], x["rj"], x["w"], lc, ls, teacher=teacher, beta=beta)
+                out.loss.backward()
+    elif name in ("trl_eager", "trl_compile"):
+        fn = _trl_loss
+        if name == "trl_compile":
+            fn = torch.compile(_trl_loss)
+
+        def step() -> None:
+            fn(x["ch"], x["rj"], x["w"], x["tch"], x["trj"], x["tw"], lc, ls, beta).backward()
+    elif name == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        module = LigerFusedLinearDPOLoss(beta=beta, use_ref_model=True)
+        inp, target = torch.cat([x["ch"], x["rj"]]), torch.cat([lc, ls])
+        ref_inp = torch.cat([x["tch"], x["trj"]])
+        params[:] = [x["w"]]
+        inp.requires_grad_(True)
+        params.append(inp)
+
+        def step() -> None:
+            out = module(x["w"], inp, target, None, ref_input=ref_inp, ref_weight=x["tw"])
+            out[0].backward()
+    elif name.startswith("gemm"):
+        n_rows = 2 * pairs * t_len
+        xs = torch.cat([x["ch"], x["rj"]]).detach().reshape(n_rows, h)
+        xt = torch.cat([x["tch"], x["trj"]]).reshape(n_rows, ht)
+        w, tw = x["w"].detach(), x["tw"]
+        buf = torch.empty(chunk, v)
+        grad_x = torch.empty(n_rows, h)
+
+        def step() -> None:
+            grad_w = torch.zeros(v, h)
+            for i0 in range(0, n_rows, chunk):
+                sl = slice(i0, i0 + chunk)
+                if name != "gemm3":
+                    torch.mm(xt[sl], tw.t(), out=buf) if name == "gemm4" else torch.mm(xs[sl], w.t(), out=buf)
+                torch.mm(xs[sl], w.t(), out=buf)
+                torch.mm(buf, w, out=grad_x[sl])
+                grad_w.addmm_(buf.t(), xs[sl])
+    else:
+        raise SystemExit(f"unknown variant {name}")
+    return common.measure(step, reset, args.repeats)
+
+
+def _trl_loss(ch, rj, w, tch, trj, tw, lc, ls, beta):
+    """What TRL's DPOTrainer (≤ v0.28 ``concatenated_forward`` / ``get_batch_logps`` / ``dpo_loss``) does."""
+    import torch
+    import torch.nn.functional as F
+
+    def batch_logps(logits, labels):
+        mask = labels != -100
+        safe = torch.where(mask, labels, 0)
+        per_token = torch.gather(logits.log_softmax(-1), dim=2, index=safe.unsqueeze(2)).squeeze(2)
+        return (per_token * mask).sum(-1)
+
+    labels = torch.cat([lc, ls])
+    logps = batch_logps(torch.cat([ch, rj]) @ w.t(), labels)
+    with torch.no_grad():
+        ref = batch_logps(torch.cat([tch, trj]) @ tw.t(), labels)
+    n = ch.shape[0]
+    logits = (logps[:n] - logps[n:]) - (ref[:n] - ref[n:])
+    return -F.logsigmoid(beta * logits).mean()
+
+
+def _child_jax(arrays, labels, beta, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from dpkd.backends.jax import fused
+
+    x = {k: jnp.asarray(a) for k, a in arrays.items()}
+    lc, ls = jnp.asarray(labels[0]), jnp.asarray(labels[1])
+    teacher = fused.TeacherLMHead(x["tch"], x["trj"], x["tw"])
+
+    def loss(ch, rj, w):
+        return fused.fused_dpkd_loss(ch, rj, w, lc, ls, teacher=teacher, beta=beta).loss
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+    def step() -> None:
+        jax.block_until_ready(grad(x["ch"], x["rj"], x["w"]))
+
+    return common.measure(step, lambda: None, args.repeats)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096, help="tokens (2 · pairs · seq_len)")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--teacher-hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=32, help="ignored prompt tokens at the start of each sequence")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--large-repeats", type=int, default=1)
+    p.add_argument("--scale", type=int, default=4, help="the larger N = scale · n (memory flatness)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--child", default=None)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    script = str(Path(__file__).resolve())
+    shape = ["--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden), "--vocab",
+             str(args.vocab), "--seq-len", str(args.seq_len), "--prompt", str(args.prompt), "--threads",
+             str(args.threads)]
+    names = args.variants.split(",")
+    rows = {}
+    for n, repeats, which in ((args.n, args.repeats, names),
+                              (args.n * args.scale, args.large_repeats, [m for m in names if m in LARGE])):
+        if repeats <= 0:
+            continue
+        for name in which:
+            res = common.run_child(script, [name, "--n", str(n), "--repeats", str(repeats), *shape], args.threads)
+            rows[(n, name)] = res
+            print(n, name, res, flush=True)
+    report = _report(args, rows)
+    print(report)
+    if not args.no_write:
+        common.write_section("bench_sequence_dpkd", report)
+
+
+def _report(args: argparse.Namespace, rows: dict) -> str:
+    m = common.machine()
+    cmd = "python benchmarks/bench_sequence_dpkd.py " + " ".join(sys.argv[1:])
+    lines = [
+        "## Sequence-level DPKD, forward + backward (bench_sequence_dpkd.py)", "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {args.threads} thread(s) per variant, load average at the "
+        f"end {m['load'][0]:.1f} (shared with other jobs: expect ±20% timing noise)  ",
+        f"Versions: {', '.join(f'{k} {val}' for k, val in m['versions'].items())}  ",
+        f"Date: {m['date']}  ",
+        f"Shape: H={args.hidden}, H_teacher={args.teacher_hidden}, V={args.vocab}, T={args.seq_len} per sequence "
+        f"({args.prompt} prompt tokens ignored), float32, β=0.1.", "",
+        "| N | variant | time (s, median) | time / floor | floor | peak extra MiB | memory / (c) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (n, name), res in rows.items():
+        label, floor = VARIANTS[name]
+        if "error" in res:
+            lines.append(f"| {n} | {label} | failed: {res['error']} | | | | |")
+            continue
+        base = rows.get((n, "trl_eager"), {})
+        fl = rows.get((n, floor), {})
+        t_ratio = f"{res['time_s'] / fl['time_s']:.2f}" if "time_s" in fl else "–"
+        m_ratio = f"{res['peak_bytes'] / base['peak_bytes']:.3f}" if "peak_bytes" in base else "–"
+        spread = f"{min(res['times_s']):.2f}–{max(res['times_s']):.2f}" if len(res["times_s"]) > 1 else ""
+        lines.append(f"| {n} | {label} | {res['time_s']:.2f} {('(' + spread + ')') if spread else ''} | {t_ratio} "
+                     f"| {floor} | {common.mib(res['peak_bytes'])} | {m_ratio} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

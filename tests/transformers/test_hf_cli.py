@@ -1,0 +1,33 @@
+"""`dpkd distill --preset ci` end to end in a subprocess (fresh cache: the teacher is trained too)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+@pytest.mark.slow
+def test_distill_ci_preset_end_to_end(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpkd.integrations.cli", "distill", "--preset", "ci", "--results-dir",
+         str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=600,
+    )
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = tmp_path / "res"
+    for name in ("results.md", "metrics.json", "reward.png", "rkld.png", "loss.png"):
+        assert (res / name).is_file(), name
+    table = (res / "results.md").read_text()
+    assert table in proc.stdout  # the table is printed
+    for method in ("teacher", "sft", "kd", "seqkd", "dpkd"):
+        assert f"| {method} |" in table
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert set(metrics["summary"]) == {"teacher", "sft", "kd", "seqkd", "dpkd"}
+    assert metrics["filters"]["train"]["kept"] + sum(metrics["filters"]["train"]["dropped"].values()) == \
+        metrics["filters"]["train"]["total"]
+    assert any(d.name.startswith("teacher-") for d in (tmp_path / "cache").iterdir())  # cached
+    assert elapsed < 120, f"ci preset took {elapsed:.0f}s"
