@@ -98,8 +98,8 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> try:
         ...     throw(err)
         ... except ValueError as e:
-        ...     print(str(e)[:46])
-        dpkd_loss: `chosen_lengths` must be > 0 every
+        ...     print(str(e).split(" (")[0])
+        dpkd_loss: `chosen_lengths` must be > 0 everywhere
     """
 
     @functools.wraps(fn)

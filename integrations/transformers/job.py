@@ -218,7 +218,9 @@ def run_job(
     # teacher outputs y_t (pre-generated once, cached with the teacher)
     t0 = time.perf_counter()
     gen_file = (cache_dir if teacher_path is None else results_dir) / f"teacher-outputs-{teacher_key}.jsonl"
-    if gen_file.is_file():
+    if all(ex.teacher_ids is not None for ex in train_ex):  # the data carries `dpkd generate` outputs
+        texts = [ex.record.teacher_response for ex in train_ex]
+    elif gen_file.is_file():
         texts = [json.loads(line)["teacher_response"] for line in gen_file.read_text().splitlines()]
     else:
         texts = generate_teacher_outputs(teacher, tok, train_ex, max_new_tokens=cfg.max_new_tokens, seed=4321)
