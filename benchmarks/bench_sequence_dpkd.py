@@ -81,20 +81,22 @@ def child(args: argparse.Namespace) -> dict:
             g = torch.randn(pairs * t_len)
 
             def step() -> None:
-                total = sum((fused.linear_token_logps(r, x["w"], lab.reshape(-1)) * g).sum()
+                total = sum((fused.linear_token_logps(r, x["w"], lab.reshape(-1), chunk_size=args.chunk_size or None)
+                             * g).sum()
                             for r, lab in zip(rows, (lc, ls)))
                 total.backward()
         else:
             if name == "dpkd_fused_torch_logps":
                 with torch.no_grad():
-                    c = fused.linear_token_logps(x["tch"].reshape(-1, ht), x["tw"], lc.reshape(-1)).view(pairs, -1).sum(1)
-                    d = fused.linear_token_logps(x["trj"].reshape(-1, ht), x["tw"], ls.reshape(-1)).view(pairs, -1).sum(1)
+                    c, d = (fused.linear_token_logps(th.reshape(-1, ht), x["tw"], lab.reshape(-1))
+                            .view(pairs, -1).sum(1) for th, lab in ((x["tch"], lc), (x["trj"], ls)))
                 teacher = fused.TeacherLogps(c, d)
             else:
                 teacher = fused.TeacherLMHead(x["tch"], x["trj"], x["tw"])
 
             def step() -> None:
-                out = fused.fused_dpkd_loss(x["ch"], x["rj"], x["w"], lc, ls, teacher=teacher, beta=beta)
+                out = fused.fused_dpkd_loss(x["ch"], x["rj"], x["w"], lc, ls, teacher=teacher, beta=beta,
+                                            chunk_size=args.chunk_size or None)
                 out.loss.backward()
     elif name in ("trl_eager", "trl_compile"):
         fn = _trl_loss
@@ -161,7 +163,6 @@ def _trl_loss(ch, rj, w, tch, trj, tw, lc, ls, beta):
 def _child_jax(arrays, labels, beta, args) -> dict:
     import jax
     import jax.numpy as jnp
-
     from dpkd.backends.jax import fused
 
     x = {k: jnp.asarray(a) for k, a in arrays.items()}
@@ -169,7 +170,8 @@ def _child_jax(arrays, labels, beta, args) -> dict:
     teacher = fused.TeacherLMHead(x["tch"], x["trj"], x["tw"])
 
     def loss(ch, rj, w):
-        return fused.fused_dpkd_loss(ch, rj, w, lc, ls, teacher=teacher, beta=beta).loss
+        return fused.fused_dpkd_loss(ch, rj, w, lc, ls, teacher=teacher, beta=beta,
+                                     chunk_size=args.chunk_size or None).loss
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
@@ -191,6 +193,8 @@ def main() -> None:
     p.add_argument("--large-repeats", type=int, default=1)
     p.add_argument("--scale", type=int, default=4, help="the larger N = scale · n (memory flatness)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=0,
+                   help="rows per chunk of the dpkd fused variants (0: automatic, the 64 MiB budget)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--child", default=None)
     p.add_argument("--no-write", action="store_true")
@@ -201,7 +205,7 @@ def main() -> None:
     script = str(Path(__file__).resolve())
     shape = ["--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden), "--vocab",
              str(args.vocab), "--seq-len", str(args.seq_len), "--prompt", str(args.prompt), "--threads",
-             str(args.threads)]
+             str(args.threads), "--chunk-size", str(args.chunk_size)]
     names = args.variants.split(",")
     rows = {}
     for n, repeats, which in ((args.n, args.repeats, names),
@@ -229,7 +233,8 @@ def _report(args: argparse.Namespace, rows: dict) -> str:
         f"Versions: {', '.join(f'{k} {val}' for k, val in m['versions'].items())}  ",
         f"Date: {m['date']}  ",
         f"Shape: H={args.hidden}, H_teacher={args.teacher_hidden}, V={args.vocab}, T={args.seq_len} per sequence "
-        f"({args.prompt} prompt tokens ignored), float32, β=0.1.", "",
+        f"({args.prompt} prompt tokens ignored), float32, β=0.1, dpkd chunk "
+        f"{args.chunk_size or 'automatic (64 MiB)'} rows; floors chunked by one pair ({2 * args.seq_len} rows).", "",
         "| N | variant | time (s, median) | time / floor | floor | peak extra MiB | memory / (c) |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -932,9 +932,11 @@ def bad_inputs(spec: FunctionSpec) -> tuple[BadInput, ...]:
     positional = spec.positional
     floats = [a for a in spec.arrays if a.role in ("logps", "logits", "vocab_logits", "scalar_loss")]
     for a in floats:
+        present = next((v.name for v in spec.variants if a.name not in v.omit), None)
         for bad in (math.nan, math.inf):
             cases.append(BadInput(f"{a.name} holds {bad}", a.name,
-                                  lambda c, n=a.name, b=bad: c.with_args(**{n: _set_first(c.arg(n), b)})))
+                                  lambda c, n=a.name, b=bad: c.with_args(**{n: _set_first(c.arg(n), b)}),
+                                  variant=present))
     if spec.kind == "sequence" or spec.name in ("implicit_reward", "preference_metrics"):
         for a in spec.arrays[1:]:
             cases.append(BadInput(f"{a.name} has a different shape", a.name,

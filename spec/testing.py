@@ -67,6 +67,7 @@ __all__ = [
     "assert_outputs_close",
     "input_scale",
     "central_difference",
+    "BACKEND_SHAPES",
     "round_call",
     "require",
     "is_reference",
@@ -311,10 +312,30 @@ def labels(shape: tuple[int, ...], vocab: int, ignore_index: int = -100) -> Any:
     return _from_seed(lambda rng: reg._labels(rng, shape, vocab, ignore_index))
 
 
+# The shapes backend tests draw from: (leading batch shape, T, V). Few on purpose — JAX (and torch.compile)
+# compile each op per input shape, so a fresh random shape per example costs a compilation each time; one
+# 1-D and one 2-D batch keep every code path (leading-dim flattening included) at a fraction of the cost.
+# The spec's own finite-difference test draws shapes freely.
+BACKEND_SHAPES: tuple[tuple[tuple[int, ...], int, int], ...] = (((3,), 4, 6), ((2, 2), 3, 5))
+
+
 def draws(spec: FunctionSpec, variant: Variant, *, max_batch: int = 4, max_tokens: int = 5,
-          max_vocab: int = 8, batch: tuple[int, ...] | None = None, reduction: str | None = None) -> Any:
-    """:class:`Draw` s for ``spec`` under ``variant``: shapes, logit scale and margin, the options the
-    variant draws (from their ``Param.draw`` ranges) and, unless fixed, the reduction."""
+          max_vocab: int = 8, batch: tuple[int, ...] | None = None, reduction: str | None = None,
+          shapes: Sequence[tuple[tuple[int, ...], int, int]] | None = None) -> Any:
+    """:class:`Draw` s for ``spec`` under ``variant``: shapes (free, or one of ``shapes``), logit scale and
+    margin, the options the variant draws (from their ``Param.draw`` ranges) and, unless fixed, the
+    reduction."""
+    st = _st()
+    if shapes is not None:
+        return st.sampled_from(list(shapes)).flatmap(
+            lambda s: _draws(spec, variant, max_batch=1, batch=batch or s[0], reduction=reduction,
+                             max_tokens=s[1], max_vocab=s[2], fixed=True))
+    return _draws(spec, variant, max_batch=max_batch, max_tokens=max_tokens, max_vocab=max_vocab, batch=batch,
+                  reduction=reduction, fixed=False)
+
+
+def _draws(spec: FunctionSpec, variant: Variant, *, max_batch: int, max_tokens: int, max_vocab: int,
+           batch: tuple[int, ...] | None, reduction: str | None, fixed: bool) -> Any:
     st = _st()
     option_strats: dict[str, Any] = {}
     for name in variant.draw:
@@ -326,8 +347,8 @@ def draws(spec: FunctionSpec, variant: Variant, *, max_batch: int = 4, max_token
         Draw,
         seed=st.integers(0, 2**32 - 1),
         batch=st.just(batch) if batch is not None else batch_shapes(max_batch),
-        tokens=st.integers(1, max_tokens),
-        vocab=st.integers(2, max_vocab),
+        tokens=st.just(max_tokens) if fixed else st.integers(1, max_tokens),
+        vocab=st.just(max_vocab) if fixed else st.integers(2, max_vocab),
         scale=st.floats(0.3, 5.0),
         margin=st.floats(0.05, 1.0),
         agree=st.sampled_from([0.0, 0.3, 0.8]),

@@ -74,7 +74,8 @@ def _per_token_derivatives(form: str, h, a, c, beta: float, eps: float, lam: flo
         return 2.0 * (h - 1.0 / (2.0 * beta)), np.zeros_like(h)
     if form == "dpop":
         return -beta * sigmoid(-beta * h), lam * (c > a).astype(np.float64)
-    return beta * (sigmoid(beta * h) - (1.0 - eps)), np.zeros_like(h)
+    # σ(βh) − (1−ε) as ε − σ(−βh): no cancellation when βh is large
+    return beta * (eps - sigmoid(-beta * h)), np.zeros_like(h)
 
 
 def _one_hot(index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -168,8 +168,7 @@ def option(func: str, name: str, x: Any) -> Any:
 def require(func: str, **arrays: Any) -> None:
     """The spec's presence check, in argument order: ``None`` for a required array is an error."""
     for name, x in arrays.items():
-        if x is None:
-            v.fail(func, name, "is required, got None")
+        v.require(func, name, x)
 
 
 def as_array(x: Any) -> jax.Array:

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from dpkd.spec import validation as v
 from dpkd.spec.results import PreferenceLoss
 
@@ -35,6 +34,7 @@ from . import _base as b
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "NamedSequenceLoss",
     "TeacherLMHead",
     "TeacherLogps",
     "auto_chunk_size",
@@ -473,14 +473,17 @@ def fused_sequence_loss(
         for name, t in (("teacher.chosen", teacher.chosen), ("teacher.rejected", teacher.rejected)):
             v.check_floating_dtype(func, name, bool(jnp.issubdtype(t.dtype, jnp.floating)), t.dtype)
             if tuple(t.shape) != tuple(chosen_hidden.shape[:1]):
-                v.fail(func, name, f"has shape {tuple(t.shape)}, expected {tuple(chosen_hidden.shape[:1])} (one per pair)")
+                v.fail(func, name, f"has shape {tuple(t.shape)}, expected {tuple(chosen_hidden.shape[:1])} "
+                                   "(one per pair)")
             floats[name] = t
         kind, teacher_arrays = "logps", (teacher.chosen, teacher.rejected)
     elif isinstance(teacher, TeacherLMHead):
         if teacher.weight.ndim == 2 and teacher.weight.shape[0] != vocab:
-            v.fail(func, "teacher.weight", f"has vocabulary size {teacher.weight.shape[0]} but `weight` has {vocab}; "
-                                           "teacher and student must share one vocabulary (pad or slice the lm_head first)")
-        _check_lm_head(func, teacher.chosen_hidden, teacher.weight, teacher.bias, lead=tuple(chosen_hidden.shape[:2]),
+            v.fail(func, "teacher.weight", f"has vocabulary size {teacher.weight.shape[0]} but `weight` has "
+                                           f"{vocab}; teacher and student must share one vocabulary "
+                                           "(pad or slice the lm_head first)")
+        _check_lm_head(func, teacher.chosen_hidden, teacher.weight, teacher.bias,
+                       lead=tuple(chosen_hidden.shape[:2]),
                        names=("teacher.chosen_hidden", "teacher.weight", "teacher.bias"))
         _check_lm_head(func, teacher.rejected_hidden, teacher.weight, teacher.bias,
                        lead=tuple(rejected_hidden.shape[:2]),

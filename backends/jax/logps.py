@@ -149,6 +149,5 @@ def shift_for_causal_lm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     b.require(func, logits=logits, labels=labels)
     v.check_logits_labels_shapes(func, b.shape_of(logits), b.shape_of(labels))
     lg, lb = b.as_array(logits), b.as_array(labels)
-    if lg.shape[-2] < 2:
-        v.fail(func, "logits", f"needs at least 2 positions to shift (T >= 2), got T={lg.shape[-2]}")
+    v.check_shiftable(func, "logits", lg.shape[-2])
     return lg[..., :-1, :], lb[..., 1:]

@@ -57,8 +57,7 @@ def objective(
     See also: ``ObjectiveConfig``, ``dpkd.spec.objective_grad``.
     """
     func = "objective"
-    if not isinstance(config, ObjectiveConfig):
-        v.fail(func, "config", f"must be an ObjectiveConfig, got {type(config).__name__}")
+    v.check_instance(func, "config", config, ObjectiveConfig)
     coef = config.coefficients()
     losses: dict[str, Any] = {"sft_loss": sft_loss, "distil_loss": distil_loss, "pt_lm_loss": pt_lm_loss,
                               "pt_kd_loss": pt_kd_loss}

@@ -49,8 +49,8 @@ def _validate(func: str, arrays: dict[str, Any], *, optional: tuple[str, ...] = 
     ``optional`` names may be None; ``lengths`` names are checked > 0 after finiteness; under
     ``reduction="mean"`` an empty input is refused (a shape fact, so it holds under jit too)."""
     for name, x in arrays.items():
-        if x is None and name not in optional:
-            v.fail(func, name, "is required, got None")
+        if name not in optional:
+            v.require(func, name, x)
     given = {name: x for name, x in arrays.items() if x is not None}
     shape = v.check_same_shape(func, {name: b.shape_of(x) for name, x in given.items()})
     out: Arrays = {name: None for name in arrays}
@@ -217,12 +217,11 @@ def ipo_loss(
     if normalize:
         # both lengths are needed; with neither given, the first missing one is named
         if chosen_lengths is None and rejected_lengths is None:
-            v.fail(func, LT, "is required, got None")
+            v.require(func, LT, None)
         v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     else:
         for name, given in ((LT, chosen_lengths), (LS, rejected_lengths)):
-            if given is not None:
-                v.fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
+            v.check_no_lengths_when_summed(func, name, given)
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
                          D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
                   optional=(LT, LS), lengths=(LT, LS), reduction=reduction)

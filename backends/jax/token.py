@@ -74,8 +74,7 @@ def dpkd_token_loss(
     beta = v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0)
     eps = v.check_scalar(func, "label_smoothing", b.option(func, "label_smoothing", label_smoothing),
                          low=0.0, high=0.5, low_inclusive=True, high_inclusive=True)
-    if eps > 0 and form != "sigmoid":
-        v.fail(func, "label_smoothing", f"only applies to form='sigmoid', got form={form!r}")
+    v.check_label_smoothing_form(func, eps, form)
     lam = v.check_scalar(func, "lambda_", b.option(func, "lambda_", lambda_), low=0.0, low_inclusive=True)
     normalizer = b.normalizer_option(func, normalizer, reduction)
     reference_free = bool(b.option(func, "reference_free", reference_free))

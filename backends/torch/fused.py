@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from dpkd.spec import validation as v
 from dpkd.spec.results import PreferenceLoss, TokenPreferenceLoss
 

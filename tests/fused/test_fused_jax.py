@@ -93,7 +93,8 @@ def _pair_cases(refs, seed, t_c=7, t_s=5, h=6, v=19, b_=3):
     rejected = refs.make_case(seed + 100, (b_, t_s), h, v)
     rejected.weight, rejected.bias = chosen.weight, chosen.bias
     rejected.teacher_weight, rejected.teacher_bias = chosen.teacher_weight, chosen.teacher_bias
-    rejected.teacher_hidden = np.random.default_rng(seed + 7).standard_normal((b_, t_s, chosen.teacher_hidden.shape[-1]))
+    teacher_size = chosen.teacher_hidden.shape[-1]
+    rejected.teacher_hidden = np.random.default_rng(seed + 7).standard_normal((b_, t_s, teacher_size))
     chosen.labels[:, 0] = 3
     rejected.labels[:, 0] = 4
     return chosen, rejected
@@ -103,6 +104,7 @@ MODES = [("float64", "single_pass", "mean"), ("float64", "single_pass", "sum"), 
          ("float64", "two_pass", "none"), ("float64", "auto", "mean"), ("float32", "single_pass", "mean")]
 
 
+@pytest.mark.slow  # ~10 min on a loaded 2-core machine: every (loss, mode, chunk) compiles value and gradient
 @pytest.mark.parametrize(("dtype", "mode", "reduction"), MODES, ids=["-".join(m) for m in MODES])
 @pytest.mark.parametrize(("name", "fn", "options", "lengths", "teacher"), SEQUENCE_LOSSES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(SEQUENCE_LOSSES)])

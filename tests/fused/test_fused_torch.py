@@ -52,7 +52,8 @@ def test_linear_token_logps_equals_spec(refs, dtype, chunk_size, bias):
     upstream = np.random.default_rng(1).standard_normal((b_, t_))
     exp_value, exp_grads = refs.linear_token_logps(case, upstream)
     size = b_ * t_ if chunk_size == "N" else chunk_size
-    h, w, bb = t(case.hidden, DTYPES[dtype], True), t(case.weight, DTYPES[dtype], True), t(case.bias, DTYPES[dtype], bias)
+    dt = DTYPES[dtype]
+    h, w, bb = t(case.hidden, dt, True), t(case.weight, dt, True), t(case.bias, dt, bias)
     out = fused.linear_token_logps(h, w, t(case.labels, None), bias=bb, chunk_size=size)
     assert out.dtype == DTYPES[dtype] and out.shape == (b_, t_)
     assert torch.all(out[torch.from_numpy(case.labels == refs.IGNORE)] == 0)
@@ -68,7 +69,7 @@ def test_linear_token_logps_chunk_size_invariant_float64(refs):
     case = refs.make_case(2, (123,), 31, 47)
     outs = []
     for size in (1, 7, 64, 123):
-        h, w, bb = t(case.hidden, torch.float64, True), t(case.weight, torch.float64, True), t(case.bias, torch.float64, True)
+        h, w, bb = (t(x, torch.float64, True) for x in (case.hidden, case.weight, case.bias))
         out = fused.linear_token_logps(h, w, t(case.labels, None), bias=bb, chunk_size=size)
         outs.append([out.detach(), *torch.autograd.grad(out.sum(), (h, w, bb))])
     for other in outs[1:]:
@@ -146,7 +147,8 @@ def _pair_cases(refs, seed, t_c=7, t_s=5, h=6, v=19, b_=3, bias=True):
     rejected = refs.make_case(seed + 100, (b_, t_s), h, v, bias=bias)
     rejected.weight, rejected.bias = chosen.weight, chosen.bias
     rejected.teacher_weight, rejected.teacher_bias = chosen.teacher_weight, chosen.teacher_bias
-    rejected.teacher_hidden = np.random.default_rng(seed + 7).standard_normal((b_, t_s, chosen.teacher_hidden.shape[-1]))
+    teacher_size = chosen.teacher_hidden.shape[-1]
+    rejected.teacher_hidden = np.random.default_rng(seed + 7).standard_normal((b_, t_s, teacher_size))
     chosen.labels[:, 0] = 3  # every sequence keeps at least one token (length-normalised losses need it)
     rejected.labels[:, 0] = 4
     return chosen, rejected
@@ -210,7 +212,7 @@ def test_precomputed_teacher_logps_equal_teacher_lm_head(refs):
     chosen, rejected = _pair_cases(refs, 12)
     exp, exp_grads, (c, d) = refs.sequence("dpkd_loss", {"beta": 0.3}, chosen, rejected, use_lengths=False,
                                            reduction="mean")
-    ch, rj, w = t(chosen.hidden, torch.float64, True), t(rejected.hidden, torch.float64, True), t(chosen.weight, torch.float64, True)
+    ch, rj, w = (t(x, torch.float64, True) for x in (chosen.hidden, rejected.hidden, chosen.weight))
     for mode in ("single_pass", "two_pass"):
         out = fused.fused_dpkd_loss(ch, rj, w, t(chosen.labels, None), t(rejected.labels, None),
                                     bias=t(chosen.bias, torch.float64), beta=0.3, mode=mode,
@@ -275,7 +277,8 @@ TOKEN_LOSSES = [
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize(("name", "fn", "options"), TOKEN_LOSSES, ids=[f"{c[0]}-{i}" for i, c in enumerate(TOKEN_LOSSES)])
+@pytest.mark.parametrize(("name", "fn", "options"), TOKEN_LOSSES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(TOKEN_LOSSES)])
 def test_fused_token_loss_equals_spec(refs, dtype, reduction, name, fn, options):
     b_, t_, h_, v_ = ODD
     case = round_case(refs.make_case(20, (b_, t_), h_, v_), DTYPES[dtype])

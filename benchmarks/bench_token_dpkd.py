@@ -1,0 +1,134 @@
+"""Forward+backward of token-level DPKD (the released code's argmax preference, SPEC-MATH §3B): dpkd's fused
+token-chunked path against the same loss on materialised logits, and the GEMMs alone (the floor).
+
+    python benchmarks/bench_token_dpkd.py                          # N=4096, H=512, V=32000
+    python benchmarks/bench_token_dpkd.py --n 1024 --vocab 8000
+
+Both variants call the Torch backend's ``dpkd_token_loss`` formula (the fused one per token chunk, with
+student and teacher logits of the chunk formed together); the teacher runs without gradient. The floor
+"gemm4" is student forward, teacher forward, grad_hidden and grad_weight, chunked like the fused path.
+Memory is measured as in _common.py; it writes its section of RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+VARIANTS = {
+    "fused_torch": "dpkd fused_dpkd_token_loss, torch",
+    "materialised_torch": "dpkd_token_loss on materialised logits, torch eager",
+    "gemm4": "the 4 GEMMs alone (student fwd, teacher fwd, grad_hidden, grad_weight)",
+}
+
+
+def child(args: argparse.Namespace) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from dpkd.backends.torch import dpkd_token_loss
+    from dpkd.backends.torch.fused import auto_chunk_size, fused_dpkd_token_loss
+
+    rng = np.random.default_rng(0)
+    n, h, v, ht = args.n, args.hidden, args.vocab, args.teacher_hidden
+    hidden = torch.from_numpy(rng.standard_normal((n, h), dtype=np.float32)).requires_grad_(True)
+    weight = torch.from_numpy((rng.standard_normal((v, h), dtype=np.float32) / np.sqrt(h)).astype(np.float32))
+    weight.requires_grad_(True)
+    teacher_hidden = torch.from_numpy(rng.standard_normal((n, ht), dtype=np.float32))
+    teacher_weight = torch.from_numpy((rng.standard_normal((v, ht), dtype=np.float32) / np.sqrt(ht)).astype(np.float32))
+    mask = torch.from_numpy(rng.random(n) > 0.1)
+    chunk = args.chunk_size or auto_chunk_size(v, n_rows=n, buffers=8)
+
+    def reset() -> None:
+        hidden.grad = weight.grad = None
+
+    if args.child == "fused_torch":
+        def step() -> None:
+            fused_dpkd_token_loss(hidden, weight, teacher_hidden, teacher_weight, mask,
+                                  chunk_size=args.chunk_size or None).loss.backward()
+    elif args.child == "materialised_torch":
+        def step() -> None:
+            with torch.no_grad():
+                teacher_logits = teacher_hidden @ teacher_weight.t()
+            dpkd_token_loss(hidden @ weight.t(), teacher_logits, mask).loss.backward()
+    elif args.child == "gemm4":
+        xs, w = hidden.detach(), weight.detach()
+        buf = torch.empty(chunk, v)
+        grad_x = torch.empty(n, h)
+
+        def step() -> None:
+            grad_w = torch.zeros(v, h)
+            for i0 in range(0, n, chunk):
+                sl = slice(i0, min(i0 + chunk, n))
+                part = buf[: sl.stop - sl.start]
+                torch.mm(teacher_hidden[sl], teacher_weight.t(), out=part)
+                torch.mm(xs[sl], w.t(), out=part)
+                torch.mm(part, w, out=grad_x[sl])
+                grad_w.addmm_(part.t(), xs[sl])
+    else:
+        raise SystemExit(f"unknown variant {args.child}")
+    out = common.measure(step, reset, args.repeats)
+    out["chunk"] = chunk
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--teacher-hidden", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=0, help="token rows per chunk (0: automatic)")
+    p.add_argument("--child", default=None)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    script = str(Path(__file__).resolve())
+    shape = ["--n", str(args.n), "--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden),
+             "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--threads", str(args.threads),
+             "--chunk-size", str(args.chunk_size)]
+    rows = {}
+    for name in VARIANTS:
+        rows[name] = common.run_child(script, [name, *shape], args.threads)
+        print(name, rows[name], flush=True)
+    m = common.machine()
+    lines = [
+        "## Token-level DPKD, forward + backward (bench_token_dpkd.py)", "",
+        f"Command: `python benchmarks/bench_token_dpkd.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {args.threads} thread(s), load average at the end "
+        f"{m['load'][0]:.1f} (shared: expect ±20% timing noise)  ",
+        f"Versions: {', '.join(f'{k} {val}' for k, val in m['versions'].items())}  ",
+        f"Date: {m['date']}  ",
+        f"Shape: N={args.n}, H={args.hidden}, H_teacher={args.teacher_hidden}, V={args.vocab}, float32, "
+        "form sigmoid, β=0.1, 90% of positions in the mask.", "",
+        "| variant | chunk rows | time (s, median) | time / gemm4 | peak extra MiB | memory / materialised |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, res in rows.items():
+        if "error" in res:
+            lines.append(f"| {VARIANTS[name]} | | failed: {res['error']} | | | |")
+            continue
+        floor, base = rows.get("gemm4", {}), rows.get("materialised_torch", {})
+        t_ratio = f"{res['time_s'] / floor['time_s']:.2f}" if "time_s" in floor else "–"
+        m_ratio = f"{res['peak_bytes'] / base['peak_bytes']:.3f}" if "peak_bytes" in base else "–"
+        chunk = res["chunk"] if name != "materialised_torch" else "–"
+        lines.append(f"| {VARIANTS[name]} | {chunk} | {res['time_s']:.2f} | {t_ratio} | "
+                     f"{common.mib(res['peak_bytes'])} | {m_ratio} |")
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_write:
+        common.write_section("bench_token_dpkd", report)
+
+
+if __name__ == "__main__":
+    main()
