@@ -167,16 +167,17 @@ def _child_jax(arrays, labels, beta, args) -> dict:
 
     x = {k: jnp.asarray(a) for k, a in arrays.items()}
     lc, ls = jnp.asarray(labels[0]), jnp.asarray(labels[1])
-    teacher = fused.TeacherLMHead(x["tch"], x["trj"], x["tw"])
 
-    def loss(ch, rj, w):
-        return fused.fused_dpkd_loss(ch, rj, w, lc, ls, teacher=teacher, beta=beta,
+    # Every array is an argument of the jitted function: closed-over arrays become XLA constants, and
+    # XLA then tries to constant-fold the teacher's GEMM at compile time (minutes).
+    def loss(ch, rj, w, tch, trj, tw, lc, ls):
+        return fused.fused_dpkd_loss(ch, rj, w, lc, ls, teacher=fused.TeacherLMHead(tch, trj, tw), beta=beta,
                                      chunk_size=args.chunk_size or None).loss
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     def step() -> None:
-        jax.block_until_ready(grad(x["ch"], x["rj"], x["w"]))
+        jax.block_until_ready(grad(x["ch"], x["rj"], x["w"], x["tch"], x["trj"], x["tw"], lc, ls))
 
     return common.measure(step, lambda: None, args.repeats)
 

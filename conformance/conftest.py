@@ -21,7 +21,7 @@ from dpkd.spec.adapters import BackendAdapter, JaxAdapter, NumpyAdapter, TorchAd
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "ci", max_examples=6, deadline=None, derandomize=True, database=None, print_blob=True,
+    "ci", max_examples=4, deadline=None, derandomize=True, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 settings.register_profile(

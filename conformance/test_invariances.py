@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from dpkd.spec import registry
 from dpkd.spec import testing as t
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 F64 = "float64"
@@ -132,6 +132,7 @@ def _count(spec, call):
 
 
 @pytest.mark.parametrize("case", ACCUMULATION, ids=str)
+@settings(max_examples=max(1, settings().max_examples // 2))  # 9 backend calls with gradients per example
 @given(data=st.data())
 def test_batch_8_equals_8_accumulated_micro_batches_with_normalizer(backend, case, data):
     t.require(backend, case.spec.name)

@@ -39,19 +39,19 @@ class JobConfig:
 
     n_train: int = 2000
     n_valid: int = 64
-    n_test: int = 150
-    teacher_d_model: int = 96
-    teacher_layers: int = 3
-    teacher_steps: int = 600
+    n_test: int = 100
+    teacher_d_model: int = 64
+    teacher_layers: int = 2
+    teacher_steps: int = 400
     teacher_lr: float = 1e-3
     student_family: str = "gpt2"
-    student_d_model: int = 48
+    student_d_model: int = 32
     student_layers: int = 2
-    init_steps: int = 200
-    method_steps: int = 60
+    init_steps: int = 150
+    method_steps: int = 40
     batch_size: int = 16
     student_lr: float = 5e-4
-    max_new_tokens: int = 100
+    max_new_tokens: int = 80
     objective: str = "half"
     beta: float = 0.1
     seeds: tuple[int, ...] = (0, 1, 2)

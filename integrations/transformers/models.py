@@ -21,7 +21,7 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<|endoftext|>", "unk_token
 def build_word_tokenizer(texts: Iterable[str]) -> Any:
     """Word-level tokenizer (split on whitespace and punctuation) whose vocabulary is every word of
     ``texts``, plus ``<pad>`` (id 0), ``<|endoftext|>`` (EOS, id 1) and ``<unk>`` (id 2)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Whitespace()
@@ -33,7 +33,7 @@ def build_word_tokenizer(texts: Iterable[str]) -> Any:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    # no decoder: tokenizers then joins tokens with single spaces (a WordPiece decoder would eat "##")
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 

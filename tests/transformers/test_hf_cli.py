@@ -1,6 +1,7 @@
 """`dpkd distill --preset ci` end to end in a subprocess (fresh cache: the teacher is trained too)."""
 
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -11,12 +12,15 @@ import pytest
 @pytest.mark.slow
 def test_distill_ci_preset_end_to_end(tmp_path):
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, "-m", "dpkd.integrations.cli", "distill", "--preset", "ci", "--results-dir",
          str(tmp_path / "res"), "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, timeout=600,
     )
     elapsed = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = tmp_path / "res"
     for name in ("results.md", "metrics.json", "reward.png", "rkld.png", "loss.png"):
@@ -30,4 +34,6 @@ def test_distill_ci_preset_end_to_end(tmp_path):
     assert metrics["filters"]["train"]["kept"] + sum(metrics["filters"]["train"]["dropped"].values()) == \
         metrics["filters"]["train"]["total"]
     assert any(d.name.startswith("teacher-") for d in (tmp_path / "cache").iterdir())  # cached
-    assert elapsed < 120, f"ci preset took {elapsed:.0f}s"
+    # "under 2 minutes on 2 cores" = under 240 CPU-seconds: CPU time, not wall time, so that a shared CI
+    # machine's load does not decide the outcome
+    assert cpu_s < 240, f"ci preset used {cpu_s:.0f} CPU-s ({elapsed:.0f}s wall)"
