@@ -236,7 +236,7 @@ def _report(args: argparse.Namespace, rows: dict) -> str:
         f"Shape: H={args.hidden}, H_teacher={args.teacher_hidden}, V={args.vocab}, T={args.seq_len} per sequence "
         f"({args.prompt} prompt tokens ignored), float32, β=0.1, dpkd chunk "
         f"{args.chunk_size or 'automatic (64 MiB)'} rows; floors chunked by one pair ({2 * args.seq_len} rows).", "",
-        "| N | variant | time (s, median) | time / floor | floor | peak extra MiB | memory / (c) |",
+        "| N | variant | CPU s (median) [min wall s] | time / floor | floor | peak extra MiB | memory / (c) |",
         "|---|---|---|---|---|---|---|",
     ]
     for (n, name), res in rows.items():
@@ -249,7 +249,8 @@ def _report(args: argparse.Namespace, rows: dict) -> str:
         t_ratio = f"{res['time_s'] / fl['time_s']:.2f}" if "time_s" in fl else "–"
         m_ratio = f"{res['peak_bytes'] / base['peak_bytes']:.3f}" if "peak_bytes" in base else "–"
         spread = f"{min(res['times_s']):.2f}–{max(res['times_s']):.2f}" if len(res["times_s"]) > 1 else ""
-        lines.append(f"| {n} | {label} | {res['time_s']:.2f} {('(' + spread + ')') if spread else ''} | {t_ratio} "
+        lines.append(f"| {n} | {label} | {res['time_s']:.2f} {('(' + spread + ')') if spread else ''} "
+                     f"[{res['wall_s']:.2f}] | {t_ratio} "
                      f"| {floor} | {common.mib(res['peak_bytes'])} | {m_ratio} |")
     return "\n".join(lines)
 

@@ -3,7 +3,7 @@ valid ranges, its named variants, its closed-form special cases and its bad-inpu
 
 ``conformance/`` parametrizes over :data:`REGISTRY`, so a variant or a special case added here is tested
 in every backend without touching the suite, and test ids read like the spec
-(``test_closed_form[dpkd_loss: identical chosen and rejected => log 2-torch]``). Declarative on purpose
+(``test_closed_form[torch-dpkd_loss: identical chosen and rejected => log 2]``). Declarative on purpose
 (as array-api-tests builds its suite from the standard): no docstring parsing, no framework imports.
 Reference functions are named (``reference="dpkd_loss"``, ``gradient="dpkd_loss_grad"``) and resolved
 from ``dpkd.spec`` only when called, so importing this module imports nothing but NumPy.
