@@ -25,6 +25,19 @@ from dpkd.spec.results import PreferenceLoss, TokenPreferenceLoss
 from dpkd.spec.validation import DPKDInputError
 
 from .distill import akl, cross_entropy, first_token_divergence, forward_kl, generalized_jsd, reverse_kl
+from .fused import (
+    NamedSequenceLoss,
+    TeacherLMHead,
+    TeacherLogps,
+    auto_chunk_size,
+    fused_cpo_loss,
+    fused_dpkd_loss,
+    fused_dpop_loss,
+    fused_ipo_loss,
+    fused_sequence_loss,
+    fused_simpo_loss,
+    linear_token_logps,
+)
 from .logps import sequence_logps, shift_for_causal_lm, token_logps
 from .metrics import implicit_reward, preference_metrics
 from .objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig, objective
@@ -72,4 +85,16 @@ __all__ = [
     "checked",
     "throw",
     "STATIC_ARGNAMES",
+    # fused token-chunked lm_head path
+    "linear_token_logps",
+    "fused_sequence_loss",
+    "fused_dpkd_loss",
+    "fused_ipo_loss",
+    "fused_cpo_loss",
+    "fused_simpo_loss",
+    "fused_dpop_loss",
+    "NamedSequenceLoss",
+    "TeacherLMHead",
+    "TeacherLogps",
+    "auto_chunk_size",
 ]

@@ -20,6 +20,25 @@ from dpkd.spec.results import PreferenceLoss, TokenPreferenceLoss
 from dpkd.spec.validation import DPKDInputError
 
 from .distill import akl, cross_entropy, forward_kl, generalized_jsd, reverse_kl
+from .fused import (
+    TeacherLMHead,
+    TeacherLogps,
+    auto_chunk_size,
+    fused_akl,
+    fused_cpo_loss,
+    fused_cross_entropy,
+    fused_dpkd_loss,
+    fused_dpkd_token_loss,
+    fused_dpop_loss,
+    fused_forward_kl,
+    fused_generalized_jsd,
+    fused_ipo_loss,
+    fused_reverse_kl,
+    fused_sequence_loss,
+    fused_simpo_loss,
+    fused_token_loss,
+    linear_token_logps,
+)
 from .logps import sequence_logps, shift_for_causal_lm, token_logps
 from .metrics import first_token_divergence, implicit_reward, preference_metrics
 from .modules import (
@@ -86,4 +105,22 @@ __all__ = [
     "ReverseKL",
     "GeneralizedJSD",
     "AKL",
+    # fused token-chunked lm_head path
+    "linear_token_logps",
+    "fused_sequence_loss",
+    "fused_dpkd_loss",
+    "fused_ipo_loss",
+    "fused_cpo_loss",
+    "fused_simpo_loss",
+    "fused_dpop_loss",
+    "fused_token_loss",
+    "fused_dpkd_token_loss",
+    "fused_forward_kl",
+    "fused_reverse_kl",
+    "fused_generalized_jsd",
+    "fused_akl",
+    "fused_cross_entropy",
+    "TeacherLMHead",
+    "TeacherLogps",
+    "auto_chunk_size",
 ]

@@ -137,6 +137,16 @@ def _check_lm_head(func: str, hidden: torch.Tensor, weight: torch.Tensor, bias: 
             v.fail(func, name, f"is on device {t.device} but `{h_name}` is on {hidden.device}; move them to one device")
 
 
+def _finite(checks: ValueChecks, name: str, t: torch.Tensor | None) -> None:
+    """The finite check of a (large) hidden-state or lm_head array, as two read-only reductions.
+
+    max and min propagate NaN and are ±inf exactly when an entry is, so the [2]-element check below is
+    equivalent to ``isfinite(t).all()`` without its four full-size temporaries (which cost more than the
+    softmax of a chunk at V = 32k)."""
+    if t is not None and checks.enabled and t.numel() > 0:
+        checks.finite(name, torch.stack([t.detach().amax(), t.detach().amin()]))
+
+
 def _check_labels(func: str, name: str, labels: torch.Tensor, shape: tuple[int, ...]) -> None:
     integer = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
     v.check_integer_dtype(func, name, integer, labels.dtype)
@@ -166,13 +176,15 @@ def _project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         torch.addmm(bias, rows, weight.t(), out=out)
 
 
-def _softmax_stats_(buf: torch.Tensor, safe_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From logits in ``buf``: (logit of the label, logsumexp) per row; ``buf`` is left holding softmax."""
+def _softmax_stats_(buf: torch.Tensor, safe_labels: torch.Tensor, softmax: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """From logits in ``buf``: (logit of the label, logsumexp) per row; ``buf`` is left holding the softmax
+    (``softmax=True``, for a gradient to follow) or scratch."""
     picked = buf.gather(1, safe_labels[:, None]).squeeze(1)
     row_max = buf.amax(1)
     buf.sub_(row_max[:, None]).exp_()
     total = buf.sum(1)
-    buf.div_(total[:, None])
+    if softmax:
+        buf.div_(total[:, None])
     return picked, row_max + total.log()
 
 
@@ -195,12 +207,14 @@ def _backprop_chunk(dlogits: torch.Tensor, rows: torch.Tensor, weight: torch.Ten
 
 
 def _chunk_logps(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                 ignore_index: int, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of one chunk (0 where ignored) and its logsumexp; ``buf`` ends as the softmax."""
+                 ignore_index: int, buf: torch.Tensor, softmax: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of one chunk (0 where ignored) and its logsumexp; ``buf`` ends as the softmax
+    when ``softmax``."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     _project(rows, weight, bias, buf)
-    picked, lse = _softmax_stats_(buf, safe)
+    picked, lse = _softmax_stats_(buf, safe, softmax)
     return torch.where(valid, picked - lse, 0.0), lse, safe
 
 
@@ -298,7 +312,7 @@ def linear_token_logps(
     _check_labels(func, "labels", labels, tuple(hidden.shape[:-1]))
     checks = ValueChecks(func)
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        checks.finite(name, t)
+        _finite(checks, name, t)
     checks.labels_in_vocab("labels", labels, weight.shape[0], ignore_index)
     checks.run()
 
@@ -408,7 +422,8 @@ class _SinglePassSequenceLoss(torch.autograd.Function):
             for hidden, lab, part in ((chosen_hidden, labels[0], chunk[:split]),
                                       (rejected_hidden, labels[1], chunk[split:])):
                 rows = hidden[sl].reshape(-1, size)
-                logp, _, safe = _chunk_logps(rows, weight, bias, lab[sl].reshape(-1), plan.ignore_index, part)
+                logp, _, safe = _chunk_logps(rows, weight, bias, lab[sl].reshape(-1), plan.ignore_index, part,
+                                             softmax=True)
                 sides.append((rows, lab[sl], safe, part, logp.view(lab[sl].shape).sum(1)))
             a[sl], b[sl] = sides[0][4], sides[1][4]
             da, db = _pair_grads(plan, sl, a[sl], b[sl], c_k, d_k)
@@ -471,7 +486,7 @@ def _check_teacher(func: str, teacher: object, weight: torch.Tensor, lead_c: tup
             v.check_floating_dtype(func, name, t.is_floating_point(), t.dtype)
             if tuple(t.shape) != lead_c[:1]:
                 v.fail(func, name, f"has shape {tuple(t.shape)}, expected {lead_c[:1]} (one per pair)")
-            checks.finite(name, t)
+            _finite(checks, name, t)
         checks.run()
         return TeacherLogps(teacher.chosen.detach(), teacher.rejected.detach())
     if not isinstance(teacher, TeacherLMHead):
@@ -482,7 +497,7 @@ def _check_teacher(func: str, teacher: object, weight: torch.Tensor, lead_c: tup
     _check_lm_head(func, teacher.rejected_hidden, teacher.weight, teacher.bias, lead=lead_s,
                    names=("teacher.rejected_hidden", "teacher.weight", "teacher.bias"))
     for name in ("chosen_hidden", "rejected_hidden", "weight", "bias"):
-        checks.finite(f"teacher.{name}", getattr(teacher, name))
+        _finite(checks, f"teacher.{name}", getattr(teacher, name))
     checks.run()
     detach = (lambda t: None if t is None else t.detach())  # noqa: E731  (the teacher is frozen)
     return TeacherLMHead(detach(teacher.chosen_hidden), detach(teacher.rejected_hidden), detach(teacher.weight),
@@ -553,7 +568,7 @@ def fused_sequence_loss(
     checks = ValueChecks(func)
     for name, t in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden), ("weight", weight),
                     ("bias", bias)):
-        checks.finite(name, t)
+        _finite(checks, name, t)
     checks.labels_in_vocab("chosen_labels", chosen_labels, weight.shape[0], ignore_index)
     checks.labels_in_vocab("rejected_labels", rejected_labels, weight.shape[0], ignore_index)
     checks.run()
@@ -840,7 +855,7 @@ def fused_token_loss(
     for name, t in (("student_hidden", student_hidden), ("weight", weight), ("bias", bias),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("teacher_bias", teacher_bias)):
-        checks.finite(name, t)
+        _finite(checks, name, t)
     if target_is_labels:
         checks.labels_in_vocab(target_name, target, weight.shape[0], ignore_index)
     else:
