@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int)
     d.add_argument("--batch-size", type=int)
     d.add_argument("--threads", type=int)
+    d.add_argument("--fused", action="store_true",
+                   help="fused token-chunked lm_head path: log-probs from hidden states, no [B, T, V] logits")
     d.add_argument("--verbose", action="store_true", help="progress bars and per-step logs")
 
     g = sub.add_parser("generate", help="pre-generate teacher outputs (adds `teacher_response` to each record)")
@@ -71,6 +73,8 @@ def _distill(args: argparse.Namespace) -> int:
     for name in ("objective", "beta", "method_steps", "max_new_tokens", "batch_size", "threads"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.fused:
+        overrides["use_fused"] = True
     cfg = replace(cfg, **overrides)
     run_job(cfg, results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
             test_data=args.test_data, teacher_path=args.teacher, student_path=args.student, quiet=not args.verbose)

@@ -59,6 +59,7 @@ class JobConfig:
     eval_every: int = 20
     n_probe: int = 16
     threads: int = 2
+    use_fused: bool = False  # the fused lm_head path for every training run (DistillConfig.use_fused)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,7 +120,7 @@ def _train(model: Any, teacher: Any, examples: list, out_dir: Path, *, method: s
         learning_rate=lr, logging_steps=min(cfg.eval_every, steps), eval_steps=cfg.eval_every if probe else 0,
         save_steps=0, save_total_limit=1, seed=seed, objective=objective or cfg.objective, beta=cfg.beta,
         teacher_outputs=teacher_outputs, max_new_tokens=cfg.max_new_tokens, disable_tqdm=quiet,
-        report_to="tensorboard",
+        report_to="tensorboard", use_fused=cfg.use_fused,
     )
     trainer = DistillTrainer(model, teacher, examples, dc, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, probe_examples=probe)

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .batching import IGNORE_INDEX, SequenceBatch, forward_logits
+from . import heads
+from .batching import SequenceBatch
 
 __all__ = ["METHODS", "SEQUENCE_METHODS", "MethodSpec", "PreparedBatch", "Normalizers", "compute_loss", "backend"]
 
@@ -92,14 +93,6 @@ class StepStats:
     terms: dict[str, float] = field(default_factory=dict)
 
 
-def _shift(logits: torch.Tensor, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    return backend().shift_for_causal_lm(logits, batch.labels)
-
-
-def _mask(labels: torch.Tensor) -> torch.Tensor:
-    return labels != IGNORE_INDEX
-
-
 def compute_loss(
     method: str,
     student: Any,
@@ -110,45 +103,53 @@ def compute_loss(
     stats: StepStats,
 ) -> torch.Tensor:
     """This micro-batch's share of the step objective (summing over micro-batches gives the full-batch
-    objective exactly). ``hp`` is a :class:`~dpkd.integrations.transformers.trainer.DistillConfig`."""
-    tb = backend()
+    objective exactly). ``hp`` is a :class:`~dpkd.integrations.transformers.trainer.DistillConfig`; with
+    ``hp.use_fused`` the log-probs come from the fused lm_head path (:mod:`.heads`), the method logic below
+    is the same either way."""
     spec = METHODS[method]
     alpha = hp.objective.alpha
+    fused = bool(getattr(hp, "use_fused", False))
+    chunk = getattr(hp, "fused_chunk_size", None)
+
+    def run(model: Any, b: Any) -> heads.HeadOutput:
+        return heads.model_head(model, b, fused=fused, chunk_size=chunk)
+
+    def run_teacher(b: Any) -> heads.HeadOutput:
+        with torch.no_grad():  # the teacher is frozen
+            return run(teacher, b)
 
     def add_term(name: str, value: torch.Tensor) -> None:
         stats.terms[name] = stats.terms.get(name, 0.0) + float(value.detach())
 
-    data_logits = None
+    data = None
     sft = None
     if alpha < 1.0 or method in ("sft", "kd") or (method == "seqkd" and batch.chosen is None):
-        data_logits, data_labels = _shift(forward_logits(student, batch.data), batch.data)
-        sft = tb.cross_entropy(data_logits, data_labels, normalizer=norms.data_tokens)
+        data = run(student, batch.data)
+        sft = heads.cross_entropy(data, normalizer=norms.data_tokens)
         add_term("sft_loss", sft)
 
     if method == "sft":
         distil = sft
     elif method == "kd":
-        with torch.no_grad():
-            t_logits, _ = _shift(forward_logits(teacher, batch.data), batch.data)
-        distil = tb.forward_kl(
-            data_logits, t_logits, _mask(data_labels), temperature=hp.temperature, normalizer=norms.data_tokens
-        )
+        distil = heads.forward_kl(data, run_teacher(batch.data), temperature=hp.temperature,
+                                  normalizer=norms.data_tokens)
     elif method == "seqkd":
-        s_logits, labels = _shift(forward_logits(student, batch.chosen), batch.chosen)
-        distil = tb.cross_entropy(s_logits, labels, normalizer=norms.chosen_tokens)
+        distil = heads.cross_entropy(run(student, batch.chosen), normalizer=norms.chosen_tokens)
     elif method == "dpkd_token":
-        s_logits, labels = _shift(forward_logits(student, batch.chosen), batch.chosen)
-        with torch.no_grad():
-            t_logits, _ = _shift(forward_logits(teacher, batch.chosen), batch.chosen)
-        res = tb.dpkd_token_loss(
-            s_logits, t_logits, _mask(labels), beta=hp.beta, form=hp.token_form,
-            label_smoothing=hp.label_smoothing, normalizer=norms.chosen_tokens,
-        )
-        n = int(_mask(labels).sum())
-        stats.agreement.append((float(res.agreement_rate), n))
+        s_out = run(student, batch.chosen)
+        res = heads.dpkd_token_loss(s_out, run_teacher(batch.chosen), beta=hp.beta, form=hp.token_form,
+                                    label_smoothing=hp.label_smoothing, normalizer=norms.chosen_tokens)
+        stats.agreement.append((float(res.agreement_rate), int(s_out.mask.sum())))
         distil = res.loss
     elif method in SEQUENCE_METHODS:
-        distil = _sequence_term(method, student, teacher, batch, norms, hp, stats, spec.needs_teacher_model)
+        s_out = run(student, batch.pair)
+        t_out = run_teacher(batch.pair) if spec.needs_teacher_model else None
+        res, a, b = heads.sequence_loss(_pair_loss(method, hp), s_out, t_out, batch.n_examples)
+        stats.chosen_rewards.append(res.chosen_rewards.detach())
+        stats.rejected_rewards.append(res.rejected_rewards.detach())
+        stats.logps_chosen.append(a)
+        stats.logps_rejected.append(b)
+        distil = res.loss / norms.examples
     else:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     add_term("distil_loss", distil)
@@ -157,13 +158,11 @@ def compute_loss(
     if hp.objective.lm_coef > 0:
         if batch.pt is None:
             raise ValueError("the objective has lm_coef > 0 but no pre-training batch was prepared")
-        pt_logits, pt_labels = _shift(forward_logits(student, batch.pt), batch.pt)
-        pt_lm = tb.cross_entropy(pt_logits, pt_labels, normalizer=norms.pt_tokens)
+        pt = run(student, batch.pt)
+        pt_lm = heads.cross_entropy(pt, normalizer=norms.pt_tokens)
         add_term("pt_lm_loss", pt_lm)
         if hp.objective.pt_kd_ratio > 0:
-            with torch.no_grad():
-                t_pt, _ = _shift(forward_logits(teacher, batch.pt), batch.pt)
-            pt_kd = tb.forward_kl(pt_logits, t_pt, _mask(pt_labels), normalizer=norms.pt_tokens)
+            pt_kd = heads.forward_kl(pt, run_teacher(batch.pt), normalizer=norms.pt_tokens)
             add_term("pt_kd_loss", pt_kd)
     # L = (1−α)·sft + α·distil + λ·[(1−κ)·pt_lm + κ·pt_kd] with the config's own coefficients
     # (ObjectiveConfig.coefficients(), SPEC-MATH §3C); a zero-weight term is skipped, not multiplied.
@@ -172,52 +171,30 @@ def compute_loss(
     return sum(coef[k] * t for k, t in terms.items() if coef[k] != 0.0)
 
 
-def _sequence_term(
-    method: str,
-    student: Any,
-    teacher: Any,
-    batch: PreparedBatch,
-    norms: Normalizers,
-    hp: Any,
-    stats: StepStats,
-    use_teacher: bool,
-) -> torch.Tensor:
+def _pair_loss(method: str, hp: Any) -> heads.SequenceLossFn:
+    """The sequence-level method as ``loss(a, b, c, d, *, chosen_lengths, rejected_lengths, reduction)``.
+
+    The one definition both paths use: the materialised path calls it on the summed log-probs, the fused
+    path hands it to ``fused_sequence_loss`` (which also calls it per chunk of pairs, ``reduction="none"``).
+    Lengths arrive as int64 token counts and enter the loss as floats of a's dtype.
+    """
     tb = backend()
-    pair = batch.pair
-    n = batch.n_examples
-    s_logits, labels = _shift(forward_logits(student, pair), pair)
-    logps, n_tok = tb.sequence_logps(s_logits, labels)
-    a, b = logps[:n], logps[n:]
-    lengths = n_tok.to(logps.dtype)
-    lt, ls = lengths[:n], lengths[n:]
-    if use_teacher:
-        with torch.no_grad():
-            t_logits, _ = _shift(forward_logits(teacher, pair), pair)
-            ref, _ = tb.sequence_logps(t_logits, labels)
-        c, d = ref[:n], ref[n:]
     ln = hp.length_normalize
-    if method == "dpkd":
-        res = tb.dpkd_loss(
-            a, b, c, d, chosen_lengths=lt if ln else None, rejected_lengths=ls if ln else None,
-            beta=hp.beta, label_smoothing=hp.label_smoothing, reduction="sum",
-        )
-    elif method == "ipo":
-        res = tb.ipo_loss(
-            a, b, c, d, tau=hp.beta, chosen_lengths=lt if ln else None, rejected_lengths=ls if ln else None,
-            length_normalize=ln, reduction="sum",
-        )
-    elif method == "cpo":
-        res = tb.cpo_loss(
-            a, b, beta=hp.beta, nll_weight=hp.cpo_nll_weight, chosen_lengths=lt if ln else None,
-            label_smoothing=hp.label_smoothing, reduction="sum",
-        )
-    else:  # simpo: always length-normalised (Meng et al.)
-        res = tb.simpo_loss(
-            a, b, chosen_lengths=lt, rejected_lengths=ls, beta=hp.simpo_beta, gamma=hp.simpo_gamma,
-            label_smoothing=hp.label_smoothing, reduction="sum",
-        )
-    stats.chosen_rewards.append(res.chosen_rewards.detach())
-    stats.rejected_rewards.append(res.rejected_rewards.detach())
-    stats.logps_chosen.append(a.detach())
-    stats.logps_rejected.append(b.detach())
-    return res.loss / norms.examples
+
+    def loss(a: torch.Tensor, b: torch.Tensor, c: Any, d: Any, *, chosen_lengths: torch.Tensor,
+             rejected_lengths: torch.Tensor, reduction: str) -> Any:
+        lt, ls = chosen_lengths.to(a.dtype), rejected_lengths.to(a.dtype)
+        if method == "dpkd":
+            return tb.dpkd_loss(a, b, c, d, chosen_lengths=lt if ln else None, rejected_lengths=ls if ln else None,
+                                beta=hp.beta, label_smoothing=hp.label_smoothing, reduction=reduction)
+        if method == "ipo":
+            return tb.ipo_loss(a, b, c, d, tau=hp.beta, chosen_lengths=lt if ln else None,
+                               rejected_lengths=ls if ln else None, length_normalize=ln, reduction=reduction)
+        if method == "cpo":
+            return tb.cpo_loss(a, b, beta=hp.beta, nll_weight=hp.cpo_nll_weight, chosen_lengths=lt if ln else None,
+                               label_smoothing=hp.label_smoothing, reduction=reduction)
+        # simpo: always length-normalised (Meng et al.)
+        return tb.simpo_loss(a, b, chosen_lengths=lt, rejected_lengths=ls, beta=hp.simpo_beta, gamma=hp.simpo_gamma,
+                             label_smoothing=hp.label_smoothing, reduction=reduction)
+
+    return loss

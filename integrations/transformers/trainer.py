@@ -21,6 +21,9 @@ Per optimizer step (SPEC-MATH §4, Algorithm 1):
      the objective L = (1−α)·CE_D + α·L_method + λ·L_PT (SPEC-MATH §3C);
   5. backward per micro-batch with global normalisers, clip, AdamW step.
 
+``use_fused=True`` computes step 4 (and the probe's sequence log-probs) on the fused token-chunked lm_head
+path (:mod:`.heads`): same losses and gradients, without the [B, T, V] logits in memory.
+
 Example::
 
     >>> trainer = DistillTrainer(student, teacher, examples, DistillConfig(output_dir="out", method="dpkd",
@@ -43,6 +46,7 @@ import torch
 from .batching import SequenceBatch, forward_logits, generate, pad_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example
+from .heads import check_fusable, model_head, sequence_logps
 from .methods import METHODS, Normalizers, PreparedBatch, StepStats, backend, compute_loss
 
 __all__ = ["DistillConfig", "DistillTrainer", "objective_preset", "OBJECTIVE_PRESETS"]
@@ -101,6 +105,10 @@ class DistillConfig:
     sample_temperature: float = 1.0
     sample_top_k: int = 0
     sample_top_p: float = 1.0
+    # the fused token-chunked lm_head path (DESIGN.md §5): log-probs and token losses from the last hidden
+    # state and the lm_head weight, never materialising the [B, T, V] logits; same values and gradients
+    use_fused: bool = False
+    fused_chunk_size: int | None = None  # token rows per chunk; None: the backend's 64 MiB budget
 
     def __post_init__(self) -> None:
         if isinstance(self.objective, str):
@@ -115,6 +123,8 @@ class DistillConfig:
                      "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig: `{name}` must be ≥ 1")
+        if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
+            raise ValueError("DistillConfig: `fused_chunk_size` must be ≥ 1 (or None)")
         if self.save_steps and self.save_steps % self.logging_steps:
             # a resumed run must restart on a logging boundary to reproduce the averaged logs exactly
             raise ValueError("DistillConfig: `save_steps` must be a multiple of `logging_steps`")
@@ -185,6 +195,10 @@ class DistillTrainer:
             teacher.requires_grad_(False)
             if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
                 raise ValueError("DistillTrainer: `teacher` and `student` vocabulary sizes differ")
+        if config.use_fused:
+            check_fusable(student, "student")
+            if teacher is not None:
+                check_fusable(teacher, "teacher")
         if config.teacher_outputs == "pregenerated" and spec.needs_teacher_outputs:
             missing = sum(ex.teacher_ids is None for ex in self.examples)
             if missing:
@@ -335,10 +349,9 @@ class DistillTrainer:
                            max_new_tokens=self.config.max_new_tokens)
         y_t = [ex.teacher_ids if ex.teacher_ids is not None else ex.response_ids for ex in exs]
         pair = pad_pairs(prompts + prompts, y_t + y_s, self.pad_id)
-        sl, labels = tb.shift_for_causal_lm(forward_logits(self.student, pair), pair.labels)
-        tl, _ = tb.shift_for_causal_lm(forward_logits(self.teacher, pair), pair.labels)
-        a_b, n_tok = tb.sequence_logps(sl, labels)
-        c_d, _ = tb.sequence_logps(tl, labels)
+        fused, chunk = self.config.use_fused, self.config.fused_chunk_size
+        a_b, n_tok = sequence_logps(model_head(self.student, pair, fused=fused, chunk_size=chunk))
+        c_d, _ = sequence_logps(model_head(self.teacher, pair, fused=fused, chunk_size=chunk))
         n = len(exs)
         lengths = n_tok.to(a_b.dtype)
         pm = tb.preference_metrics(a_b[:n], a_b[n:], c_d[:n], c_d[n:], beta=self.config.beta,

@@ -1,3 +1,4 @@
+
 """dpkd.backends.jax under the JAX transforms: jit, vmap, value_and_grad, and checkify value checks.
 
 Every comparison is against the same backend called eagerly (bitwise-close: the same float math) or
@@ -6,6 +7,7 @@ against the float64 spec; nothing is compared with numbers copied from the code 
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import dpkd.backends.jax as J
@@ -154,7 +156,10 @@ def test_static_argnames_cover_exactly_the_non_array_options(name):
 
 
 def test_every_public_function_has_static_argnames():
+    # the fused lm_head path (dpkd.backends.jax.fused) jit-compiles itself and takes lm_head arrays, not the spec API
+    fused = set(importlib.import_module("dpkd.backends.jax.fused").__all__)
     functions = {n for n in J.__all__ if callable(getattr(J, n)) and n[0].islower()} - {"jit", "checked", "throw"}
+    functions -= fused
     assert functions == set(J.STATIC_ARGNAMES)
     assert functions == {n for n in S.__all__ if n[0].islower() and not n.endswith("_grad")}
 
