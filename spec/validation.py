@@ -42,6 +42,9 @@ __all__ = [
     "check_instance",
     "check_nonempty_elements",
     "check_nonempty_positions",
+    "check_chunk_options",
+    "check_lm_head_shapes",
+    "check_same_dtype",
 ]
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -220,6 +223,44 @@ def check_student_teacher_shapes(
             f"has shape {tuple(mask_shape)}, expected {student_shape[:-1]} "
             f"(the shape of `{student_name}` without its vocabulary axis)",
         )
+
+
+def check_chunk_options(func: str, chunk_size: object, ignore_index: object) -> int | None:
+    """The fused path's options: ``chunk_size`` None (automatic) or a positive int; an integer ignore_index."""
+    check_int_scalar(func, "ignore_index", ignore_index)
+    if chunk_size is None:
+        return None
+    return check_int_scalar(func, "chunk_size", chunk_size, low=1)
+
+
+def check_lm_head_shapes(
+    func: str,
+    hidden_shape: tuple[int, ...],
+    weight_shape: tuple[int, ...],
+    bias_shape: tuple[int, ...] | None,
+    *,
+    names: tuple[str, str, str],
+    lead: tuple[int, ...] | None = None,
+) -> None:
+    """hidden [..., H], weight [V, H], bias [V]; ``lead`` pins hidden's leading dims (one row per label)."""
+    h_name, w_name, b_name = names
+    hidden_shape, weight_shape = tuple(hidden_shape), tuple(weight_shape)
+    if len(hidden_shape) < 1:
+        fail(func, h_name, f"must have shape [..., H] (at least 1 dim), got {hidden_shape}")
+    if lead is not None and hidden_shape[:-1] != tuple(lead):
+        fail(func, h_name, f"has shape {hidden_shape}, expected leading dims {tuple(lead)}")
+    size = hidden_shape[-1]
+    if len(weight_shape) != 2 or weight_shape[1] != size:
+        fail(func, w_name, f"has shape {weight_shape}, expected [V, {size}] (the hidden size of `{h_name}` is {size})")
+    if weight_shape[0] < 1:
+        fail(func, w_name, "has an empty vocabulary axis")
+    if bias_shape is not None and tuple(bias_shape) != (weight_shape[0],):
+        fail(func, b_name, f"has shape {tuple(bias_shape)}, expected ({weight_shape[0]},) (one per vocabulary row)")
+
+
+def check_same_dtype(func: str, name: str, dtype: object, ref_name: str, ref_dtype: object) -> None:
+    if dtype != ref_dtype:
+        fail(func, name, f"has dtype {dtype} but `{ref_name}` has {ref_dtype}; cast them to one dtype")
 
 
 def check_integer_dtype(func: str, name: str, is_integer: bool, dtype: object) -> None:

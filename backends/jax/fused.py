@@ -79,34 +79,17 @@ class TeacherLogps(NamedTuple):
 # Validation (the same messages as the Torch backend's fused path)
 
 
-def _check_chunk_options(func: str, chunk_size: object, ignore_index: object) -> int | None:
-    v.check_int_scalar(func, "ignore_index", ignore_index)
-    if chunk_size is None:
-        return None
-    return v.check_int_scalar(func, "chunk_size", chunk_size, low=1)
-
-
 def _check_lm_head(func: str, hidden: jax.Array, weight: jax.Array, bias: jax.Array | None, *,
                    names: tuple[str, str, str], lead: tuple[int, ...] | None = None) -> None:
     h_name, w_name, b_name = names
     for name, t in ((h_name, hidden), (w_name, weight), (b_name, bias)):
         if t is not None:
             v.check_floating_dtype(func, name, bool(jnp.issubdtype(t.dtype, jnp.floating)), t.dtype)
-    if hidden.ndim < 1:
-        v.fail(func, h_name, f"must have shape [..., H] (at least 1 dim), got {tuple(hidden.shape)}")
-    if lead is not None and tuple(hidden.shape[:-1]) != tuple(lead):
-        v.fail(func, h_name, f"has shape {tuple(hidden.shape)}, expected leading dims {tuple(lead)}")
-    size = hidden.shape[-1]
-    if weight.ndim != 2 or weight.shape[1] != size:
-        v.fail(func, w_name, f"has shape {tuple(weight.shape)}, expected [V, {size}] "
-                             f"(the hidden size of `{h_name}` is {size})")
-    if weight.shape[0] < 1:
-        v.fail(func, w_name, "has an empty vocabulary axis")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        v.fail(func, b_name, f"has shape {tuple(bias.shape)}, expected ({weight.shape[0]},) (one per vocabulary row)")
+    v.check_lm_head_shapes(func, tuple(hidden.shape), tuple(weight.shape),
+                           None if bias is None else tuple(bias.shape), names=names, lead=lead)
     for name, t in ((w_name, weight), (b_name, bias)):
-        if t is not None and t.dtype != hidden.dtype:
-            v.fail(func, name, f"has dtype {t.dtype} but `{h_name}` has {hidden.dtype}; cast them to one dtype")
+        if t is not None:
+            v.check_same_dtype(func, name, t.dtype, h_name, hidden.dtype)
 
 
 def _check_labels(func: str, name: str, labels: jax.Array, shape: tuple[int, ...]) -> None:
@@ -251,7 +234,7 @@ def linear_token_logps(
     See also: ``dpkd.backends.jax.token_logps`` (materialised), ``fused_dpkd_loss``.
     """
     func = "linear_token_logps"
-    size = _check_chunk_options(func, chunk_size, ignore_index)
+    size = v.check_chunk_options(func, chunk_size, ignore_index)
     _check_lm_head(func, hidden, weight, bias, names=("hidden", "weight", "bias"))
     _check_labels(func, "labels", labels, tuple(hidden.shape[:-1]))
     _check_values(func, {"hidden": hidden, "weight": weight, "bias": bias}, {"labels": labels}, weight.shape[0],
@@ -449,7 +432,7 @@ def fused_sequence_loss(
     v.check_choice(func, "mode", mode, ("auto", "single_pass", "two_pass"))
     if mode == "single_pass" and reduction == "none":
         v.fail(func, "mode", "'single_pass' needs a reduced loss (reduction 'mean' or 'sum'); use 'two_pass'")
-    size = _check_chunk_options(func, chunk_size, ignore_index)
+    size = v.check_chunk_options(func, chunk_size, ignore_index)
     for name, t in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden)):
         if t.ndim != 3:
             v.fail(func, name, f"must have shape [B, T, H], got {tuple(t.shape)}")

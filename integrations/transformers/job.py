@@ -56,7 +56,7 @@ class JobConfig:
     beta: float = 0.1
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = BASE_METHODS
-    eval_every: int = 20
+    eval_every: int = 5
     n_probe: int = 16
     threads: int = 2
     use_fused: bool = False  # the fused lm_head path for every training run (DistillConfig.use_fused)
