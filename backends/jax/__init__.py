@@ -38,6 +38,16 @@ from .fused import (
     fused_simpo_loss,
     linear_token_logps,
 )
+from .fused_token import (
+    NamedTokenLoss,
+    fused_akl,
+    fused_cross_entropy,
+    fused_dpkd_token_loss,
+    fused_forward_kl,
+    fused_generalized_jsd,
+    fused_reverse_kl,
+    fused_token_loss,
+)
 from .logps import sequence_logps, shift_for_causal_lm, token_logps
 from .metrics import implicit_reward, preference_metrics
 from .objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig, objective
@@ -97,4 +107,12 @@ __all__ = [
     "TeacherLMHead",
     "TeacherLogps",
     "auto_chunk_size",
+    "NamedTokenLoss",
+    "fused_token_loss",
+    "fused_dpkd_token_loss",
+    "fused_forward_kl",
+    "fused_reverse_kl",
+    "fused_generalized_jsd",
+    "fused_akl",
+    "fused_cross_entropy",
 ]

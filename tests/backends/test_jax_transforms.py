@@ -158,6 +158,7 @@ def test_static_argnames_cover_exactly_the_non_array_options(name):
 def test_every_public_function_has_static_argnames():
     # the fused lm_head path (dpkd.backends.jax.fused) jit-compiles itself and takes lm_head arrays, not the spec API
     fused = set(importlib.import_module("dpkd.backends.jax.fused").__all__)
+    fused |= set(importlib.import_module("dpkd.backends.jax.fused_token").__all__)
     functions = {n for n in J.__all__ if callable(getattr(J, n)) and n[0].islower()} - {"jit", "checked", "throw"}
     functions -= fused
     assert functions == set(J.STATIC_ARGNAMES)
