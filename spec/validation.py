@@ -45,6 +45,7 @@ __all__ = [
     "check_chunk_options",
     "check_lm_head_shapes",
     "check_same_dtype",
+    "check_same_vocab",
 ]
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -204,13 +205,8 @@ def check_student_teacher_shapes(
         what = "[..., T, V]" if min_ndim == 2 else "[..., V]"
         fail(func, student_name, f"must have shape {what} (at least {min_ndim} dims), got {student_shape}")
     if len(teacher_shape) != len(student_shape) or teacher_shape[-1] != student_shape[-1]:
-        if len(teacher_shape) >= 1 and teacher_shape[-1] != student_shape[-1]:
-            fail(
-                func,
-                teacher_name,
-                f"has vocabulary size {teacher_shape[-1]} but `{student_name}` has {student_shape[-1]}; "
-                "teacher and student must share one vocabulary (pad or slice the lm_head first)",
-            )
+        if len(teacher_shape) >= 1:
+            check_same_vocab(func, teacher_name, teacher_shape[-1], student_name, student_shape[-1])
         fail(func, teacher_name, f"has shape {teacher_shape}, expected {student_shape}")
     if teacher_shape != student_shape:
         fail(func, teacher_name, f"has shape {teacher_shape}, expected {student_shape}")
@@ -256,6 +252,13 @@ def check_lm_head_shapes(
         fail(func, w_name, "has an empty vocabulary axis")
     if bias_shape is not None and tuple(bias_shape) != (weight_shape[0],):
         fail(func, b_name, f"has shape {tuple(bias_shape)}, expected ({weight_shape[0]},) (one per vocabulary row)")
+
+
+def check_same_vocab(func: str, name: str, vocab: int, ref_name: str, ref_vocab: int) -> None:
+    """Teacher and student distributions are compared entry by entry: one vocabulary (ANCHORS bug #16)."""
+    if vocab != ref_vocab:
+        fail(func, name, f"has vocabulary size {vocab} but `{ref_name}` has {ref_vocab}; "
+                         "teacher and student must share one vocabulary (pad or slice the lm_head first)")
 
 
 def check_same_dtype(func: str, name: str, dtype: object, ref_name: str, ref_dtype: object) -> None:

@@ -461,10 +461,8 @@ def fused_sequence_loss(
             floats[name] = t
         kind, teacher_arrays = "logps", (teacher.chosen, teacher.rejected)
     elif isinstance(teacher, TeacherLMHead):
-        if teacher.weight.ndim == 2 and teacher.weight.shape[0] != vocab:
-            v.fail(func, "teacher.weight", f"has vocabulary size {teacher.weight.shape[0]} but `weight` has "
-                                           f"{vocab}; teacher and student must share one vocabulary "
-                                           "(pad or slice the lm_head first)")
+        if teacher.weight.ndim == 2:
+            v.check_same_vocab(func, "teacher.weight", teacher.weight.shape[0], "weight", vocab)
         _check_lm_head(func, teacher.chosen_hidden, teacher.weight, teacher.bias,
                        lead=tuple(chosen_hidden.shape[:2]),
                        names=("teacher.chosen_hidden", "teacher.weight", "teacher.bias"))

@@ -181,10 +181,8 @@ def _token_rows_jit(rows, weight, bias, teacher_rows, teacher_weight, teacher_bi
 
 
 def _check_same_vocab(func: str, student_weight: jax.Array, teacher_weight: jax.Array) -> None:
-    if teacher_weight.ndim == 2 and teacher_weight.shape[0] != student_weight.shape[0]:
-        v.fail(func, "teacher_weight", f"has vocabulary size {teacher_weight.shape[0]} but `weight` has "
-                                       f"{student_weight.shape[0]}; teacher and student must share one vocabulary "
-                                       "(pad or slice the lm_head first)")
+    if teacher_weight.ndim == 2:
+        v.check_same_vocab(func, "teacher_weight", teacher_weight.shape[0], "weight", student_weight.shape[0])
 
 
 def fused_token_loss(

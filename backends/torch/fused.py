@@ -140,10 +140,8 @@ def _check_labels(func: str, name: str, labels: torch.Tensor, shape: tuple[int, 
 
 def _check_same_vocab(func: str, student_weight: torch.Tensor, teacher_weight: torch.Tensor,
                       names: tuple[str, str] = ("weight", "teacher_weight")) -> None:
-    if teacher_weight.ndim == 2 and teacher_weight.shape[0] != student_weight.shape[0]:
-        v.fail(func, names[1], f"has vocabulary size {teacher_weight.shape[0]} but `{names[0]}` has "
-                               f"{student_weight.shape[0]}; teacher and student must share one vocabulary "
-                               "(pad or slice the lm_head first)")
+    if teacher_weight.ndim == 2:
+        v.check_same_vocab(func, names[1], teacher_weight.shape[0], names[0], student_weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------
