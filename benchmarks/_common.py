@@ -6,8 +6,9 @@ A thread samples ``/proc/self/statm`` every ~0.2 ms during one forward+backward 
 is (peak RSS during the step) − (RSS just before it), with the inputs resident and every ``.grad`` cleared,
 so it counts the activations, the scratch buffers AND the gradients the step produces (grad_weight is the
 same 65 MB for every variant). Compilation (torch.compile, jax.jit) happens in the warm-up, outside the
-measured step. Time: process CPU time of forward+backward (one compute thread; the sampler's own CPU time
-subtracted), median over the repeats after one warm-up; the minimum wall clock is recorded beside it.
+measured step. Time: process CPU time of forward+backward on one pinned core (the sampler's own CPU time
+subtracted), median over the repeats after one warm-up; the minimum wall clock is recorded beside it; each
+repeat is paired with a run of the variant's GEMM floor in the same process (see ``measure``).
 """
 
 from __future__ import annotations
@@ -62,25 +63,64 @@ class PeakSampler:
         self.peak = max(self.peak, rss_bytes())
 
 
-def measure(step: Callable[[], None], reset: Callable[[], None], repeats: int) -> dict:
-    """Warm up once (compiles), then ``repeats`` timed steps; peak memory of the first timed step."""
+def pin_to_one_core() -> int:
+    """Run this process (and every thread it starts, XLA's included) on one core, the last one.
+
+    Torch is set to one thread anyway; XLA's CPU client starts its own pool whatever the flags say, so
+    without this its CPU time would count two cores' work against Torch's one."""
+    core = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def _timed(step: Callable[[], None], reset: Callable[[], None], sample: bool) -> tuple[float, float, int]:
+    """(CPU s, wall s, peak extra bytes or 0) of one call of ``step`` after ``reset``."""
+    reset()
+    before = rss_bytes()
+    if not sample:
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        return time.process_time() - c0, time.perf_counter() - t0, 0
+    with PeakSampler() as sampler:
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        wall = time.perf_counter() - t0
+        c1 = time.process_time()
+    return c1 - c0 - sampler.cpu_s, wall, sampler.peak - before
+
+
+def measure(step: Callable[[], None], reset: Callable[[], None], repeats: int,
+            floor: Callable[[], None] | None = None) -> dict:
+    """Warm up once (compiles), then ``repeats`` timed steps, each next to one run of ``floor`` (the
+    GEMMs the step must do) in alternating order; peak memory of the step (never of the floor).
+
+    The machine is a VM shared with other tenants: the same work takes ±20% from one second to the next,
+    so a ratio of two medians taken minutes apart in different processes is mostly noise. Here every step
+    has its own floor measured seconds away in the same process; the report gives the median of those
+    per-repeat ratios and the ratio of the two minima (the least-disturbed runs)."""
     reset()
     step()
-    times, cpu, peaks = [], [], []
-    for _ in range(repeats):
-        reset()
-        before = rss_bytes()
-        with PeakSampler() as sampler:
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            times.append(time.perf_counter() - t0)
-            c1 = time.process_time()
-        cpu.append(c1 - c0 - sampler.cpu_s)
-        peaks.append(sampler.peak - before)
-    # CPU time of the process (one compute thread) is what the ratios use: on a machine shared with other
-    # jobs the wall clock mostly measures the others; CPU time still carries cache/bandwidth contention.
-    return {"time_s": statistics.median(cpu), "times_s": cpu, "wall_s": min(times), "peak_bytes": max(peaks),
-            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if floor is not None:
+        floor()
+    cpu, walls, peaks, floor_cpu = [], [], [], []
+    for i in range(repeats):
+        if floor is not None and i % 2 == 0:
+            floor_cpu.append(_timed(floor, lambda: None, False)[0])
+        c, w, peak = _timed(step, reset, True)
+        cpu.append(c)
+        walls.append(w)
+        peaks.append(peak)
+        if floor is not None and i % 2 == 1:
+            floor_cpu.append(_timed(floor, lambda: None, False)[0])
+    # CPU time of the process (one core) is what the ratios use: on a shared machine the wall clock
+    # mostly measures the others; CPU time still carries their cache/bandwidth contention.
+    out = {"time_s": statistics.median(cpu), "times_s": cpu, "wall_s": min(walls), "peak_bytes": max(peaks),
+           "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if floor is not None:
+        out.update({"floor_s": statistics.median(floor_cpu), "floor_times_s": floor_cpu,
+                    "ratio": statistics.median(c / f for c, f in zip(cpu, floor_cpu)),
+                    "ratio_min": min(cpu) / min(floor_cpu)})
+    return out
 
 
 def run_child(script: str, args: list[str], threads: int, timeout: float = 1800) -> dict:

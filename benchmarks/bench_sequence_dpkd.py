@@ -27,19 +27,51 @@ import _common as common  # noqa: E402
 VARIANTS = {
     "dpkd_fused_torch": ("(a) dpkd fused, torch", "gemm4"),
     "dpkd_fused_torch_logps": ("(a') dpkd fused, torch, precomputed teacher logps", "gemm3"),
-    "linear_token_logps_torch": ("(a'') torch linear_token_logps alone (Σ g·logp)", "gemm4s"),
+    "linear_token_logps_torch": ("(a'') torch linear_token_logps alone (Σ g·logp over all N rows)", "gemm4s"),
     "dpkd_fused_jax": ("(b) dpkd fused, jax (jit)", "gemm4"),
     "trl_eager": ("(c) materialised, TRL-style, eager", "gemm4"),
     "trl_compile": ("(d) torch.compile of (c)", "gemm4"),
     "liger": ("(e) Liger LigerFusedLinearDPOLoss (ref = teacher)", "gemm4"),
     "gemm4": ("(f) the 4 GEMMs alone (3 student + teacher fwd)", "gemm4"),
-    "gemm3": ("(f') the 3 student GEMMs alone", "gemm3"),
-    "gemm4s": ("(f'') the 4 GEMMs of linear_token_logps", "gemm4s"),
+}
+FLOORS = {
+    "gemm4": "student forward, grad_hidden, grad_weight + the teacher's forward",
+    "gemm3": "student forward, grad_hidden, grad_weight",
+    "gemm4s": "forward, its recompute, grad_hidden, grad_weight",
 }
 LARGE = ("dpkd_fused_torch", "dpkd_fused_jax", "trl_eager", "liger", "gemm4")
 
 
+def _floor_step(kind: str, x: dict, n_rows: int, h: int, ht: int, v: int, chunk: int):
+    """The GEMMs of ``kind`` alone over chunks of ``chunk`` rows (buffers allocated per call, like a loss)."""
+    import torch
+
+    xs = torch.cat([x["ch"], x["rj"]]).detach().reshape(n_rows, h)
+    xt = torch.cat([x["tch"], x["trj"]]).reshape(n_rows, ht)
+    w, tw = x["w"].detach(), x["tw"]
+
+    def step() -> None:
+        buf = torch.empty(chunk, v)
+        grad_x = torch.empty(n_rows, h)
+        grad_w = torch.empty(v, h)
+        for i0 in range(0, n_rows, chunk):
+            sl = slice(i0, i0 + chunk)
+            if kind == "gemm4":
+                torch.mm(xt[sl], tw.t(), out=buf)
+            elif kind == "gemm4s":
+                torch.mm(xs[sl], w.t(), out=buf)
+            torch.mm(xs[sl], w.t(), out=buf)
+            torch.mm(buf, w, out=grad_x[sl])
+            if i0 == 0:
+                torch.mm(buf.t(), xs[sl], out=grad_w)
+            else:
+                grad_w.addmm_(buf.t(), xs[sl])
+
+    return step
+
+
 def child(args: argparse.Namespace) -> dict:
+    common.pin_to_one_core()
     import numpy as np
 
     name = args.child
@@ -57,12 +89,14 @@ def child(args: argparse.Namespace) -> dict:
         "tw": (rng.standard_normal((v, ht), dtype=np.float32) / np.sqrt(ht)).astype(np.float32),
     }
     beta = 0.1
-    if name == "dpkd_fused_jax":
-        return _child_jax(arrays, labels, beta, args)
     import torch
 
     torch.set_num_threads(args.threads)
     x = {k: torch.from_numpy(a) for k, a in arrays.items()}
+    chunk = 2 * t_len  # the rows of one pair: the single pass's chunk, and the floors'
+    floor = _floor_step(VARIANTS[name][1], x, 2 * pairs * t_len, h, ht, v, chunk)
+    if name == "dpkd_fused_jax":
+        return _child_jax(arrays, labels, beta, args, floor)
     lc, ls = torch.from_numpy(labels[0]), torch.from_numpy(labels[1])
     params = [x["ch"], x["rj"], x["w"]]
     for p in params:
@@ -72,19 +106,18 @@ def child(args: argparse.Namespace) -> dict:
         for p in params:
             p.grad = None
 
-    chunk = 2 * t_len  # the rows of one pair: the single pass's chunk, and the floors'
     if name.startswith("dpkd_fused_torch") or name == "linear_token_logps_torch":
         from dpkd.backends.torch import fused
 
         if name == "linear_token_logps_torch":
-            rows = [x["ch"].reshape(-1, h), x["rj"].reshape(-1, h)]
-            g = torch.randn(pairs * t_len)
+            rows = torch.cat([x["ch"], x["rj"]]).reshape(-1, h).detach().requires_grad_(True)
+            flat_labels = torch.cat([lc, ls]).reshape(-1)
+            g = torch.randn(rows.shape[0])
+            params[:] = [rows, x["w"]]
 
             def step() -> None:
-                total = sum((fused.linear_token_logps(r, x["w"], lab.reshape(-1), chunk_size=args.chunk_size or None)
-                             * g).sum()
-                            for r, lab in zip(rows, (lc, ls)))
-                total.backward()
+                logps = fused.linear_token_logps(rows, x["w"], flat_labels, chunk_size=args.chunk_size or None)
+                (logps * g).sum().backward()
         else:
             if name == "dpkd_fused_torch_logps":
                 with torch.no_grad():
@@ -118,26 +151,11 @@ def child(args: argparse.Namespace) -> dict:
         def step() -> None:
             out = module(x["w"], inp, target, None, ref_input=ref_inp, ref_weight=x["tw"])
             out[0].backward()
-    elif name.startswith("gemm"):
-        n_rows = 2 * pairs * t_len
-        xs = torch.cat([x["ch"], x["rj"]]).detach().reshape(n_rows, h)
-        xt = torch.cat([x["tch"], x["trj"]]).reshape(n_rows, ht)
-        w, tw = x["w"].detach(), x["tw"]
-        buf = torch.empty(chunk, v)
-        grad_x = torch.empty(n_rows, h)
-
-        def step() -> None:
-            grad_w = torch.zeros(v, h)
-            for i0 in range(0, n_rows, chunk):
-                sl = slice(i0, i0 + chunk)
-                if name != "gemm3":
-                    torch.mm(xt[sl], tw.t(), out=buf) if name == "gemm4" else torch.mm(xs[sl], w.t(), out=buf)
-                torch.mm(xs[sl], w.t(), out=buf)
-                torch.mm(buf, w, out=grad_x[sl])
-                grad_w.addmm_(buf.t(), xs[sl])
+    elif name == "gemm4":
+        step = floor
     else:
         raise SystemExit(f"unknown variant {name}")
-    return common.measure(step, reset, args.repeats)
+    return common.measure(step, reset, args.repeats, floor=floor)
 
 
 def _trl_loss(ch, rj, w, tch, trj, tw, lc, ls, beta):
@@ -160,7 +178,7 @@ def _trl_loss(ch, rj, w, tch, trj, tw, lc, ls, beta):
     return -F.logsigmoid(beta * logits).mean()
 
 
-def _child_jax(arrays, labels, beta, args) -> dict:
+def _child_jax(arrays, labels, beta, args, floor) -> dict:
     import jax
     import jax.numpy as jnp
     from dpkd.backends.jax import fused
@@ -179,7 +197,7 @@ def _child_jax(arrays, labels, beta, args) -> dict:
     def step() -> None:
         jax.block_until_ready(grad(x["ch"], x["rj"], x["w"], x["tch"], x["trj"], x["tw"], lc, ls))
 
-    return common.measure(step, lambda: None, args.repeats)
+    return common.measure(step, lambda: None, args.repeats, floor=floor)
 
 
 def main() -> None:
@@ -190,8 +208,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--prompt", type=int, default=32, help="ignored prompt tokens at the start of each sequence")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--large-repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--large-repeats", type=int, default=2)
     p.add_argument("--scale", type=int, default=4, help="the larger N = scale · n (memory flatness)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=0,
@@ -223,35 +241,86 @@ def main() -> None:
         common.write_section("bench_sequence_dpkd", report)
 
 
+def _verdict(value: float, limit: float) -> str:
+    return "met" if value <= limit else f"missed by {100 * (value / limit - 1):.0f}%"
+
+
+def _targets(args: argparse.Namespace, rows: dict) -> list[str]:
+    """Issue 5's targets against this run's rows (time ratios are each variant's in-process floor ratio:
+    gemm4, gemm3 and gemm4s are all N·H·V GEMM work of the same size class, see FLOORS)."""
+    n, big = args.n, args.n * args.scale
+
+    def get(name: str, key: str, at: int = n) -> float | None:
+        return rows.get((at, name), {}).get(key)
+
+    def mib(x: float) -> str:
+        return f"{x / 2**20:.0f} MiB"
+
+    out = ["", "Targets (issue 5), from the rows above:", "", "| target | measured | verdict |", "|---|---|---|"]
+
+    def add(target: str, value: float | None, limit: float, text: str = "") -> None:
+        if value is not None:
+            out.append(f"| {target} | {text or f'{value:.3f}'} | {_verdict(value, limit)} |")
+
+    def add_time(target: str, name: str) -> None:
+        r = get(name, "ratio")
+        if r is not None:
+            add(target, r, 1.15, f"{r:.3f} × (min/min {get(name, 'ratio_min'):.3f})")
+
+    add_time("linear_token_logps ≤ 1.15 × its 4 GEMMs", "linear_token_logps_torch")
+    ltl, c = get("linear_token_logps_torch", "ratio"), get("trl_eager", "ratio")
+    if ltl and c:
+        add("linear_token_logps faster than (c)", ltl / c, 1.0, f"{ltl / c:.2f} × (c)'s time")
+    add_time("fused DPKD, teacher lm_head: ≤ 1.15 × its GEMMs", "dpkd_fused_torch")
+    add_time("fused DPKD, precomputed teacher logps: ≤ 1.15 × its 3 GEMMs", "dpkd_fused_torch_logps")
+    pa, pc, pe = get("dpkd_fused_torch", "peak_bytes"), get("trl_eager", "peak_bytes"), get("liger", "peak_bytes")
+    pa4 = get("dpkd_fused_torch", "peak_bytes", big)
+    if pa and pc:
+        add(f"peak memory ≤ 10% of (c) at N = {n}", pa / pc, 0.10, f"{pa / pc:.3f} ({mib(pa)} vs {mib(pc)})")
+    if pa and pa4:
+        add(f"memory growth < 1.2× from N = {n} to {big}", pa4 / pa, 1.2, f"{pa4 / pa:.2f}× ({mib(pa)} → {mib(pa4)})")
+    if pa and pe:
+        add("≤ 0.5 × Liger's peak memory", pa / pe, 0.5, f"{pa / pe:.3f} ({mib(pa)} vs {mib(pe)})")
+    fa, e, jb = get("dpkd_fused_torch", "ratio"), get("liger", "ratio"), get("dpkd_fused_jax", "ratio")
+    if fa and e:
+        add("≤ 1.0 × Liger's time", fa / e, 1.0)
+    if fa and jb:
+        add("JAX fused ≤ 1.3 × torch fused", jb / fa, 1.3)
+    return out
+
+
 def _report(args: argparse.Namespace, rows: dict) -> str:
     m = common.machine()
     cmd = "python benchmarks/bench_sequence_dpkd.py " + " ".join(sys.argv[1:])
     lines = [
         "## Sequence-level DPKD, forward + backward (bench_sequence_dpkd.py)", "",
         f"Command: `{cmd}`  ",
-        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {args.threads} thread(s) per variant, load average at the "
-        f"end {m['load'][0]:.1f} (shared with other jobs: expect ±20% timing noise)  ",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), every variant pinned to one core with {args.threads} "
+        f"thread(s), load average at the end {m['load'][0]:.1f} (a VM shared with other tenants)  ",
         f"Versions: {', '.join(f'{k} {val}' for k, val in m['versions'].items())}  ",
         f"Date: {m['date']}  ",
         f"Shape: H={args.hidden}, H_teacher={args.teacher_hidden}, V={args.vocab}, T={args.seq_len} per sequence "
         f"({args.prompt} prompt tokens ignored), float32, β=0.1, dpkd chunk "
-        f"{args.chunk_size or 'automatic (64 MiB)'} rows; floors chunked by one pair ({2 * args.seq_len} rows).", "",
-        "| N | variant | CPU s (median) [min wall s] | time / floor | floor | peak extra MiB | memory / (c) |",
-        "|---|---|---|---|---|---|---|",
+        f"{args.chunk_size or 'automatic (64 MiB)'} rows; floors chunked by one pair ({2 * args.seq_len} rows).  ",
+        "Time / floor: the median over repeats of (this repeat's CPU s) / (its floor's CPU s, measured next to it "
+        "in the same process), and in brackets min(CPU s) / min(floor CPU s). Floors: "
+        + "; ".join(f"{k} = {val}" for k, val in FLOORS.items()) + ".", "",
+        "| N | variant | CPU s (median, spread) [min wall s] | floor | floor CPU s | time / floor [min/min] "
+        "| peak extra MiB | memory / (c) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (n, name), res in rows.items():
         label, floor = VARIANTS[name]
         if "error" in res:
-            lines.append(f"| {n} | {label} | failed: {res['error']} | | | | |")
+            lines.append(f"| {n} | {label} | failed: {res['error']} | | | | | |")
             continue
         base = rows.get((n, "trl_eager"), {})
-        fl = rows.get((n, floor), {})
-        t_ratio = f"{res['time_s'] / fl['time_s']:.2f}" if "time_s" in fl else "–"
         m_ratio = f"{res['peak_bytes'] / base['peak_bytes']:.3f}" if "peak_bytes" in base else "–"
         spread = f"{min(res['times_s']):.2f}–{max(res['times_s']):.2f}" if len(res["times_s"]) > 1 else ""
         lines.append(f"| {n} | {label} | {res['time_s']:.2f} {('(' + spread + ')') if spread else ''} "
-                     f"[{res['wall_s']:.2f}] | {t_ratio} "
-                     f"| {floor} | {common.mib(res['peak_bytes'])} | {m_ratio} |")
+                     f"[{res['wall_s']:.2f}] | {floor} | {res['floor_s']:.2f} | {res['ratio']:.3f} "
+                     f"[{res['ratio_min']:.3f}] | {common.mib(res['peak_bytes'])} | {m_ratio} |")
+    lines += _targets(args, rows)
     return "\n".join(lines)
 
 
