@@ -23,59 +23,99 @@ import _common as common  # noqa: E402
 VARIANTS = {
     "fused_torch": "dpkd fused_dpkd_token_loss, torch",
     "materialised_torch": "dpkd_token_loss on materialised logits, torch eager",
+    "fused_jax": "dpkd fused_dpkd_token_loss, jax (jit)",
+    "materialised_jax": "dpkd_token_loss on materialised logits, jax (jit)",
     "gemm4": "the 4 GEMMs alone (student fwd, teacher fwd, grad_hidden, grad_weight)",
 }
 
 
 def child(args: argparse.Namespace) -> dict:
+    common.pin_to_one_core()
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
     from dpkd.backends.torch import dpkd_token_loss
-    from dpkd.backends.torch.fused import auto_chunk_size, fused_dpkd_token_loss
+    from dpkd.backends.torch.fused import TOKEN_LOSS_BUFFERS, auto_chunk_size, fused_dpkd_token_loss
 
     rng = np.random.default_rng(0)
     n, h, v, ht = args.n, args.hidden, args.vocab, args.teacher_hidden
-    hidden = torch.from_numpy(rng.standard_normal((n, h), dtype=np.float32)).requires_grad_(True)
-    weight = torch.from_numpy((rng.standard_normal((v, h), dtype=np.float32) / np.sqrt(h)).astype(np.float32))
-    weight.requires_grad_(True)
-    teacher_hidden = torch.from_numpy(rng.standard_normal((n, ht), dtype=np.float32))
-    teacher_weight = torch.from_numpy((rng.standard_normal((v, ht), dtype=np.float32) / np.sqrt(ht)).astype(np.float32))
-    mask = torch.from_numpy(rng.random(n) > 0.1)
-    chunk = args.chunk_size or auto_chunk_size(v, n_rows=n, buffers=8)
+    arrays = {
+        "hidden": rng.standard_normal((n, h), dtype=np.float32),
+        "weight": (rng.standard_normal((v, h), dtype=np.float32) / np.sqrt(h)).astype(np.float32),
+        "teacher_hidden": rng.standard_normal((n, ht), dtype=np.float32),
+        "teacher_weight": (rng.standard_normal((v, ht), dtype=np.float32) / np.sqrt(ht)).astype(np.float32),
+        "mask": rng.random(n) > 0.1,
+    }
+    x = {k: torch.from_numpy(a) for k, a in arrays.items()}
+    hidden, weight = x["hidden"].requires_grad_(True), x["weight"].requires_grad_(True)
+    teacher_hidden, teacher_weight, mask = x["teacher_hidden"], x["teacher_weight"], x["mask"]
+    chunk = args.chunk_size or auto_chunk_size(v, n_rows=n, buffers=TOKEN_LOSS_BUFFERS)
 
     def reset() -> None:
         hidden.grad = weight.grad = None
 
-    if args.child == "fused_torch":
-        def step() -> None:
-            fused_dpkd_token_loss(hidden, weight, teacher_hidden, teacher_weight, mask,
-                                  chunk_size=args.chunk_size or None).loss.backward()
-    elif args.child == "materialised_torch":
-        def step() -> None:
-            with torch.no_grad():
-                teacher_logits = teacher_hidden @ teacher_weight.t()
-            dpkd_token_loss(hidden @ weight.t(), teacher_logits, mask).loss.backward()
-    elif args.child == "gemm4":
-        xs, w = hidden.detach(), weight.detach()
+    xs, w = hidden.detach(), weight.detach()
+
+    def floor() -> None:  # chunked like the fused path
         buf = torch.empty(chunk, v)
         grad_x = torch.empty(n, h)
-
-        def step() -> None:
-            grad_w = torch.zeros(v, h)
-            for i0 in range(0, n, chunk):
-                sl = slice(i0, min(i0 + chunk, n))
-                part = buf[: sl.stop - sl.start]
-                torch.mm(teacher_hidden[sl], teacher_weight.t(), out=part)
-                torch.mm(xs[sl], w.t(), out=part)
-                torch.mm(part, w, out=grad_x[sl])
+        grad_w = torch.empty(v, h)
+        for i0 in range(0, n, chunk):
+            sl = slice(i0, min(i0 + chunk, n))
+            part = buf[: sl.stop - sl.start]
+            torch.mm(teacher_hidden[sl], teacher_weight.t(), out=part)
+            torch.mm(xs[sl], w.t(), out=part)
+            torch.mm(part, w, out=grad_x[sl])
+            if i0 == 0:
+                torch.mm(part.t(), xs[sl], out=grad_w)
+            else:
                 grad_w.addmm_(part.t(), xs[sl])
+
+    if args.child.endswith("_jax"):
+        out = _child_jax(args, arrays, floor)
     else:
-        raise SystemExit(f"unknown variant {args.child}")
-    out = common.measure(step, reset, args.repeats)
+        if args.child == "fused_torch":
+            def step() -> None:
+                fused_dpkd_token_loss(hidden, weight, teacher_hidden, teacher_weight, mask,
+                                      chunk_size=args.chunk_size or None).loss.backward()
+        elif args.child == "materialised_torch":
+            def step() -> None:
+                with torch.no_grad():
+                    teacher_logits = teacher_hidden @ teacher_weight.t()
+                dpkd_token_loss(hidden @ weight.t(), teacher_logits, mask).loss.backward()
+        elif args.child == "gemm4":
+            step = floor
+        else:
+            raise SystemExit(f"unknown variant {args.child}")
+        out = common.measure(step, reset, args.repeats, floor=floor)
     out["chunk"] = chunk
     return out
+
+
+def _child_jax(args: argparse.Namespace, arrays: dict, floor) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from dpkd.backends.jax import dpkd_token_loss
+    from dpkd.backends.jax.fused_token import fused_dpkd_token_loss
+
+    x = {k: jnp.asarray(a) for k, a in arrays.items()}
+    if args.child == "fused_jax":
+        def loss(hidden, weight, teacher_hidden, teacher_weight, mask):
+            return fused_dpkd_token_loss(hidden, weight, teacher_hidden, teacher_weight, mask,
+                                         chunk_size=args.chunk_size or None).loss
+    else:
+        def loss(hidden, weight, teacher_hidden, teacher_weight, mask):
+            teacher_logits = jax.lax.stop_gradient(teacher_hidden @ teacher_weight.T)
+            return dpkd_token_loss(hidden @ weight.T, teacher_logits, mask).loss
+
+    # every array an argument: closed-over arrays become constants that XLA tries to fold at compile time
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+    def step() -> None:
+        jax.block_until_ready(grad(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["mask"]))
+
+    return common.measure(step, lambda: None, args.repeats, floor=floor)
 
 
 def main() -> None:
@@ -84,9 +124,10 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--teacher-hidden", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=0, help="token rows per chunk (0: automatic)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--child", default=None)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -98,7 +139,7 @@ def main() -> None:
              "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--threads", str(args.threads),
              "--chunk-size", str(args.chunk_size)]
     rows = {}
-    for name in VARIANTS:
+    for name in args.variants.split(","):
         rows[name] = common.run_child(script, [name, *shape], args.threads)
         print(name, rows[name], flush=True)
     m = common.machine()
@@ -106,24 +147,27 @@ def main() -> None:
         "## Token-level DPKD, forward + backward (bench_token_dpkd.py)", "",
         f"Command: `python benchmarks/bench_token_dpkd.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {args.threads} thread(s), load average at the end "
-        f"{m['load'][0]:.1f} (shared: expect ±20% timing noise)  ",
+        f"{m['load'][0]:.1f} (a VM shared with other tenants)  ",
         f"Versions: {', '.join(f'{k} {val}' for k, val in m['versions'].items())}  ",
         f"Date: {m['date']}  ",
         f"Shape: N={args.n}, H={args.hidden}, H_teacher={args.teacher_hidden}, V={args.vocab}, float32, "
-        "form sigmoid, β=0.1, 90% of positions in the mask.", "",
-        "| variant | chunk rows | CPU s (median) [min wall s] | time / gemm4 | peak extra MiB "
-        "| memory / materialised |",
-        "|---|---|---|---|---|---|",
+        "form sigmoid, β=0.1, 90% of positions in the mask.  ",
+        "Time / gemm4: the median over repeats of (CPU s) / (CPU s of the GEMMs alone, chunked the same way, "
+        "measured next to it in the same process); in brackets min / min. Each variant pinned to one core.", "",
+        "| variant | chunk rows | CPU s (median, spread) [min wall s] | gemm4 CPU s | time / gemm4 [min/min] "
+        "| peak extra MiB | memory / materialised (same framework) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, res in rows.items():
         if "error" in res:
-            lines.append(f"| {VARIANTS[name]} | | failed: {res['error']} | | | |")
+            lines.append(f"| {VARIANTS[name]} | | failed: {res['error']} | | | | |")
             continue
-        floor, base = rows.get("gemm4", {}), rows.get("materialised_torch", {})
-        t_ratio = f"{res['time_s'] / floor['time_s']:.2f}" if "time_s" in floor else "–"
+        base = rows.get("materialised_jax" if name.endswith("_jax") else "materialised_torch", {})
         m_ratio = f"{res['peak_bytes'] / base['peak_bytes']:.3f}" if "peak_bytes" in base else "–"
-        chunk = res["chunk"] if name != "materialised_torch" else "–"
-        lines.append(f"| {VARIANTS[name]} | {chunk} | {res['time_s']:.2f} [{res['wall_s']:.2f}] | {t_ratio} | "
+        chunk = res["chunk"] if name.startswith(("fused", "gemm")) else "–"
+        spread = f"({min(res['times_s']):.2f}–{max(res['times_s']):.2f})" if len(res["times_s"]) > 1 else ""
+        lines.append(f"| {VARIANTS[name]} | {chunk} | {res['time_s']:.2f} {spread} [{res['wall_s']:.2f}] | "
+                     f"{res['floor_s']:.2f} | {res['ratio']:.3f} [{res['ratio_min']:.3f}] | "
                      f"{common.mib(res['peak_bytes'])} | {m_ratio} |")
     report = "\n".join(lines)
     print(report)

@@ -55,7 +55,7 @@ RowLoss = Callable[[jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, di
 
 # Live [chunk, V] arrays per chunk in the backward (student and teacher logits, the softmaxes and the VJP's
 # temporaries), as the Torch backend counts them.
-_TOKEN_LOSS_BUFFERS = 8
+TOKEN_LOSS_BUFFERS = 8
 
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "dpkd_token_loss": token.dpkd_token_loss,
@@ -265,7 +265,7 @@ def fused_token_loss(
         per_row, extras = jnp.zeros((0,), dtype), {}
     else:
         size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
-                                       buffers=_TOKEN_LOSS_BUFFERS)
+                                       buffers=TOKEN_LOSS_BUFFERS)
         teacher = (None, None, None)
         if teacher_hidden is not None:
             teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).astype(dtype),

@@ -20,6 +20,14 @@ Three building blocks:
   whole student and teacher distributions at the same positions: both logit chunks are computed together,
   the backend's own per-token formula runs on each chunk, and autograd of that chunk gives d loss/d logits.
 
+What a chunk costs beyond its GEMMs (measured on a CPU, benchmarks/RESULTS.md): a max, an exp and a sum
+over the ``[rows, V]`` buffer, nothing more. The gradient of Σ g·logp is taken from exp(logits − max) as it
+is — G = diag(−g/Σ)·E + onehot·g, so the row factors are applied to ``[rows, H]`` matrices, not to the
+buffer (``_backprop_logp_chunk``); the chosen and rejected rows of a pair go through ONE product (on a CPU a
+256-row GEMM ran ~1.6× slower per row than a 512-row one); grad_weight is written by the first chunk, not
+zero-filled; and gradients computed during the forward are handed to autograd without a copy (a second
+backward through the same graph recomputes them), so the peak holds one grad_weight, not two.
+
 The teacher side (its hidden size may differ from the student's) runs without gradient: it is frozen in
 distillation. The loss formulas are the backend's (``dpkd.backends.torch.sequence``, ``.token``,
 ``.distill``), never re-written here; any callable with the same contract can be fused.
@@ -65,7 +73,7 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 # Live [chunk, V] buffers per chunk: the sequence/logp paths work in place in one buffer; the token-level
 # losses keep student and teacher logits plus autograd's temporaries of the per-chunk loss.
-_TOKEN_LOSS_BUFFERS = 8
+TOKEN_LOSS_BUFFERS = 8
 
 
 def auto_chunk_size(vocab_size: int, *, n_rows: int, itemsize: int = 4, buffers: int = 1,
@@ -508,25 +516,31 @@ class _SinglePassSequenceLoss(torch.autograd.Function):
 def _two_pass_sequence(loss: SequenceLoss, chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor,
                        weight: torch.Tensor, bias: torch.Tensor | None, plan: _SequencePlan,
                        chunk_size: int) -> PreferenceLoss:
-    """Summed ``linear_token_logps`` per sequence, then the loss with ordinary autograd (4 GEMMs)."""
+    """Summed ``linear_token_logps`` per sequence, then the loss with ordinary autograd (4 GEMMs).
 
-    def seq_logps(hidden: torch.Tensor, w: torch.Tensor, bb: torch.Tensor | None, lab: torch.Tensor) -> torch.Tensor:
-        opts = _ChunkOptions(chunk_size=chunk_size, ignore_index=plan.ignore_index)
-        rows = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype).contiguous()
+    Chosen and rejected rows go through ONE ``linear_token_logps`` call: two calls would each build a
+    V×H grad_weight and autograd would add them (two at the peak)."""
+    n_pairs = chosen_hidden.shape[0]
+    t_c = chosen_hidden.shape[1]
+    every = slice(0, n_pairs)
+    labels = _chunk_rows(plan.chosen_labels, plan.rejected_labels, every)
+    opts = _ChunkOptions(chunk_size=chunk_size, ignore_index=plan.ignore_index)
+
+    def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor, w: torch.Tensor, bb: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = _chunk_rows(chosen, rejected, every).to(weight.dtype).contiguous()
         bb = None if bb is None else bb.to(weight.dtype)
-        return _LinearTokenLogps.apply(rows, w.to(weight.dtype).contiguous(), bb, lab.reshape(-1), opts
-                                       ).view(lab.shape).sum(1)
+        logps = _LinearTokenLogps.apply(rows, w.to(weight.dtype).contiguous(), bb, labels, opts)
+        return _side_sums(logps, n_pairs, t_c)
 
-    a = seq_logps(chosen_hidden, weight, bias, plan.chosen_labels)
-    b = seq_logps(rejected_hidden, weight, bias, plan.rejected_labels)
+    a, b = pair_sums(chosen_hidden, rejected_hidden, weight, bias)
     c = d = None
     teacher = plan.teacher
     if isinstance(teacher, TeacherLogps):
         c, d = teacher.chosen.to(weight.dtype), teacher.rejected.to(weight.dtype)
     elif isinstance(teacher, TeacherLMHead):
         with torch.no_grad():
-            c = seq_logps(teacher.chosen_hidden, teacher.weight, teacher.bias, plan.chosen_labels)
-            d = seq_logps(teacher.rejected_hidden, teacher.weight, teacher.bias, plan.rejected_labels)
+            c, d = pair_sums(teacher.chosen_hidden, teacher.rejected_hidden, teacher.weight, teacher.bias)
     out = loss(a, b, c, d, chosen_lengths=plan.chosen_lengths, rejected_lengths=plan.rejected_lengths,
                reduction=plan.reduction)
     return PreferenceLoss(out.loss, out.chosen_rewards.detach(), out.rejected_rewards.detach())
@@ -941,7 +955,7 @@ def fused_token_loss(
     rows = student_hidden.reshape(-1, student_hidden.shape[-1]).to(dtype).contiguous()
     n = rows.shape[0]
     itemsize = rows.element_size()
-    size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=itemsize, buffers=_TOKEN_LOSS_BUFFERS)
+    size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=itemsize, buffers=TOKEN_LOSS_BUFFERS)
     plan = _TokenPlan(
         row_loss=row_loss, target=flat_target,
         teacher_hidden=None if teacher_hidden is None else

@@ -233,9 +233,22 @@ def test_teacher_gets_no_gradient_and_upstream_scales_gradient(refs):
                                 teacher=fused.TeacherLMHead(th, t(rejected.teacher_hidden, dt),
                                                             t(chosen.teacher_weight, dt)))
     (g1,) = torch.autograd.grad(out.loss, ch, retain_graph=True)
+    # the second backward finds the forward's gradient handed out already and recomputes it
     (g3,) = torch.autograd.grad(3.0 * out.loss, ch)
     assert torch.allclose(g3, 3.0 * g1, rtol=1e-14, atol=0)
     assert not out.chosen_rewards.requires_grad
+
+
+def test_fused_token_loss_second_backward_through_the_same_graph(refs):
+    case = refs.make_case(22, (12,), 5, 13)
+    dt = torch.float64
+    h, w = t(case.hidden, dt, True), t(case.weight, dt, True)
+    loss = fused.fused_forward_kl(h, w, t(case.teacher_hidden, dt), t(case.teacher_weight, dt),
+                                  torch.ones(12, dtype=torch.bool), chunk_size=5)
+    first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    second = torch.autograd.grad(2.0 * loss, (h, w))
+    for g1, g2 in zip(first, second):
+        assert torch.allclose(g2, 2.0 * g1, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize(("change", "arg"), [
