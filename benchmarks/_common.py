@@ -1,7 +1,8 @@
 """Shared plumbing of the benchmark scripts: one subprocess per variant, peak-RSS sampling, RESULTS.md.
 
-Memory, honestly: each variant runs in its own process with ``MALLOC_MMAP_THRESHOLD_=65536`` so every
-large buffer is an mmap that goes back to the OS when freed, i.e. the resident set follows the live heap.
+Memory, honestly: each variant's memory is measured in its own process with ``MALLOC_MMAP_THRESHOLD_=65536``
+so every large buffer is an mmap that goes back to the OS when freed, i.e. the resident set follows the live
+heap (its times come from another process with the allocator's defaults, see ``run_child``).
 A thread samples ``/proc/self/statm`` every ~0.2 ms during one forward+backward step; the number reported
 is (peak RSS during the step) − (RSS just before it), with the inputs resident and every ``.grad`` cleared,
 so it counts the activations, the scratch buffers AND the gradients the step produces (grad_weight is the
@@ -102,6 +103,8 @@ def measure(step: Callable[[], None], reset: Callable[[], None], repeats: int,
     step()
     if floor is not None:
         floor()
+    else:
+        repeats = 1  # a memory-only run: one sampled step
     cpu, walls, peaks, floor_cpu = [], [], [], []
     for i in range(repeats):
         if floor is not None and i % 2 == 0:
@@ -123,18 +126,54 @@ def measure(step: Callable[[], None], reset: Callable[[], None], repeats: int,
     return out
 
 
-def run_child(script: str, args: list[str], threads: int, timeout: float = 1800) -> dict:
-    """Run ``script --child ...`` in a fresh process; its last stdout line is a JSON dict."""
+def measure_jax(grad, inputs: tuple, repeats: int, floor: Callable[[], None] | None) -> dict:
+    """``measure`` for a jitted JAX function of ``inputs``; memory from XLA's own accounting.
+
+    XLA's CPU client keeps its buffers in its own pool, so the resident set misses most of them; the
+    compiled executable's temporary + output bytes (``memory_analysis``) are exact, and are what
+    "peak extra" means for the Torch rows (activations, scratch and the gradients produced)."""
+    import jax
+
+    def step() -> None:
+        jax.block_until_ready(grad(*inputs))
+
+    out = measure(step, lambda: None, repeats, floor=floor)
+    stats = grad.lower(*inputs).compile().memory_analysis()
+    out["rss_peak_bytes"] = out["peak_bytes"]
+    out["peak_bytes"] = stats.temp_size_in_bytes + stats.output_size_in_bytes
+    return out
+
+
+def run_child(script: str, args: list[str], threads: int, *, memory: bool = False, timeout: float = 1800) -> dict:
+    """Run ``script --child ...`` in a fresh process; its last stdout line is a JSON dict.
+
+    ``memory``: with ``MALLOC_MMAP_THRESHOLD_=65536``, so the resident set follows the live heap (every
+    buffer over 64 KiB is its own mapping, returned when freed). That setting also makes every such
+    allocation fault in fresh pages, which slows code that allocates many mid-sized buffers (XLA's
+    executables: ~40% at N = 4096), so times come from a run with the allocator's defaults."""
     env = dict(os.environ)
-    env.update({"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads),
-                "MKL_NUM_THREADS": str(threads),
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                 "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
                              f"intra_op_parallelism_threads={threads}"})
+    if memory:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     proc = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_variant(script: str, args: list[str], threads: int) -> dict:
+    """Times (with their floors) from one child, the peak memory from another (see ``run_child``)."""
+    timed = run_child(script, args, threads)
+    if "error" in timed:
+        return timed
+    mem = run_child(script, [*args, "--memory-only"], threads, memory=True)
+    if "error" in mem:
+        return mem
+    timed["peak_bytes"] = mem["peak_bytes"]
+    return timed
 
 
 def machine() -> dict:

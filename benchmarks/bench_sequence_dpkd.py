@@ -29,7 +29,7 @@ VARIANTS = {
     "dpkd_fused_torch_logps": ("(a') dpkd fused, torch, precomputed teacher logps", "gemm3"),
     "dpkd_fused_torch_small_chunks": ("(a*) dpkd fused, torch, chunks of one sequence (two-pass mode)", "gemm4"),
     "linear_token_logps_torch": ("(a'') torch linear_token_logps alone (Σ g·logp over all N rows)", "gemm4s"),
-    "dpkd_fused_jax": ("(b) dpkd fused, jax (jit)", "gemm4"),
+    "dpkd_fused_jax": ("(b) dpkd fused, jax (jit); memory: XLA's temp + output bytes", "gemm4"),
     "trl_eager": ("(c) materialised, TRL-style, eager", "gemm4"),
     "trl_compile": ("(d) torch.compile of (c)", "gemm4"),
     "liger": ("(e) Liger LigerFusedLinearDPOLoss (ref = teacher)", "gemm4"),
@@ -160,7 +160,7 @@ def child(args: argparse.Namespace) -> dict:
         step = floor
     else:
         raise SystemExit(f"unknown variant {name}")
-    return common.measure(step, reset, args.repeats, floor=floor)
+    return common.measure(step, reset, args.repeats, floor=None if args.memory_only else floor)
 
 
 def _trl_loss(ch, rj, w, tch, trj, tw, lc, ls, beta):
@@ -198,11 +198,8 @@ def _child_jax(arrays, labels, beta, args, floor) -> dict:
                                      chunk_size=args.chunk_size or None).loss
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-
-    def step() -> None:
-        jax.block_until_ready(grad(x["ch"], x["rj"], x["w"], x["tch"], x["trj"], x["tw"], lc, ls))
-
-    return common.measure(step, lambda: None, args.repeats, floor=floor)
+    inputs = (x["ch"], x["rj"], x["w"], x["tch"], x["trj"], x["tw"], lc, ls)
+    return common.measure_jax(grad, inputs, args.repeats, None if args.memory_only else floor)
 
 
 def main() -> None:
@@ -221,6 +218,7 @@ def main() -> None:
                    help="rows per chunk of the dpkd fused variants (0: automatic, the 64 MiB budget)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--child", default=None)
+    p.add_argument("--memory-only", action="store_true", help="(child) one sampled step, no floor")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if args.child:
@@ -237,7 +235,7 @@ def main() -> None:
         if repeats <= 0:
             continue
         for name in which:
-            res = common.run_child(script, [name, "--n", str(n), "--repeats", str(repeats), *shape], args.threads)
+            res = common.run_variant(script, [name, "--n", str(n), "--repeats", str(repeats), *shape], args.threads)
             rows[(n, name)] = res
             print(n, name, res, flush=True)
     report = _report(args, rows)

@@ -23,8 +23,8 @@ import _common as common  # noqa: E402
 VARIANTS = {
     "fused_torch": "dpkd fused_dpkd_token_loss, torch",
     "materialised_torch": "dpkd_token_loss on materialised logits, torch eager",
-    "fused_jax": "dpkd fused_dpkd_token_loss, jax (jit)",
-    "materialised_jax": "dpkd_token_loss on materialised logits, jax (jit)",
+    "fused_jax": "dpkd fused_dpkd_token_loss, jax (jit); memory: XLA's temp + output bytes",
+    "materialised_jax": "dpkd_token_loss on materialised logits, jax (jit); memory: XLA's temp + output bytes",
     "gemm4": "the 4 GEMMs alone (student fwd, teacher fwd, grad_hidden, grad_weight)",
 }
 
@@ -88,7 +88,7 @@ def child(args: argparse.Namespace) -> dict:
             step = floor
         else:
             raise SystemExit(f"unknown variant {args.child}")
-        out = common.measure(step, reset, args.repeats, floor=floor)
+        out = common.measure(step, reset, args.repeats, floor=None if args.memory_only else floor)
     out["chunk"] = chunk
     return out
 
@@ -111,11 +111,8 @@ def _child_jax(args: argparse.Namespace, arrays: dict, floor) -> dict:
 
     # every array an argument: closed-over arrays become constants that XLA tries to fold at compile time
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-    def step() -> None:
-        jax.block_until_ready(grad(x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["mask"]))
-
-    return common.measure(step, lambda: None, args.repeats, floor=floor)
+    inputs = (x["hidden"], x["weight"], x["teacher_hidden"], x["teacher_weight"], x["mask"])
+    return common.measure_jax(grad, inputs, args.repeats, None if args.memory_only else floor)
 
 
 def main() -> None:
@@ -129,6 +126,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=0, help="token rows per chunk (0: automatic)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--child", default=None)
+    p.add_argument("--memory-only", action="store_true", help="(child) one sampled step, no floor")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if args.child:
@@ -140,7 +138,7 @@ def main() -> None:
              "--chunk-size", str(args.chunk_size)]
     rows = {}
     for name in args.variants.split(","):
-        rows[name] = common.run_child(script, [name, *shape], args.threads)
+        rows[name] = common.run_variant(script, [name, *shape], args.threads)
         print(name, rows[name], flush=True)
     m = common.machine()
     lines = [
