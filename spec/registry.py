@@ -438,7 +438,10 @@ def _akl_conditioning(call: Call, delta: float) -> bool:
 def _akl_surrogate(call: Call) -> Callable[..., float]:
     """AKL with its weights frozen at ``call`` (they are stop-gradient in the spec, CONVENTIONS.md)."""
     _, _, _, _, _, g_head, g_tail = _akl_parts(call)
-    w_head = g_head / (g_head + g_tail)
+    total = g_head + g_tail
+    # p = q exactly gives 0/0; conditioning keeps that off the mask, but a masked-out position can have it
+    # (found by Hypothesis: teacher = student + a constant), and NaN·0 would poison the sum
+    w_head = np.divide(g_head, total, out=np.zeros_like(total), where=total > 0)
     mask = np.asarray(call.args[2], np.float64)
     reduction = call.kwargs.get("reduction", "mean")
     denom = call.kwargs.get("normalizer") or (mask.sum() if reduction == "mean" else 1.0)
