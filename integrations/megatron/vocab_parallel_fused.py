@@ -85,7 +85,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             owned, idx = _owned(labels[lo:hi], shard, ctx.ignore_index)
             grad_x.scatter_add_(-1, idx.unsqueeze(-1), torch.where(owned, g, 0.0).unsqueeze(-1))
             grad_hidden[lo:hi] = grad_x @ weight.to(acc)
-            grad_weight += grad_x.t() @ hidden[lo:hi].to(acc)
+            grad_weight.addmm_(grad_x.t(), hidden[lo:hi].to(acc))  # in place: no [V_shard, H] temporary
             if grad_bias is not None:
                 grad_bias += grad_x.sum(dim=0)
         # hidden is replicated: its full gradient is the sum of every rank's vocabulary contribution.
