@@ -74,6 +74,36 @@ def pin_to_one_core() -> int:
     return core
 
 
+def gemm_floor(rows, weight, chunk: int, *, teacher_rows=None, teacher_weight=None, recompute: bool = False
+               ) -> Callable[[], None]:
+    """The GEMMs a fused lm_head loss must do, alone, over chunks of ``chunk`` rows: the teacher's forward
+    (when given), the student forward (twice with ``recompute``: linear_token_logps), grad_rows and
+    grad_weight. Buffers are allocated per call, as a loss allocates them."""
+    import torch
+
+    n, v = rows.shape[0], weight.shape[0]
+
+    def step() -> None:
+        buf = torch.empty(min(chunk, n), v)
+        grad_rows = torch.empty_like(rows)
+        grad_w = torch.empty_like(weight)
+        for i0 in range(0, n, chunk):
+            sl = slice(i0, min(i0 + chunk, n))
+            part = buf[: sl.stop - sl.start]
+            if teacher_rows is not None:
+                torch.mm(teacher_rows[sl], teacher_weight.t(), out=part)
+            if recompute:
+                torch.mm(rows[sl], weight.t(), out=part)
+            torch.mm(rows[sl], weight.t(), out=part)
+            torch.mm(part, weight, out=grad_rows[sl])
+            if i0 == 0:
+                torch.mm(part.t(), rows[sl], out=grad_w)
+            else:
+                grad_w.addmm_(part.t(), rows[sl])
+
+    return step
+
+
 def _timed(step: Callable[[], None], reset: Callable[[], None], sample: bool) -> tuple[float, float, int]:
     """(CPU s, wall s, peak extra bytes or 0) of one call of ``step`` after ``reset``."""
     reset()

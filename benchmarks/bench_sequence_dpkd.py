@@ -43,32 +43,15 @@ FLOORS = {
 LARGE = ("dpkd_fused_torch", "dpkd_fused_torch_small_chunks", "dpkd_fused_jax", "trl_eager", "liger", "gemm4")
 
 
-def _floor_step(kind: str, x: dict, n_rows: int, h: int, ht: int, v: int, chunk: int):
-    """The GEMMs of ``kind`` alone over chunks of ``chunk`` rows (buffers allocated per call, like a loss)."""
+def _floor_step(kind: str, x: dict, n_rows: int, h: int, ht: int, chunk: int):
+    """The GEMMs of ``kind`` (see FLOORS) alone, over chunks of ``chunk`` rows."""
     import torch
 
     xs = torch.cat([x["ch"], x["rj"]]).detach().reshape(n_rows, h)
-    xt = torch.cat([x["tch"], x["trj"]]).reshape(n_rows, ht)
-    w, tw = x["w"].detach(), x["tw"]
-
-    def step() -> None:
-        buf = torch.empty(chunk, v)
-        grad_x = torch.empty(n_rows, h)
-        grad_w = torch.empty(v, h)
-        for i0 in range(0, n_rows, chunk):
-            sl = slice(i0, i0 + chunk)
-            if kind == "gemm4":
-                torch.mm(xt[sl], tw.t(), out=buf)
-            elif kind == "gemm4s":
-                torch.mm(xs[sl], w.t(), out=buf)
-            torch.mm(xs[sl], w.t(), out=buf)
-            torch.mm(buf, w, out=grad_x[sl])
-            if i0 == 0:
-                torch.mm(buf.t(), xs[sl], out=grad_w)
-            else:
-                grad_w.addmm_(buf.t(), xs[sl])
-
-    return step
+    teacher = {}
+    if kind == "gemm4":
+        teacher = {"teacher_rows": torch.cat([x["tch"], x["trj"]]).reshape(n_rows, ht), "teacher_weight": x["tw"]}
+    return common.gemm_floor(xs, x["w"].detach(), chunk, recompute=kind == "gemm4s", **teacher)
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -95,7 +78,7 @@ def child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     x = {k: torch.from_numpy(a) for k, a in arrays.items()}
     chunk = 2 * t_len  # the rows of one pair: the single pass's chunk, and the floors'
-    floor = _floor_step(VARIANTS[name][1], x, 2 * pairs * t_len, h, ht, v, chunk)
+    floor = _floor_step(VARIANTS[name][1], x, 2 * pairs * t_len, h, ht, chunk)
     if name == "dpkd_fused_jax":
         return _child_jax(arrays, labels, beta, args, floor)
     lc, ls = torch.from_numpy(labels[0]), torch.from_numpy(labels[1])

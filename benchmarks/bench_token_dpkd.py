@@ -55,22 +55,8 @@ def child(args: argparse.Namespace) -> dict:
     def reset() -> None:
         hidden.grad = weight.grad = None
 
-    xs, w = hidden.detach(), weight.detach()
-
-    def floor() -> None:  # chunked like the fused path
-        buf = torch.empty(chunk, v)
-        grad_x = torch.empty(n, h)
-        grad_w = torch.empty(v, h)
-        for i0 in range(0, n, chunk):
-            sl = slice(i0, min(i0 + chunk, n))
-            part = buf[: sl.stop - sl.start]
-            torch.mm(teacher_hidden[sl], teacher_weight.t(), out=part)
-            torch.mm(xs[sl], w.t(), out=part)
-            torch.mm(part, w, out=grad_x[sl])
-            if i0 == 0:
-                torch.mm(part.t(), xs[sl], out=grad_w)
-            else:
-                grad_w.addmm_(part.t(), xs[sl])
+    floor = common.gemm_floor(hidden.detach(), weight.detach(), chunk, teacher_rows=teacher_hidden,
+                              teacher_weight=teacher_weight)  # chunked like the fused path
 
     if args.child.endswith("_jax"):
         out = _child_jax(args, arrays, floor)
