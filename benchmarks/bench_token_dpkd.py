@@ -36,7 +36,8 @@ def child(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     from dpkd.backends.torch import dpkd_token_loss
-    from dpkd.backends.torch.fused import TOKEN_LOSS_BUFFERS, auto_chunk_size, fused_dpkd_token_loss
+    from dpkd.backends.torch.fused_token import TOKEN_LOSS_BUFFERS, fused_dpkd_token_loss
+    from dpkd.spec.fused import auto_chunk_size
 
     rng = np.random.default_rng(0)
     n, h, v, ht = args.n, args.hidden, args.vocab, args.teacher_hidden

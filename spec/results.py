@@ -1,10 +1,11 @@
-"""Result types shared by the spec and the backends (the field order is TRL's ``dpo_loss`` order)."""
+"""Types shared by the spec and the backends: the loss results (field order: TRL's ``dpo_loss`` order) and
+the fused lm_head path's teacher inputs. Framework-free: the fields hold whatever arrays a backend takes."""
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["PreferenceLoss", "TokenPreferenceLoss"]
+__all__ = ["PreferenceLoss", "TokenPreferenceLoss", "FusedPreferenceLoss", "TeacherLMHead", "TeacherLogps"]
 
 
 class PreferenceLoss(NamedTuple):
@@ -34,3 +35,41 @@ class TokenPreferenceLoss(NamedTuple):
     agreement_rate: Any
     chosen_rewards: Any
     rejected_rewards: Any
+
+
+class FusedPreferenceLoss(NamedTuple):
+    """A sequence-level preference loss computed on the lm_head (the backends' ``fused_*_loss``).
+
+    The fields of :class:`PreferenceLoss`, then the student's summed log-probs the loss was taken on (what
+    TRL logs as ``logps/chosen`` and ``logps/rejected``):
+
+    policy_chosen_logps:   a = Σ_t log q_θ(y_t) over the chosen (teacher-output) rows, per pair [B].
+    policy_rejected_logps: b = Σ_t log q_θ(y_s) over the rejected (student-output) rows, per pair [B].
+    Rewards and log-probs are detached from autograd; only ``loss`` carries a gradient.
+    """
+
+    loss: Any
+    chosen_rewards: Any
+    rejected_rewards: Any
+    policy_chosen_logps: Any
+    policy_rejected_logps: Any
+
+
+class TeacherLMHead(NamedTuple):
+    """The teacher of a fused sequence loss as hidden states + lm_head (no gradient flows into it).
+
+    chosen_hidden [B, T_c, H_t] at the teacher-output rows, rejected_hidden [B, T_s, H_t] at the
+    student-output rows, weight [V, H_t], bias [V] or None. H_t may differ from the student's H."""
+
+    chosen_hidden: Any
+    rejected_hidden: Any
+    weight: Any
+    bias: Any = None
+
+
+class TeacherLogps(NamedTuple):
+    """Precomputed teacher sequence log-probs of a fused sequence loss: c = log p(y_t|x) and
+    d = log p(y_s|x), each [B]; constants (no gradient)."""
+
+    chosen: Any
+    rejected: Any

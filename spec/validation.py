@@ -11,9 +11,13 @@ Every message has the form ``"<function>: `<argument>` <what is wrong>"``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
-from typing import NoReturn
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple, NoReturn
+
+from .results import TeacherLMHead, TeacherLogps
 
 __all__ = [
     "DPKDInputError",
@@ -46,17 +50,59 @@ __all__ = [
     "check_lm_head_shapes",
     "check_same_dtype",
     "check_same_vocab",
+    "reported_as",
+    "ArrayInfo",
+    "FUSED_MODES",
+    "check_fused_mode",
+    "check_lm_head",
+    "check_label_array",
+    "check_fused_sequence_inputs",
+    "check_fused_teacher",
+    "check_fused_token_inputs",
+    "check_labelled_rows",
 ]
 
 REDUCTIONS = ("none", "mean", "sum")
 
 
 class DPKDInputError(ValueError):
-    """Raised for every invalid argument; the message names the function and the argument."""
+    """Raised for every invalid argument; the message names the function and the argument.
+
+    ``func``, ``argument`` and ``problem`` are the three parts of the message
+    ``"<func>: `<argument>` <problem>"`` (read back from the message when only a message is given)."""
+
+    def __init__(self, message: str, *, func: str | None = None, argument: str | None = None,
+                 problem: str | None = None):
+        super().__init__(message)
+        if func is None:
+            parts = _MESSAGE.match(message)
+            func, argument, problem = parts.groups() if parts else (None, None, None)
+        self.func, self.argument, self.problem = func, argument, problem
+
+
+_MESSAGE = re.compile(r"^(\w+): `([^`]+)` (.*)$", re.DOTALL)
 
 
 def fail(func: str, arg: str, problem: str) -> NoReturn:
-    raise DPKDInputError(f"{func}: `{arg}` {problem}")
+    raise DPKDInputError(f"{func}: `{arg}` {problem}", func=func, argument=arg, problem=problem)
+
+
+@contextlib.contextmanager
+def reported_as(func: str, arguments: Mapping[str, str]) -> Iterator[None]:
+    """Errors raised inside by another dpkd function are re-raised as ``func``'s, naming ``func``'s argument.
+
+    A fused function computes its loss by calling the backend's loss on arrays it formed itself; an error
+    there (``dpkd_loss: `beta` must be > 0``) is about an argument the caller passed to ``func`` under its
+    own name: ``arguments`` maps the inner names to the caller's (``policy_chosen_logps`` → ``chosen_hidden``);
+    options keep their names. The inner error stays attached as ``__cause__``."""
+    try:
+        yield
+    except DPKDInputError as err:
+        if err.func is None or err.func == func:
+            raise
+        argument = arguments.get(err.argument or "", err.argument or "")
+        raise DPKDInputError(f"{func}: `{argument}` {err.problem}", func=func, argument=argument,
+                             problem=err.problem) from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,6 +323,129 @@ def check_floating_dtype(func: str, name: str, is_floating: bool, dtype: object)
 
 
 # --------------------------------------------------------------------------------------------------
+# The fused lm_head path (static: safe under jit). Backends describe each array by an ``ArrayInfo``.
+
+
+class ArrayInfo(NamedTuple):
+    """What the framework-free checks need to know of one array.
+
+    shape; dtype (as it prints in messages: NumPy's words, e.g. ``float32``); kind: "floating",
+    "integer" or "other"; device: where it lives (None for backends with one memory space)."""
+
+    shape: tuple[int, ...]
+    dtype: object
+    kind: str
+    device: object = None
+
+
+FUSED_MODES = ("auto", "single_pass", "two_pass")
+
+
+def check_fused_mode(func: str, mode: object, reduction: str) -> str:
+    check_choice(func, "mode", mode, FUSED_MODES)
+    if mode == "single_pass" and reduction == "none":
+        fail(func, "mode", "'single_pass' needs a reduced loss (reduction 'mean' or 'sum'); use 'two_pass'")
+    return mode  # type: ignore[return-value]
+
+
+def check_lm_head(func: str, hidden: ArrayInfo, weight: ArrayInfo, bias: ArrayInfo | None, *,
+                  names: tuple[str, str, str], lead: tuple[int, ...] | None = None) -> None:
+    """hidden [..., H] floating, weight [V, H] and bias [V] of hidden's dtype and on its device."""
+    h_name, w_name, b_name = names
+    for name, x in ((h_name, hidden), (w_name, weight), (b_name, bias)):
+        if x is not None:
+            check_floating_dtype(func, name, x.kind == "floating", x.dtype)
+    check_lm_head_shapes(func, hidden.shape, weight.shape, None if bias is None else bias.shape, names=names,
+                         lead=lead)
+    for name, x in ((w_name, weight), (b_name, bias)):
+        if x is None:
+            continue
+        check_same_dtype(func, name, x.dtype, h_name, hidden.dtype)
+        if x.device != hidden.device:
+            fail(func, name, f"is on device {x.device} but `{h_name}` is on {hidden.device}; move them to one device")
+
+
+def check_label_array(func: str, name: str, labels: ArrayInfo, shape: tuple[int, ...]) -> None:
+    """Integer labels with one label per hidden-state row."""
+    check_integer_dtype(func, name, labels.kind == "integer", labels.dtype)
+    if tuple(labels.shape) != tuple(shape):
+        fail(func, name, f"has shape {tuple(labels.shape)}, expected {tuple(shape)} "
+                         "(the shape of the hidden states without their hidden axis)")
+
+
+def check_fused_sequence_inputs(func: str, chosen_hidden: ArrayInfo, rejected_hidden: ArrayInfo,
+                                weight: ArrayInfo, bias: ArrayInfo | None, chosen_labels: ArrayInfo,
+                                rejected_labels: ArrayInfo) -> None:
+    """chosen_hidden [B, T_c, H], rejected_hidden [B, T_s, H], one lm_head, labels [B, T_c] / [B, T_s]."""
+    for name, x in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden)):
+        if len(x.shape) != 3:
+            fail(func, name, f"must have shape [B, T, H], got {tuple(x.shape)}")
+    check_lm_head(func, chosen_hidden, weight, bias, names=("chosen_hidden", "weight", "bias"))
+    check_lm_head(func, rejected_hidden, weight, bias, names=("rejected_hidden", "weight", "bias"))
+    if rejected_hidden.shape[0] != chosen_hidden.shape[0]:
+        fail(func, "rejected_hidden", f"has {rejected_hidden.shape[0]} pairs but `chosen_hidden` has "
+                                      f"{chosen_hidden.shape[0]}")
+    check_label_array(func, "chosen_labels", chosen_labels, chosen_hidden.shape[:2])
+    check_label_array(func, "rejected_labels", rejected_labels, rejected_hidden.shape[:2])
+
+
+def check_fused_teacher(func: str, teacher: object, describe: Callable[[Any], ArrayInfo | None], *,
+                        vocab: int, lead_c: tuple[int, ...], lead_s: tuple[int, ...], required: bool) -> str:
+    """The ``teacher`` of a fused sequence loss; returns its kind, "none", "logps" or "lm_head".
+
+    ``describe`` turns one of the backend's arrays into its ``ArrayInfo`` (None stays None)."""
+    if teacher is None:
+        if required:
+            fail(func, "teacher", "is required: pass TeacherLMHead(chosen_hidden, rejected_hidden, weight) or "
+                                  "TeacherLogps(chosen, rejected) (or reference_free=True)")
+        return "none"
+    if isinstance(teacher, TeacherLogps):
+        for name, x in (("teacher.chosen", teacher.chosen), ("teacher.rejected", teacher.rejected)):
+            info = describe(x)
+            check_floating_dtype(func, name, info.kind == "floating", info.dtype)
+            if tuple(info.shape) != tuple(lead_c[:1]):
+                fail(func, name, f"has shape {tuple(info.shape)}, expected {tuple(lead_c[:1])} (one per pair)")
+        return "logps"
+    if not isinstance(teacher, TeacherLMHead):
+        fail(func, "teacher", f"must be a TeacherLMHead or TeacherLogps, got {type(teacher).__name__}")
+    weight, bias = describe(teacher.weight), describe(teacher.bias)
+    if len(weight.shape) == 2:
+        check_same_vocab(func, "teacher.weight", weight.shape[0], "weight", vocab)
+    names = ("teacher.weight", "teacher.bias")
+    check_lm_head(func, describe(teacher.chosen_hidden), weight, bias, lead=lead_c,
+                  names=("teacher.chosen_hidden", *names))
+    check_lm_head(func, describe(teacher.rejected_hidden), weight, bias, lead=lead_s,
+                  names=("teacher.rejected_hidden", *names))
+    return "lm_head"
+
+
+def check_fused_token_inputs(func: str, student_hidden: ArrayInfo, weight: ArrayInfo, bias: ArrayInfo | None,
+                             target: ArrayInfo, *, teacher_hidden: ArrayInfo | None = None,
+                             teacher_weight: ArrayInfo | None = None, teacher_bias: ArrayInfo | None = None,
+                             target_is_labels: bool = False, hidden_name: str = "student_hidden") -> str:
+    """The arrays of a fused token loss (student lm_head, optional teacher lm_head, a mask or labels with
+    one entry per row); returns the target's argument name, "labels" or "mask". ``hidden_name``: what the
+    caller calls the student's hidden states (``fused_cross_entropy``: "hidden")."""
+    check_lm_head(func, student_hidden, weight, bias, names=(hidden_name, "weight", "bias"))
+    lead = tuple(student_hidden.shape[:-1])
+    if teacher_hidden is not None or teacher_weight is not None:
+        if teacher_hidden is None or teacher_weight is None:
+            fail(func, "teacher_hidden" if teacher_hidden is None else "teacher_weight",
+                 "is required with the other teacher argument")
+        if len(teacher_weight.shape) == 2:
+            check_same_vocab(func, "teacher_weight", teacher_weight.shape[0], "weight", weight.shape[0])
+        check_lm_head(func, teacher_hidden, teacher_weight, teacher_bias, lead=lead,
+                      names=("teacher_hidden", "teacher_weight", "teacher_bias"))
+    if target_is_labels:
+        check_label_array(func, "labels", target, lead)
+        return "labels"
+    if tuple(target.shape) != lead:
+        fail(func, "mask", f"has shape {tuple(target.shape)}, expected {lead} "
+                           f"(the shape of `{hidden_name}` without its hidden axis)")
+    return "mask"
+
+
+# --------------------------------------------------------------------------------------------------
 # Values (need the data: eager only; JAX exposes them through checkify)
 
 
@@ -304,6 +473,13 @@ def check_nonempty(func: str, name: str, count: float) -> None:
     """A mean over zero loss tokens is 0/0: refuse it instead of returning NaN."""
     if not count > 0:
         fail(func, name, "selects no loss tokens, so reduction='mean' is undefined; pass `normalizer` or use 'sum'")
+
+
+def check_labelled_rows(func: str, name: str, every_row_labelled: bool, ignore_index: int) -> None:
+    """A length-normalised fused loss divides each row's summed log-prob by its labelled-token count."""
+    if not every_row_labelled:
+        fail(func, name, f"has a row whose labels are all the ignore_index {ignore_index}: its length is 0 and "
+                         "the length-normalised loss divides by it (give every row a labelled token)")
 
 
 def check_nonempty_elements(func: str, name: str, count: int) -> None:

@@ -21,7 +21,7 @@ Dtypes: float64 math for float64 inputs (``jax_enable_x64``), float32 for float3
 included) for bfloat16/float16 inputs; gradients come back in the input's dtype.
 """
 
-from dpkd.spec.results import PreferenceLoss, TokenPreferenceLoss
+from dpkd.spec.results import FusedPreferenceLoss, PreferenceLoss, TokenPreferenceLoss
 from dpkd.spec.validation import DPKDInputError
 
 from .distill import akl, cross_entropy, first_token_divergence, forward_kl, generalized_jsd, reverse_kl
@@ -63,6 +63,7 @@ __all__ = [
     "DPKDInputError",
     "PreferenceLoss",
     "TokenPreferenceLoss",
+    "FusedPreferenceLoss",
     # log-probabilities
     "token_logps",
     "sequence_logps",

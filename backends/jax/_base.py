@@ -49,6 +49,7 @@ __all__ = [
     "check_finite",
     "check_positive",
     "check_labels",
+    "check_labelled_rows",
     "check_binary",
     "softplus",
     "smoothed_sigmoid_loss",
@@ -141,6 +142,12 @@ def check_positive(func: str, name: str, x: jax.Array | None) -> None:
 def check_labels(func: str, name: str, labels: jax.Array, vocab_size: int, ignore_index: int) -> None:
     valid = ((labels >= 0) & (labels < vocab_size)) | (labels == ignore_index)
     value_check(jnp.all(valid), lambda: v.check_labels_in_vocab(func, name, False, vocab_size, ignore_index))
+
+
+def check_labelled_rows(func: str, name: str, labels: jax.Array, ignore_index: int) -> None:
+    """Every row of ``labels`` [B, T] has a label that is not ``ignore_index`` (its length is > 0)."""
+    value_check(jnp.all(jnp.any(labels != ignore_index, axis=-1)),
+                lambda: v.check_labelled_rows(func, name, False, ignore_index))
 
 
 def check_binary(func: str, name: str, mask: jax.Array) -> None:

@@ -16,28 +16,32 @@ Also: ``nn.Module`` wrappers configured once (``DPKDLoss(beta=...)``, ``DPKDToke
 ``GeneralizedJSD``, ``AKL``).
 """
 
-from dpkd.spec.results import PreferenceLoss, TokenPreferenceLoss
+from dpkd.spec.results import FusedPreferenceLoss, PreferenceLoss, TokenPreferenceLoss
 from dpkd.spec.validation import DPKDInputError
 
 from .distill import akl, cross_entropy, forward_kl, generalized_jsd, reverse_kl
 from .fused import (
+    NamedSequenceLoss,
     TeacherLMHead,
     TeacherLogps,
     auto_chunk_size,
-    fused_akl,
     fused_cpo_loss,
-    fused_cross_entropy,
     fused_dpkd_loss,
-    fused_dpkd_token_loss,
     fused_dpop_loss,
-    fused_forward_kl,
-    fused_generalized_jsd,
     fused_ipo_loss,
-    fused_reverse_kl,
     fused_sequence_loss,
     fused_simpo_loss,
-    fused_token_loss,
     linear_token_logps,
+)
+from .fused_token import (
+    NamedTokenLoss,
+    fused_akl,
+    fused_cross_entropy,
+    fused_dpkd_token_loss,
+    fused_forward_kl,
+    fused_generalized_jsd,
+    fused_reverse_kl,
+    fused_token_loss,
 )
 from .logps import sequence_logps, shift_for_causal_lm, token_logps
 from .metrics import first_token_divergence, implicit_reward, preference_metrics
@@ -66,6 +70,7 @@ __all__ = [
     "DPKDInputError",
     "PreferenceLoss",
     "TokenPreferenceLoss",
+    "FusedPreferenceLoss",
     # log-probabilities
     "token_logps",
     "sequence_logps",
@@ -113,6 +118,7 @@ __all__ = [
     "fused_cpo_loss",
     "fused_simpo_loss",
     "fused_dpop_loss",
+    "NamedSequenceLoss",
     "fused_token_loss",
     "fused_dpkd_token_loss",
     "fused_forward_kl",
@@ -120,6 +126,7 @@ __all__ = [
     "fused_generalized_jsd",
     "fused_akl",
     "fused_cross_entropy",
+    "NamedTokenLoss",
     "TeacherLMHead",
     "TeacherLogps",
     "auto_chunk_size",

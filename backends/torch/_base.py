@@ -27,6 +27,7 @@ from dpkd.spec import validation as v
 
 __all__ = [
     "compute_dtype",
+    "dtype_name",
     "tracing",
     "as_tensor",
     "require",
@@ -94,7 +95,7 @@ def require(func: str, **arrays: Any) -> None:
         v.require(func, name, x)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float64`` → ``float64``: the words NumPy prints, so the message equals the spec's."""
     return str(dtype).removeprefix("torch.")
 
@@ -111,14 +112,14 @@ def float_arg(func: str, name: str, x: Any) -> torch.Tensor:
     require(func, **{name: x})
     t = as_tensor(x)
     if not t.is_floating_point():
-        v.check_floating_dtype(func, name, _is_integer(t), _dtype_name(t.dtype))
+        v.check_floating_dtype(func, name, _is_integer(t), dtype_name(t.dtype))
     return t
 
 
 def integer_arg(func: str, name: str, x: Any) -> torch.Tensor:
     """An integer array argument (labels)."""
     t = as_tensor(x)
-    v.check_integer_dtype(func, name, _is_integer(t), _dtype_name(t.dtype))
+    v.check_integer_dtype(func, name, _is_integer(t), dtype_name(t.dtype))
     return t
 
 
@@ -177,6 +178,11 @@ class ValueChecks:
     def binary(self, name: str, mask: torch.Tensor) -> None:
         if mask.dtype != torch.bool:
             self._add(((mask == 0) | (mask == 1)).all(), lambda ok: v.check_binary_mask(self.func, name, bool(ok)))
+
+    def labelled_rows(self, name: str, labels: torch.Tensor, ignore_index: int) -> None:
+        """Every row of ``labels`` [B, T] has a label that is not ``ignore_index`` (its length is > 0)."""
+        self._add((labels != ignore_index).any(-1).all(),
+                  lambda ok: v.check_labelled_rows(self.func, name, bool(ok), ignore_index))
 
     def nonempty(self, name: str, count: torch.Tensor) -> None:
         # counts are integers >= 0, so "> 0" survives the float32 transfer exactly

@@ -137,7 +137,8 @@ def sequence_loss(loss: SequenceLossFn, student: HeadOutput, teacher: HeadOutput
 
     a, b = the student's summed log-probs of y_t, y_s; c, d = the teacher's (None without a teacher);
     returns ``(loss(a, b, c, d, chosen_lengths=L_t, rejected_lengths=L_s, reduction="sum"), a, b)`` with a, b
-    detached. Fused: ``fused_sequence_loss`` (loss and gradient in one pass when whole pairs fit a chunk).
+    detached. Fused: ``fused_sequence_loss`` (loss and gradient in one pass when whole pairs fit a chunk),
+    which returns a, b beside the loss.
     """
     tb = _tb()
     if not student.fused:
@@ -149,19 +150,11 @@ def sequence_loss(loss: SequenceLossFn, student: HeadOutput, teacher: HeadOutput
             c, d = cd[:n], cd[n:]
         res = loss(ab[:n], ab[n:], c, d, chosen_lengths=n_tok[:n], rejected_lengths=n_tok[n:], reduction="sum")
         return res, ab[:n].detach(), ab[n:].detach()
-    seen: dict[str, torch.Tensor] = {}
-
-    def recording(a: torch.Tensor, b: torch.Tensor, c: Any, d: Any, **kw: Any) -> Any:
-        # the reduced call is the one made on every pair's a, b (the per-chunk gradient calls use "none")
-        if kw["reduction"] != "none":
-            seen["a"], seen["b"] = a.detach(), b.detach()
-        return loss(a, b, c, d, **kw)
-
     head = None
     if teacher is not None:
         head = tb.TeacherLMHead(teacher.hidden[:n], teacher.hidden[n:], teacher.weight, teacher.bias)
     s = student
-    res = tb.fused_sequence_loss(recording, s.hidden[:n], s.hidden[n:], s.weight, s.labels[:n], s.labels[n:],
+    res = tb.fused_sequence_loss(loss, s.hidden[:n], s.hidden[n:], s.weight, s.labels[:n], s.labels[n:],
                                  bias=s.bias, teacher=head, teacher_required=teacher is not None,
                                  use_lengths=True, reduction="sum", chunk_size=s.chunk_size)
-    return res, seen["a"], seen["b"]
+    return res, res.policy_chosen_logps, res.policy_rejected_logps

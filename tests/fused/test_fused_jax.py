@@ -11,6 +11,7 @@ jax.config.update("jax_enable_x64", True)  # the tight float64 comparisons; floa
 import jax.numpy as jnp  # noqa: E402
 
 fused = pytest.importorskip("dpkd.backends.jax.fused")
+fused_token = pytest.importorskip("dpkd.backends.jax.fused_token")
 from dpkd.spec.testing import assert_close  # noqa: E402
 from dpkd.spec.validation import DPKDInputError  # noqa: E402
 

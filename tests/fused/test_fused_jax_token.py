@@ -161,7 +161,7 @@ def test_gradient_never_holds_all_logits():
 
 def _torch_message(fn_name: str, **overrides) -> str:
     torch = pytest.importorskip("torch")
-    tfused = pytest.importorskip("dpkd.backends.torch.fused")
+    tfused = pytest.importorskip("dpkd.backends.torch.fused_token")
     case = {k: None if x is None else torch.from_numpy(np.array(x)) for k, x in make_case(4).items()}
     case.update({k: None if x is None else torch.from_numpy(np.array(x)) for k, x in overrides.items()})
     with pytest.raises(DPKDInputError) as info:

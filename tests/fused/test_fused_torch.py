@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 fused = pytest.importorskip("dpkd.backends.torch.fused")
+fused_token = pytest.importorskip("dpkd.backends.torch.fused_token")
 from dpkd.spec.testing import assert_close  # noqa: E402
 from dpkd.spec.validation import DPKDInputError  # noqa: E402
 
@@ -243,7 +244,7 @@ def test_fused_token_loss_second_backward_through_the_same_graph(refs):
     case = refs.make_case(22, (12,), 5, 13)
     dt = torch.float64
     h, w = t(case.hidden, dt, True), t(case.weight, dt, True)
-    loss = fused.fused_forward_kl(h, w, t(case.teacher_hidden, dt), t(case.teacher_weight, dt),
+    loss = fused_token.fused_forward_kl(h, w, t(case.teacher_hidden, dt), t(case.teacher_weight, dt),
                                   torch.ones(12, dtype=torch.bool), chunk_size=5)
     first = torch.autograd.grad(loss, (h, w), retain_graph=True)
     second = torch.autograd.grad(2.0 * loss, (h, w))
@@ -278,13 +279,13 @@ def test_fused_dpkd_loss_errors_name_the_argument(change, arg):
 # Token-level losses (student and teacher logit chunks together)
 
 TOKEN_LOSSES = [
-    ("dpkd_token_loss", fused.fused_dpkd_token_loss, {"beta": 0.8}),
-    ("dpkd_token_loss", fused.fused_dpkd_token_loss, {"beta": 0.5, "form": "ipo"}),
-    ("forward_kl", fused.fused_forward_kl, {"temperature": 1.5}),
-    ("reverse_kl", fused.fused_reverse_kl, {}),
-    ("generalized_jsd", fused.fused_generalized_jsd, {"beta": 0.3}),
-    ("akl", fused.fused_akl, {"mu": 0.4}),
-    ("cross_entropy", fused.fused_cross_entropy, {}),
+    ("dpkd_token_loss", fused_token.fused_dpkd_token_loss, {"beta": 0.8}),
+    ("dpkd_token_loss", fused_token.fused_dpkd_token_loss, {"beta": 0.5, "form": "ipo"}),
+    ("forward_kl", fused_token.fused_forward_kl, {"temperature": 1.5}),
+    ("reverse_kl", fused_token.fused_reverse_kl, {}),
+    ("generalized_jsd", fused_token.fused_generalized_jsd, {"beta": 0.3}),
+    ("akl", fused_token.fused_akl, {"mu": 0.4}),
+    ("cross_entropy", fused_token.fused_cross_entropy, {}),
 ]
 
 
@@ -325,7 +326,7 @@ def test_fused_token_loss_normalizer_and_empty_mask(refs):
     dt = torch.float64
     args = (t(case.hidden, dt), t(case.weight, dt), t(case.teacher_hidden, dt), t(case.teacher_weight, dt))
     with pytest.raises(DPKDInputError, match="^fused_forward_kl: `mask` "):
-        fused.fused_forward_kl(*args, torch.zeros(10, dtype=torch.bool))
+        fused_token.fused_forward_kl(*args, torch.zeros(10, dtype=torch.bool))
     mask = torch.ones(10, dtype=torch.bool)
-    total = fused.fused_forward_kl(*args, mask, reduction="sum")
-    assert torch.allclose(fused.fused_forward_kl(*args, mask, normalizer=40.0), total / 40.0, rtol=1e-14, atol=0)
+    total = fused_token.fused_forward_kl(*args, mask, reduction="sum")
+    assert torch.allclose(fused_token.fused_forward_kl(*args, mask, normalizer=40.0), total / 40.0, rtol=1e-14, atol=0)

@@ -1,0 +1,97 @@
+"""The per-chunk lm_head math the JAX fused path is built from (``fused.py``: sequence losses and
+``linear_token_logps``; ``fused_token.py``: token losses), and its validation glue.
+
+A chunk is a block of token rows whose logits ``rows @ Wᵀ (+ b)`` are the only ``[rows, V]`` array alive;
+the loops over chunks are ``lax.map`` / ``lax.scan``, so XLA never holds ``[N, V]``. Gradients of Σ g·logp
+are formed from the chunk's softmax with the row factors on ``[rows, H]`` arrays (``logp_backprop``), and
+accumulated in float32 or wider (``accum_dtype``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from dpkd.spec import validation as v
+
+from . import _base
+
+__all__ = [
+    "describe",
+    "check_lm_head",
+    "check_values",
+    "project",
+    "chunk_logps",
+    "logp_backprop",
+    "accum_dtype",
+    "pad_rows",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation glue: the checks themselves are dpkd.spec.validation's, on ArrayInfo descriptions
+
+
+def describe(x: Any) -> v.ArrayInfo | None:
+    """An array as the framework-free checks see it (None stays None)."""
+    if x is None:
+        return None
+    x = _base.as_array(x)
+    kind = ("floating" if jnp.issubdtype(x.dtype, jnp.floating) else
+            "integer" if jnp.issubdtype(x.dtype, jnp.integer) else "other")
+    return v.ArrayInfo(tuple(x.shape), x.dtype, kind)
+
+
+def check_lm_head(func: str, hidden: jax.Array, weight: jax.Array, bias: jax.Array | None, *,
+                  names: tuple[str, str, str], lead: tuple[int, ...] | None = None) -> None:
+    v.check_lm_head(func, describe(hidden), describe(weight), describe(bias), names=names, lead=lead)
+
+
+def check_values(func: str, floats: dict[str, jax.Array | None], labels: dict[str, jax.Array],
+                 vocab_size: int, ignore_index: int) -> None:
+    """Finite floats, then labels in [0, V) or ``ignore_index`` (eager; see ``_base.value_check``)."""
+    for name, x in floats.items():
+        _base.check_finite(func, name, x)
+    for name, lab in labels.items():
+        _base.check_labels(func, name, lab, vocab_size, ignore_index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-chunk math
+
+
+def project(rows: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
+    logits = rows @ weight.T
+    return logits if bias is None else logits + bias
+
+
+def chunk_logps(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
+    """(per-token logp, 0 where ignored; logsumexp) of one chunk of logits."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    valid = labels != ignore_index
+    picked = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, picked - lse, 0.0), lse
+
+
+def logp_backprop(probs: jax.Array, rows: jax.Array, weight: jax.Array, safe_labels: jax.Array, g: jax.Array, *,
+                  with_bias: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(grad_rows, grad_weight, grad_bias) of Σ g·logp through one chunk, from its softmax ``probs``.
+
+    G = g·(onehot − probs) = diag(−g)·probs + onehot·g: both products take ``probs`` as it is and the row
+    factors act on [rows, H] arrays, so no [rows, V] gradient array is formed (the Torch backend's
+    ``backprop_logp_chunk`` does the same)."""
+    grad_rows = -g[:, None] * (probs @ weight) + g[:, None] * weight[safe_labels]
+    grad_w = (probs.T @ (-g[:, None] * rows)).at[safe_labels].add(g[:, None] * rows)
+    grad_b = (probs.T @ -g).at[safe_labels].add(g) if with_bias else None
+    return grad_rows, grad_w, grad_b
+
+
+def accum_dtype(dtype: Any) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def pad_rows(x: jax.Array, n_pad: int, value: Any = 0) -> jax.Array:
+    if n_pad == 0:
+        return x
+    return jnp.concatenate([x, jnp.full((n_pad, *x.shape[1:]), value, x.dtype)])
