@@ -1,10 +1,12 @@
 """The ``dpkd`` command line (console script ``dpkd``).
 
 * ``dpkd distill`` — the main job (no arguments needed): an embedded instruction task, a teacher trained
-  from scratch (cached), students distilled with SFT, KD, SeqKD and DPKD (``--variants`` adds IPO, CPO,
-  SimPO), all evaluated; prints the table and writes ``results.md``, ``metrics.json`` and plots.
-  ``--preset ci`` is a reduced run (< 2 minutes). Real run: ``--teacher DIR --student DIR --train-data
-  dolly_train.jsonl --test-data dolly_test.jsonl`` with local GPT-2/OPT checkpoints (safetensors).
+  from scratch (cached), one SFT start per seed, every method of the paper's Table 1 continuing it under one
+  budget (``--variants`` adds IPO, CPO, SimPO; ``--ablations`` Table 3's), all evaluated; prints the tables
+  and writes ``results.md``, ``metrics.json`` and the curve plots. ``--preset ci`` is a reduced run
+  (< 2 minutes); ``--preset full`` first tunes every method on the validation split. Real run:
+  ``--teacher DIR --student DIR --train-data dolly_train.jsonl --test-data dolly_test.jsonl`` with local
+  Hugging Face checkpoints (safetensors).
 * ``dpkd generate`` — pre-generate teacher outputs for a Dolly JSONL (adds ``teacher_response``).
 """
 
@@ -16,6 +18,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -24,60 +27,139 @@ def _default_cache() -> str:
     return os.environ.get("DPKD_CACHE", str(Path.home() / ".cache" / "dpkd"))
 
 
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _method_arg(text: str) -> tuple[str, str, str]:
+    method, _, rest = text.partition(".")
+    name, eq, value = rest.partition("=")
+    if not (method and name and eq):
+        raise argparse.ArgumentTypeError(f"expected METHOD.NAME=VALUE, got {text!r}")
+    return method, name, value
+
+
+def _distill_parser(sub: Any) -> None:
+    from dpkd.integrations.methods import ABLATIONS, METHODS, OBJECTIVE_PRESETS, TABLE1, VARIANTS, methods_help
+    from dpkd.integrations.transformers.job import PRESETS
+
+    dflt = PRESETS["default"]
+    d = sub.add_parser("distill", help="run the distillation job (embedded default, or your models/data)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="methods (name: what, needs, hyper-parameters with defaults and ranges):\n"
+                              + methods_help())
+    a = d.add_argument
+    a("--preset", choices=sorted(PRESETS), default="default",
+      help="sizes and budget: default (the embedded experiment), full (default + the validation grid), "
+           "ci (a reduced smoke run); default: default")
+    a("--results-dir", default="dpkd-results", help="output folder (default: dpkd-results)")
+    a("--cache-dir", default=_default_cache(), help="teacher cache (default: $DPKD_CACHE or ~/.cache/dpkd)")
+    a("--seeds", type=int, nargs="+", help=f"student seeds, any integers (default: {' '.join(map(str, dflt.seeds))})")
+    a("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+      help=f"explicit method list, any of {', '.join(METHODS)} (default: Table 1 = {' '.join(TABLE1)})")
+    a("--variants", action="store_true", help=f"also run Table 2's {', '.join(VARIANTS)} (default: off)")
+    a("--ablations", action="store_true",
+      help=f"also run Table 3's ablations ({', '.join(a.title for a in ABLATIONS.values())}; default: off)")
+    a("--grid", action="store_true",
+      help="tune each method's hyper-parameters on the validation split first (default: off; on in --preset full)")
+    a("--method-arg", type=_method_arg, action="append", default=[], metavar="METHOD.NAME=VALUE",
+      help="set one hyper-parameter of one method, e.g. dpkd.beta=0.5 (repeatable; ranges in the list below)")
+    a("--objective", choices=OBJECTIVE_PRESETS,
+      help=f"objective for every method: paper = L_method + 0.5·L_PT (Algorithm 1), released = LMOps runner "
+           f"mix, half = 0.5·CE + 0.5·L_method, distil-only (default: {dflt.objective})")
+    a("--method-steps", type=_positive(int), help=f"optimizer steps per method, ≥ 1 (default: {dflt.method_steps})")
+    a("--init-steps", type=_positive(int), help=f"SFT-start steps per seed, ≥ 1 (default: {dflt.init_steps})")
+    a("--lr", type=_positive(float), help=f"peak learning rate of the students, > 0 (default: {dflt.student_lr:g})")
+    a("--teacher-temperature", type=_positive(float),
+      help=f"sampling temperature of the pre-generated y_t, > 0 (default: {dflt.teacher_temperature:g})")
+    a("--sample-temperature", type=_positive(float),
+      help=f"sampling temperature of y_s and every student sample in training, > 0 "
+           f"(default: {dflt.sample_temperature:g})")
+    a("--eval-temperature", type=_positive(float),
+      help=f"temperature of the sampled evaluation (greedy is also reported), > 0 (default: {dflt.eval_temperature:g})")
+    a("--teacher", help="local teacher checkpoint folder (skips teacher training; default: train the embedded one)")
+    a("--student", help="local student checkpoint folder to start from (default: a new small GPT-2 per seed)")
+    a("--train-data", help="Dolly-style JSONL/Parquet for training (default: the embedded task)")
+    a("--test-data", help="Dolly-style JSONL/Parquet for evaluation (required with --train-data)")
+    a("--max-new-tokens", type=_positive(int), help=f"generation length, ≥ 1 (default: {dflt.max_new_tokens})")
+    a("--batch-size", type=_positive(int), help=f"examples per optimizer step, ≥ 1 (default: {dflt.batch_size})")
+    a("--threads", type=_positive(int), help=f"torch CPU threads, ≥ 1 (default: {dflt.threads})")
+    a("--fused", action="store_true",
+      help="fused token-chunked lm_head path: log-probs from hidden states, no [B, T, V] logits (default: off)")
+    a("--verbose", action="store_true", help="per-run progress bars and per-step logs (default: one overall display)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpkd", description="Direct Preference Knowledge Distillation")
     sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("distill", help="run the distillation job (embedded default, or your models/data)")
-    d.add_argument("--preset", choices=["default", "ci"], default="default")
-    d.add_argument("--results-dir", default="dpkd-results")
-    d.add_argument("--cache-dir", default=_default_cache(), help="teacher cache (default ~/.cache/dpkd)")
-    d.add_argument("--seeds", type=int, nargs="+", help="student seeds (default 0 1 2)")
-    d.add_argument("--variants", action="store_true", help="also run IPO, CPO and SimPO")
-    d.add_argument("--methods", nargs="+", help="explicit method list (sft kd seqkd dpkd ipo cpo simpo dpkd_token)")
-    d.add_argument("--objective", choices=["half", "paper", "released", "distil-only"],
-                   help="objective preset for every method (default: half = 0.5 CE + 0.5 method)")
-    d.add_argument("--beta", type=float)
-    d.add_argument("--method-steps", type=int)
-    d.add_argument("--teacher", help="local teacher checkpoint folder (skips teacher training)")
-    d.add_argument("--student", help="local SFT'd student checkpoint folder (skips the SFT initialisation)")
-    d.add_argument("--train-data", help="Dolly-style JSONL/Parquet for training")
-    d.add_argument("--test-data", help="Dolly-style JSONL/Parquet for evaluation")
-    d.add_argument("--max-new-tokens", type=int)
-    d.add_argument("--batch-size", type=int)
-    d.add_argument("--threads", type=int)
-    d.add_argument("--fused", action="store_true",
-                   help="fused token-chunked lm_head path: log-probs from hidden states, no [B, T, V] logits")
-    d.add_argument("--verbose", action="store_true", help="progress bars and per-step logs")
-
+    _distill_parser(sub)
     g = sub.add_parser("generate", help="pre-generate teacher outputs (adds `teacher_response` to each record)")
-    g.add_argument("--teacher", required=True)
-    g.add_argument("--data", required=True)
-    g.add_argument("--out", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--teacher", required=True, help="local teacher checkpoint folder")
+    g.add_argument("--data", required=True, help="Dolly-style JSONL/Parquet")
+    g.add_argument("--out", required=True, help="output JSONL")
+    g.add_argument("--max-new-tokens", type=_positive(int), default=256, help="≥ 1 (default: 256)")
+    g.add_argument("--temperature", type=_positive(float), default=1.0, help="sampling temperature > 0 (default: 1)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     return p
 
 
-def _distill(args: argparse.Namespace) -> int:
-    from dpkd.integrations.transformers.job import BASE_METHODS, PRESETS, VARIANT_METHODS, run_job
+_OVERRIDES = {"objective": "objective", "method_steps": "method_steps", "init_steps": "init_steps",
+              "lr": "student_lr", "teacher_temperature": "teacher_temperature",
+              "sample_temperature": "sample_temperature", "eval_temperature": "eval_temperature",
+              "max_new_tokens": "max_new_tokens", "batch_size": "batch_size", "threads": "threads"}
+
+
+def job_config(args: argparse.Namespace) -> Any:
+    """The ``JobConfig`` a parsed ``dpkd distill`` command line asks for (values range-checked)."""
+    from dpkd.integrations.methods import ABLATIONS, METHODS, VARIANTS
+    from dpkd.integrations.transformers.job import PRESETS
 
     cfg = PRESETS[args.preset]
-    overrides = {}
+    overrides: dict[str, Any] = {cfg_name: getattr(args, arg) for arg, cfg_name in _OVERRIDES.items()
+                                 if getattr(args, arg) is not None}
     if args.seeds:
         overrides["seeds"] = tuple(args.seeds)
-    if args.methods:
-        overrides["methods"] = tuple(args.methods)
-    elif args.variants:
-        overrides["methods"] = BASE_METHODS + VARIANT_METHODS
-    for name in ("objective", "beta", "method_steps", "max_new_tokens", "batch_size", "threads"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+    methods = tuple(args.methods) if args.methods else cfg.methods + (VARIANTS if args.variants else ())
+    overrides["methods"] = methods
+    if args.ablations:
+        overrides["ablations"] = tuple(ABLATIONS)
+    if args.grid:
+        overrides["grid"] = True
     if args.fused:
         overrides["use_fused"] = True
-    cfg = replace(cfg, **overrides)
-    run_job(cfg, results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
-            test_data=args.test_data, teacher_path=args.teacher, student_path=args.student, quiet=not args.verbose)
+    method_args = {m: dict(v) for m, v in cfg.method_args.items()}
+    for method, name, raw in args.method_arg:
+        if method not in METHODS:
+            raise SystemExit(f"dpkd distill: --method-arg: unknown method {method!r}")
+        hp = {h.name: h for h in METHODS[method].hparams}
+        if name not in hp:
+            raise SystemExit(f"dpkd distill: --method-arg: method {method!r} has no hyper-parameter {name!r} "
+                             f"(it has {sorted(hp) or 'none'})")
+        value: Any = raw.lower() == "true" if isinstance(hp[name].default, bool) else (
+            raw if isinstance(hp[name].default, str) else float(raw))
+        method_args.setdefault(method, {})[name] = value
+    try:
+        for method, values in method_args.items():
+            METHODS[method].resolve(values)
+    except ValueError as e:
+        raise SystemExit(f"dpkd distill: --method-arg: {e}") from None
+    overrides["method_args"] = method_args
+    return replace(cfg, **overrides)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from dpkd.integrations.transformers.job import run_job
+
+    run_job(job_config(args), results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
+            test_data=args.test_data, teacher_path=args.teacher, student_path=args.student, quiet=not args.verbose,
+            show_progress=not args.verbose)
     return 0
 
 
@@ -92,7 +174,8 @@ def _generate(args: argparse.Namespace) -> int:
     teacher = load_causal_lm(args.teacher)
     records = load_records(args.data)
     examples = tokenize_records(records, tok)
-    texts = generate_teacher_outputs(teacher, tok, examples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    texts = generate_teacher_outputs(teacher, tok, examples, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                     temperature=args.temperature)
     with Path(args.out).open("w", encoding="utf-8") as f:
         for rec, text in zip(records, texts, strict=True):
             row = {k: v for k, v in asdict(rec).items() if k != "references"}

@@ -37,10 +37,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from dpkd.backends.torch import dpkd_loss, objective
+from dpkd.backends.torch import objective
 from dpkd.spec.objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
 from megatron.core import parallel_state
 
+from ..methods import METHODS, PairLoss, TokenDivergence
 from . import data as D
 from .opt_convert import load_hf_state_dict
 from .opt_model import OPTShape, build_opt_gpt_model, opt_shape
@@ -49,13 +50,43 @@ from .vocab_parallel_losses import (
     vocab_parallel_cross_entropy,
     vocab_parallel_dpkd_token_loss,
     vocab_parallel_forward_kl,
+    vocab_parallel_generalized_jsd,
+    vocab_parallel_reverse_kl,
 )
 
-__all__ = ["parse_args", "run", "main", "OBJECTIVES"]
+__all__ = ["parse_args", "run", "main", "OBJECTIVES", "MODE_METHODS", "method_loss"]
 
 OBJECTIVES: dict[str, ObjectiveConfig] = {
     "released": RELEASED_OBJECTIVE, "paper": PAPER_OBJECTIVE, "distil-only": DISTIL_ONLY,
 }
+# The methods of the one method table (dpkd.integrations.methods) this driver runs, per mode: token mode
+# teacher-forces on the dataset sequences (divergences with a vocab-parallel kernel), sequence mode
+# samples y_s and scores (y_t, y_s) with a pair loss.
+_VOCAB_PARALLEL = {"dpkd_token": vocab_parallel_dpkd_token_loss, "forward_kl": vocab_parallel_forward_kl,
+                   "reverse_kl": vocab_parallel_reverse_kl, "generalized_jsd": vocab_parallel_generalized_jsd}
+MODE_METHODS = {
+    "token": tuple(n for n, m in METHODS.items() if isinstance(m.loss(), TokenDivergence)
+                   and m.loss().divergence in _VOCAB_PARALLEL and m.loss().on_policy_prob == 0),
+    "sequence": tuple(n for n, m in METHODS.items() if isinstance(m.loss(), PairLoss)),
+}
+_DEFAULT_METHOD = {"token": "dpkd_token", "sequence": "dpkd"}
+
+
+def method_loss(args: argparse.Namespace) -> Any:
+    """The chosen method's loss from the method table, with ``--beta`` (when the method has a β) and
+    ``--method-arg NAME=VALUE`` applied."""
+    m = METHODS[args.method]
+    values: dict[str, Any] = {}
+    if args.beta is not None and any(h.name == "beta" for h in m.hparams):
+        values["beta"] = args.beta
+    for item in args.method_arg:
+        name, _, raw = item.partition("=")
+        default = next((h.default for h in m.hparams if h.name == name), None)
+        values[name] = raw.lower() == "true" if isinstance(default, bool) else (
+            raw if isinstance(default, str) else float(raw))
+    return m.loss(values)
+
+
 # Tiny OPT shapes for CPU runs (the vocabulary is the tokenizer's).
 TINY = {"tiny-teacher": dict(hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256),
         "tiny-student": dict(hidden_size=32, num_layers=2, num_heads=4, ffn_dim=128)}
@@ -73,8 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--data", default=None, help="Dolly-style JSONL (instruction, context, response); default: generated")
     a("--num-examples", type=int, default=256, help="size of the generated task when --data is absent")
     a("--mode", choices=("token", "sequence"), default="token")
+    a("--method", choices=sorted(set(MODE_METHODS["token"] + MODE_METHODS["sequence"])), default=None,
+      help=f"method of the method table; token mode: {', '.join(MODE_METHODS['token'])} (default dpkd_token); "
+           f"sequence mode: {', '.join(MODE_METHODS['sequence'])} (default dpkd)")
+    a("--method-arg", action="append", default=[], metavar="NAME=VALUE",
+      help="a hyper-parameter of the method (repeatable), e.g. tau=0.5 for ipo")
     a("--objective", choices=tuple(OBJECTIVES), default=None, help="default: released (token), paper (sequence)")
-    a("--beta", type=float, default=0.1)
+    a("--beta", type=float, default=None, help="β of the method when it has one (default: the method table's)")
     a("--steps", type=int, default=10)
     a("--global-batch", type=int, default=8, help="examples per step over all DP ranks")
     a("--max-prompt", type=int, default=256)
@@ -99,6 +135,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.objective is None:
         args.objective = "released" if args.mode == "token" else "paper"
+    if args.method is None:
+        args.method = _DEFAULT_METHOD[args.mode]
+    if args.method not in MODE_METHODS[args.mode]:
+        p.error(f"--method {args.method} does not run in --mode {args.mode} (choose from "
+                f"{', '.join(MODE_METHODS[args.mode])})")
+    try:
+        method_loss(args)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -242,10 +287,13 @@ def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, v
         if coef["sft_loss"]:
             terms["sft_loss"] = vocab_parallel_cross_entropy(s_logits, labels, normalizer=float(n_tokens),
                                                              vocab_size=vocab)
-        out = vocab_parallel_dpkd_token_loss(s_logits, t_logits, labels != -100, beta=args.beta,
-                                             normalizer=float(n_tokens), vocab_size=vocab)
-        terms["distil_loss"] = out.loss
-        metrics["agreement"] = out.agreement_rate * batch.mask.sum() / n_tokens
+        spec = method_loss(args)
+        out = _VOCAB_PARALLEL[spec.divergence](s_logits, t_logits, labels != -100, normalizer=float(n_tokens),
+                                               vocab_size=vocab, **dict(spec.options))
+        if spec.divergence == "dpkd_token":
+            metrics["agreement"] = out.agreement_rate * batch.mask.sum() / n_tokens
+            out = out.loss
+        terms["distil_loss"] = out
     else:
         prompts = [pairs[i][0] for i in mine]
         gens = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * 65_537 + i) for i in mine]
@@ -268,7 +316,7 @@ def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, v
         with torch.no_grad():
             c, _ = vocab_parallel_sequence_logps(_logits(teacher, ct), cl, vocab_size=vocab)
             d, _ = vocab_parallel_sequence_logps(_logits(teacher, rt), rl, vocab_size=vocab)
-        out = dpkd_loss(a, b, c, d, chosen_lengths=n_t, rejected_lengths=n_s, beta=args.beta, reduction="sum")
+        out = method_loss(args).fn(a, b, c, d, chosen_lengths=n_t, rejected_lengths=n_s, reduction="sum")
         terms["distil_loss"] = out.loss / args.global_batch
         if coef["sft_loss"]:
             terms["sft_loss"] = vocab_parallel_cross_entropy(_logits(student, batch.tokens.to(device)), labels,

@@ -7,13 +7,14 @@ padding (so only response tokens, including the final EOS, are scored). Generati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["SequenceBatch", "pad_pairs", "left_pad", "generate", "forward_logits", "IGNORE_INDEX"]
+__all__ = ["SequenceBatch", "pad_pairs", "left_pad", "generate", "forward_logits", "TeacherMixture", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -73,10 +74,14 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     batch_size: int = 32,
+    mix_teacher: Any = None,
+    mix_alpha: float = 0.0,
 ) -> list[list[int]]:
     """Responses of ``model`` to ``prompts`` via ``model.generate`` (pure sampling at T = 1, top_k = 0,
-    top_p = 1 by default, the MiniLLM/DPKD setting). Each response is cut after its first EOS (kept) and is
-    never empty. Sampling draws from torch's global RNG (seed it for reproducibility)."""
+    top_p = 1 by default, the MiniLLM/DPKD setting; ``do_sample=False``: greedy). Each response is cut after
+    its first EOS (kept) and is never empty. Sampling draws from torch's global RNG (seed it for
+    reproducibility). With ``mix_teacher`` and ``mix_alpha`` > 0 each token is drawn from the teacher-mixed
+    distribution α·p + (1 − α)·q (MiniLLM; :class:`TeacherMixture`)."""
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
@@ -86,6 +91,10 @@ def generate(
         kwargs: dict[str, Any] = {"do_sample": do_sample}
         if do_sample:
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        if mix_teacher is not None and mix_alpha > 0:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([TeacherMixture(mix_teacher, mask, mix_alpha)])
         gen = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -108,3 +117,53 @@ def generate(
 def forward_logits(model: Any, batch: SequenceBatch) -> torch.Tensor:
     """Logits [B, T, V] of a right-padded batch (positions are 0..T-1 from the left: no pad before tokens)."""
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class TeacherMixture:
+    """A ``transformers`` logits processor that turns the student's next-token scores into
+    log(α·p + (1 − α)·q): generation then samples from the teacher-mixed distribution (MiniLLM Sec. 2.2).
+
+    The teacher runs incrementally with its own KV cache: the whole left-padded prompt on the first call,
+    then one token per call, with explicit position ids (cumulative attention mask − 1) so left padding
+    does not shift positions. ``generate`` applies custom processors before its temperature / top-k / top-p
+    warpers, so those act on the mixture.
+    """
+
+    def __init__(self, teacher: Any, prompt_mask: torch.Tensor, alpha: float) -> None:
+        if not 0.0 < alpha < 1.0 + 1e-12:
+            raise ValueError(f"TeacherMixture: `alpha` must lie in (0, 1], got {alpha}")
+        self.teacher = teacher
+        self.mask = prompt_mask
+        self.alpha = alpha
+        self.cache: Any = None
+
+    @torch.no_grad()
+    def teacher_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """log p(·| input_ids) at the last position [B, V], reusing the cache of earlier calls."""
+        width = input_ids.shape[1]
+        grown = width - self.mask.shape[1]
+        mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], grown))], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        if self.cache is None:
+            from transformers import DynamicCache
+
+            self.cache = DynamicCache()
+            ids, pos = input_ids, positions
+        else:
+            ids, pos = input_ids[:, -1:], positions[:, -1:]
+        out = self.teacher(input_ids=ids, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        return torch.log_softmax(_at_least_float32(out.logits[:, -1]), dim=-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        log_p = self.teacher_logprobs(input_ids)
+        log_q = torch.log_softmax(_at_least_float32(scores), dim=-1)
+        log_p = log_p.to(log_q.dtype)
+        if self.alpha >= 1.0:
+            return log_p.to(scores.dtype)
+        mixed = torch.logaddexp(log_p + math.log(self.alpha), log_q + math.log1p(-self.alpha))
+        return mixed.to(scores.dtype)

@@ -76,12 +76,14 @@ class Record:
 
 @dataclass
 class Example:
-    """A tokenised record: prompt ids, dataset-response ids (ending with EOS) and optional teacher output."""
+    """A tokenised record: prompt ids, dataset-response ids (ending with EOS), the optional teacher output
+    y_t and its cached teacher log-probability c = log p(y_t|x) (summed over y_t's tokens)."""
 
     record: Record
     prompt_ids: list[int]
     response_ids: list[int]
     teacher_ids: list[int] | None = None
+    teacher_logp: float | None = None
 
 
 @dataclass

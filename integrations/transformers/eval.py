@@ -30,6 +30,7 @@ __all__ = [
     "BUCKETS",
     "score_predictions",
     "evaluate_model",
+    "predict",
     "first_token_kl",
     "results_markdown",
     "write_results",
@@ -68,12 +69,15 @@ def length_bucket(golden: str) -> str:
     return BUCKETS[0] if n <= 30 else BUCKETS[1] if n <= 70 else BUCKETS[2]
 
 
-def score_predictions(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
-    """Overall and per-bucket mean Rouge-L / exact match; the bucket is taken from the first reference."""
+def score_predictions(predictions: Sequence[str], references: Sequence[Sequence[str]],
+                      bucket_texts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Overall and per-bucket mean Rouge-L / exact match; the bucket is taken from ``bucket_texts`` (the
+    golden responses) or else the first reference."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError("score_predictions: need one non-empty reference list per prediction")
-    rows = [(length_bucket(refs[0]), rouge_l(p, refs), exact_match(p, refs))
-            for p, refs in zip(predictions, references, strict=True)]
+    keys = bucket_texts if bucket_texts is not None else [refs[0] for refs in references]
+    rows = [(length_bucket(k), rouge_l(p, refs), exact_match(p, refs))
+            for p, refs, k in zip(predictions, references, keys, strict=True)]
 
     def agg(sel: list[tuple[str, float, float]]) -> dict[str, float]:
         if not sel:
@@ -101,6 +105,18 @@ def first_token_kl(student: Any, teacher: Any, examples: Sequence[Example], *, p
     return {"kld": float(d["kld"]), "rkld": float(d["rkld"])}
 
 
+def predict(model: Any, tokenizer: Any, examples: Sequence[Example], *, max_new_tokens: int,
+            do_sample: bool = False, temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """The decoded response of ``model`` to each example's prompt: greedy, or sampled at ``temperature``
+    (top_k = 0, top_p = 1) with a seeded RNG isolated from the caller's."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        outs = generate(model, [ex.prompt_ids for ex in examples], pad_id=tokenizer.pad_token_id,
+                        eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, batch_size=batch_size)
+    return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -108,19 +124,19 @@ def evaluate_model(
     *,
     max_new_tokens: int,
     do_sample: bool = False,
+    temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
     teacher: Any = None,
+    references: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Generate a response to each held-out prompt and score it (greedy unless ``do_sample``; sampling is
-    seeded and isolated from the caller's RNG). With ``teacher``, adds first-token KLD/rKLD."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        outs = generate(model, [ex.prompt_ids for ex in examples], pad_id=tokenizer.pad_token_id,
-                        eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        batch_size=batch_size)
-    preds = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
-    result = score_predictions(preds, [ex.record.all_references for ex in examples])
+    seeded and isolated from the caller's RNG) against the golden references, or ``references`` when given
+    (e.g. the teacher's own outputs). With ``teacher``, adds first-token KLD/rKLD."""
+    preds = predict(model, tokenizer, examples, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature, seed=seed, batch_size=batch_size)
+    refs = references if references is not None else [ex.record.all_references for ex in examples]
+    result = score_predictions(preds, refs, [ex.record.response for ex in examples])
     if teacher is not None and teacher is not model:
         result["first_token"] = first_token_kl(model, teacher, examples, pad_id=tokenizer.pad_token_id)
     result["samples"] = [{"prompt": ex.record.instruction, "context": ex.record.context,

@@ -25,7 +25,7 @@ import torch
 from .batching import IGNORE_INDEX, SequenceBatch
 
 __all__ = ["HeadOutput", "model_head", "check_fusable", "cross_entropy", "forward_kl", "dpkd_token_loss",
-           "sequence_logps", "sequence_loss", "SequenceLossFn"]
+           "token_divergence", "token_logps", "sequence_logps", "sequence_loss", "SequenceLossFn"]
 
 #: ``loss(a, b, c, d, *, chosen_lengths, rejected_lengths, reduction)`` → PreferenceLoss; c, d may be None
 #: (reference-free methods); lengths are the int64 token counts of y_t and y_s; elementwise over pairs under
@@ -122,6 +122,29 @@ def dpkd_token_loss(student: HeadOutput, teacher: HeadOutput, *, normalizer: flo
                                     chunk_size=student.chunk_size, **options)
 
 
+def token_divergence(name: str, student: HeadOutput, teacher: HeadOutput, *, normalizer: float | None,
+                     reduction: str = "mean", **options: Any) -> Any:
+    """A per-token divergence of the backend by name (``forward_kl``, ``reverse_kl``, ``generalized_jsd``,
+    ``akl``, ``dpkd_token``) on the student's labelled rows; ``dpkd_token`` returns a TokenPreferenceLoss."""
+    tb = _tb()
+    fn_name = "dpkd_token_loss" if name == "dpkd_token" else name
+    if not student.fused:
+        return getattr(tb, fn_name)(student.logits, teacher.logits, student.mask, normalizer=normalizer,
+                                    reduction=reduction, **options)
+    return getattr(tb, f"fused_{fn_name}")(student.hidden, student.weight, teacher.hidden, teacher.weight,
+                                           student.mask, bias=student.bias, teacher_bias=teacher.bias,
+                                           normalizer=normalizer, reduction=reduction,
+                                           chunk_size=student.chunk_size, **options)
+
+
+def token_logps(out: HeadOutput) -> torch.Tensor:
+    """log q(label_t) per labelled row [B, T-1], 0 elsewhere (SPEC-MATH §1)."""
+    tb = _tb()
+    if not out.fused:
+        return tb.token_logps(out.logits, out.labels)
+    return tb.linear_token_logps(out.hidden, out.weight, out.labels, bias=out.bias, chunk_size=out.chunk_size)
+
+
 def sequence_logps(out: HeadOutput) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_t log q(label_t) per row [B], labelled-token count per row [B] int64) — SPEC-MATH Eq. 8."""
     tb = _tb()
@@ -131,27 +154,33 @@ def sequence_logps(out: HeadOutput) -> tuple[torch.Tensor, torch.Tensor]:
     return per_token.sum(-1), out.mask.sum(-1, dtype=torch.int64)
 
 
-def sequence_loss(loss: SequenceLossFn, student: HeadOutput, teacher: HeadOutput | None, n: int
+def sequence_loss(loss: SequenceLossFn, student: HeadOutput,
+                  teacher: HeadOutput | tuple[torch.Tensor, torch.Tensor] | None, n: int
                   ) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """A sequence-level loss on a pair batch (rows [:n] = (x, y_t), rows [n:] = (x, y_s)), ``reduction="sum"``.
 
     a, b = the student's summed log-probs of y_t, y_s; c, d = the teacher's (None without a teacher);
     returns ``(loss(a, b, c, d, chosen_lengths=L_t, rejected_lengths=L_s, reduction="sum"), a, b)`` with a, b
-    detached. Fused: ``fused_sequence_loss`` (loss and gradient in one pass when whole pairs fit a chunk),
-    which returns a, b beside the loss.
+    detached. ``teacher`` may also be the precomputed (c, d) [n] each (the cached teacher log-probs).
+    Fused: ``fused_sequence_loss`` (loss and gradient in one pass when whole pairs fit a chunk), which returns
+    a, b beside the loss.
     """
     tb = _tb()
     if not student.fused:
         ab, n_tok = sequence_logps(student)
         c = d = None
-        if teacher is not None:
+        if isinstance(teacher, tuple):
+            c, d = teacher
+        elif teacher is not None:
             with torch.no_grad():
                 cd, _ = sequence_logps(teacher)
             c, d = cd[:n], cd[n:]
         res = loss(ab[:n], ab[n:], c, d, chosen_lengths=n_tok[:n], rejected_lengths=n_tok[n:], reduction="sum")
         return res, ab[:n].detach(), ab[n:].detach()
     head = None
-    if teacher is not None:
+    if isinstance(teacher, tuple):
+        head = tb.TeacherLogps(*teacher)
+    elif teacher is not None:
         head = tb.TeacherLMHead(teacher.hidden[:n], teacher.hidden[n:], teacher.weight, teacher.bias)
     s = student
     res = tb.fused_sequence_loss(loss, s.hidden[:n], s.hidden[n:], s.weight, s.labels[:n], s.labels[n:],

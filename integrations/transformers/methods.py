@@ -1,22 +1,18 @@
-"""The distillation methods the trainer runs, expressed with the ``dpkd.backends.torch`` losses.
+"""How the Hugging Face trainer executes a method of the one method table (:mod:`dpkd.integrations.methods`).
 
 Naming (CONVENTIONS.md): policy = student q_θ, reference = teacher p, chosen = teacher output y_t,
 rejected = student output y_s; a = log q(y_t), b = log q(y_s), c = log p(y_t), d = log p(y_s).
 
-| method       | distillation term (SPEC-MATH)                                                  | needs        |
-|--------------|--------------------------------------------------------------------------------|--------------|
-| `sft`        | CE on the dataset response (§6)                                                | —            |
-| `kd`         | word-level KD: forward KL(p‖q) per response token, teacher-forced on data (§6) | teacher      |
-| `seqkd`      | CE on the teacher output y_t (Kim & Rush; §6)                                  | y_t          |
-| `dpkd`       | sequence-level DPKD, Eq. 9 (Eq. 8 with ``length_normalize=False``) (§3A)      | y_t, y_s, p  |
-| `ipo`        | (h − 1/(2τ))², length-averaged unless ``length_normalize=False`` (§5)         | y_t, y_s, p  |
-| `cpo`        | −log σ(β(a − b)) + w·NLL(y_t) (§5)                                            | y_t, y_s     |
-| `simpo`      | −log σ(βa/L_t − βb/L_s − γ) (§5)                                              | y_t, y_s     |
-| `dpkd_token` | released-code token-level DPKD on y_t under teacher forcing (§3B)              | y_t, p       |
+Each loss kind of the table maps onto :mod:`.heads` (materialised logits or the fused lm_head path):
+``CrossEntropy`` → ``heads.cross_entropy``; ``TokenDivergence`` → ``heads.token_divergence`` on the batch
+it names (or on the step's student samples, GKD); ``PairLoss`` → ``heads.sequence_loss`` on [(x, y_t);
+(x, y_s)], with c taken from the cache when the examples carry it; ``PolicyGradient`` →
+:func:`.policy_gradient.minillm_loss` on the teacher-mixed samples.
 
 Every method's term enters the objective L = (1−α)·CE_D + α·L_method + λ·[(1−κ)·PT_lm + κ·PT_kd]
-(SPEC-MATH §3C, ``dpkd.spec.objective``). Reductions use *global* normalisers (examples, or loss tokens,
-over all micro-batches of an optimizer step), so gradient accumulation is exact (ANCHORS #18).
+(``dpkd.spec.objective``; the ``paper`` preset is Algorithm 1's L_method + λ·L_PT). Reductions use *global*
+normalisers (examples, or loss tokens, over all micro-batches of an optimizer step), so gradient
+accumulation is exact.
 """
 
 from __future__ import annotations
@@ -26,31 +22,12 @@ from typing import Any
 
 import torch
 
+from ..methods import METHODS, CrossEntropy, PairLoss, PolicyGradient, TokenDivergence
 from . import heads
 from .batching import SequenceBatch
+from .policy_gradient import minillm_loss
 
-__all__ = ["METHODS", "SEQUENCE_METHODS", "MethodSpec", "PreparedBatch", "Normalizers", "compute_loss", "backend"]
-
-SEQUENCE_METHODS = ("dpkd", "ipo", "cpo", "simpo")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    needs_teacher_outputs: bool  # y_t
-    needs_student_samples: bool  # y_s
-    needs_teacher_model: bool  # teacher forward during the step
-
-
-METHODS: dict[str, MethodSpec] = {
-    "sft": MethodSpec(False, False, False),
-    "kd": MethodSpec(False, False, True),
-    "seqkd": MethodSpec(True, False, False),
-    "dpkd": MethodSpec(True, True, True),
-    "ipo": MethodSpec(True, True, True),
-    "cpo": MethodSpec(True, True, False),
-    "simpo": MethodSpec(True, True, False),
-    "dpkd_token": MethodSpec(True, False, True),
-}
+__all__ = ["METHODS", "PreparedBatch", "Normalizers", "StepStats", "compute_loss", "backend"]
 
 
 def backend() -> Any:
@@ -62,12 +39,15 @@ def backend() -> Any:
 
 @dataclass
 class PreparedBatch:
-    """One micro-batch with everything sampled: (x, y_data), (x, y_t), (x, y_s), and a PT batch."""
+    """One micro-batch with everything sampled: (x, y_data), (x, y_t), (x, y_s) pairs, student or
+    teacher-mixed samples, a PT batch, and the cached c = log p(y_t) when there is one."""
 
     data: SequenceBatch
     chosen: SequenceBatch | None = None  # (x, y_t)
     pair: SequenceBatch | None = None  # [(x, y_t); (x, y_s)] concatenated on the batch axis
+    samples: SequenceBatch | None = None  # (x, y) with y from the student (GKD) or the mixture (MiniLLM)
     pt: SequenceBatch | None = None
+    chosen_teacher_logps: torch.Tensor | None = None  # cached c [n]
     n_examples: int = 0
 
 
@@ -79,6 +59,7 @@ class Normalizers:
     data_tokens: int
     chosen_tokens: int = 0
     pt_tokens: int = 0
+    sample_tokens: int = 0
 
 
 @dataclass
@@ -92,109 +73,112 @@ class StepStats:
     agreement: list[tuple[float, int]] = field(default_factory=list)
     terms: dict[str, float] = field(default_factory=dict)
 
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        self.terms[name] = self.terms.get(name, 0.0) + float(value)
 
-def compute_loss(
-    method: str,
-    student: Any,
-    teacher: Any,
-    batch: PreparedBatch,
-    norms: Normalizers,
-    hp: Any,
-    stats: StepStats,
-) -> torch.Tensor:
-    """This micro-batch's share of the step objective (summing over micro-batches gives the full-batch
-    objective exactly). ``hp`` is a :class:`~dpkd.integrations.transformers.trainer.DistillConfig`; with
-    ``hp.use_fused`` the log-probs come from the fused lm_head path (:mod:`.heads`), the method logic below
-    is the same either way."""
-    spec = METHODS[method]
-    alpha = hp.objective.alpha
-    fused = bool(getattr(hp, "use_fused", False))
-    chunk = getattr(hp, "fused_chunk_size", None)
 
-    def run(model: Any, b: Any) -> heads.HeadOutput:
-        return heads.model_head(model, b, fused=fused, chunk_size=chunk)
+class _Models:
+    """The student and teacher heads of one call, on the configured path (materialised or fused)."""
 
-    def run_teacher(b: Any) -> heads.HeadOutput:
+    def __init__(self, student: Any, teacher: Any, hp: Any) -> None:
+        self.student, self.teacher = student, teacher
+        self.fused = bool(getattr(hp, "use_fused", False))
+        self.chunk = getattr(hp, "fused_chunk_size", None)
+
+    def run(self, b: SequenceBatch) -> heads.HeadOutput:
+        return heads.model_head(self.student, b, fused=self.fused, chunk_size=self.chunk)
+
+    def run_teacher(self, b: SequenceBatch) -> heads.HeadOutput:
         with torch.no_grad():  # the teacher is frozen
-            return run(teacher, b)
+            return heads.model_head(self.teacher, b, fused=self.fused, chunk_size=self.chunk)
 
-    def add_term(name: str, value: torch.Tensor) -> None:
-        stats.terms[name] = stats.terms.get(name, 0.0) + float(value.detach())
 
-    data = None
-    sft = None
-    if alpha < 1.0 or method in ("sft", "kd") or (method == "seqkd" and batch.chosen is None):
-        data = run(student, batch.data)
-        sft = heads.cross_entropy(data, normalizer=norms.data_tokens)
-        add_term("sft_loss", sft)
-
-    if method == "sft":
-        distil = sft
-    elif method == "kd":
-        distil = heads.forward_kl(data, run_teacher(batch.data), temperature=hp.temperature,
-                                  normalizer=norms.data_tokens)
-    elif method == "seqkd":
-        distil = heads.cross_entropy(run(student, batch.chosen), normalizer=norms.chosen_tokens)
-    elif method == "dpkd_token":
-        s_out = run(student, batch.chosen)
-        res = heads.dpkd_token_loss(s_out, run_teacher(batch.chosen), beta=hp.beta, form=hp.token_form,
-                                    label_smoothing=hp.label_smoothing, normalizer=norms.chosen_tokens)
-        stats.agreement.append((float(res.agreement_rate), int(s_out.mask.sum())))
-        distil = res.loss
-    elif method in SEQUENCE_METHODS:
-        s_out = run(student, batch.pair)
-        t_out = run_teacher(batch.pair) if spec.needs_teacher_model else None
-        res, a, b = heads.sequence_loss(_pair_loss(method, hp), s_out, t_out, batch.n_examples)
-        stats.chosen_rewards.append(res.chosen_rewards.detach())
-        stats.rejected_rewards.append(res.rejected_rewards.detach())
-        stats.logps_chosen.append(a)
-        stats.logps_rejected.append(b)
-        distil = res.loss / norms.examples
-    else:
+def compute_loss(method: str, student: Any, teacher: Any, batch: PreparedBatch, norms: Normalizers, hp: Any,
+                 stats: StepStats) -> torch.Tensor:
+    """This micro-batch's share of the step objective (summing over micro-batches gives the full-batch
+    objective exactly). ``hp`` is a :class:`~dpkd.integrations.transformers.trainer.DistillConfig` (its
+    ``objective``, ``method_args`` and fused options)."""
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    add_term("distil_loss", distil)
+    spec = METHODS[method].loss(hp.method_args)
+    models = _Models(student, teacher, hp)
+    coef = hp.objective.coefficients()
+    sft = None
+    if coef["sft_loss"] != 0.0 or spec == CrossEntropy("data"):
+        sft = heads.cross_entropy(models.run(batch.data), normalizer=norms.data_tokens)
+        stats.add("sft_loss", sft.detach())
+    if spec == CrossEntropy("data"):
+        distil = sft
+    elif isinstance(spec, CrossEntropy):
+        distil = heads.cross_entropy(models.run(batch.chosen), normalizer=norms.chosen_tokens)
+    elif isinstance(spec, TokenDivergence):
+        distil = _token_divergence(spec, models, batch, norms, stats)
+    elif isinstance(spec, PairLoss):
+        distil = _pair(spec, models, batch, norms, stats)
+    elif isinstance(spec, PolicyGradient):
+        out = minillm_loss(models.run(batch.samples), models.run_teacher(batch.samples), mix_alpha=spec.mix_alpha,
+                           length_norm=spec.length_norm, single_step=spec.single_step,
+                           normalizer=norms.sample_tokens)
+        stats.add("mean_importance_weight", out.mean_weight * batch.n_examples / norms.examples)
+        stats.add("sample_reverse_kl", out.reverse_kl.sum() / norms.examples)
+        distil = out.loss
+    else:  # pragma: no cover - the table only builds the four kinds
+        raise TypeError(f"method {method!r}: unknown loss kind {type(spec).__name__}")
+    stats.add("distil_loss", distil.detach())
+    terms = {"sft_loss": sft, "distil_loss": distil, **_pt_terms(models, batch, norms, hp, stats)}
+    # L = (1−α)·sft + α·distil + λ·[(1−κ)·pt_lm + κ·pt_kd]; a zero-weight term is skipped, not multiplied
+    return sum(coef[k] * t for k, t in terms.items() if coef[k] != 0.0)
 
+
+def _token_divergence(spec: TokenDivergence, models: _Models, batch: PreparedBatch, norms: Normalizers,
+                      stats: StepStats) -> torch.Tensor:
+    if batch.samples is not None:  # this step drew the student's own samples (GKD's λ)
+        target, n = batch.samples, norms.sample_tokens
+    elif spec.on == "y_t":
+        target, n = batch.chosen, norms.chosen_tokens
+    else:
+        target, n = batch.data, norms.data_tokens
+    s_out = models.run(target)
+    res = heads.token_divergence(spec.divergence, s_out, models.run_teacher(target), normalizer=n,
+                                 **dict(spec.options))
+    if spec.divergence == "dpkd_token":
+        stats.agreement.append((float(res.agreement_rate), int(s_out.mask.sum())))
+        return res.loss
+    return res
+
+
+def _pair(spec: PairLoss, models: _Models, batch: PreparedBatch, norms: Normalizers, stats: StepStats
+          ) -> torch.Tensor:
+    n = batch.n_examples
+    s_out = models.run(batch.pair)
+    teacher: Any = None
+    if not spec.reference_free:
+        if batch.chosen_teacher_logps is not None:  # c cached with y_t: the teacher runs on y_s rows only
+            rejected = SequenceBatch(batch.pair.input_ids[n:], batch.pair.attention_mask[n:], batch.pair.labels[n:])
+            with torch.no_grad():
+                d, _ = heads.sequence_logps(models.run_teacher(rejected))
+            teacher = (batch.chosen_teacher_logps.to(d.dtype), d)
+        else:
+            teacher = models.run_teacher(batch.pair)
+    res, a, b = heads.sequence_loss(spec.fn, s_out, teacher, n)
+    stats.chosen_rewards.append(res.chosen_rewards.detach())
+    stats.rejected_rewards.append(res.rejected_rewards.detach())
+    stats.logps_chosen.append(a)
+    stats.logps_rejected.append(b)
+    return res.loss / norms.examples
+
+
+def _pt_terms(models: _Models, batch: PreparedBatch, norms: Normalizers, hp: Any, stats: StepStats
+              ) -> dict[str, torch.Tensor | None]:
+    """λ·L_PT's two pieces on the pre-training batch: LM cross-entropy and (κ > 0) forward KD."""
     pt_lm = pt_kd = None
     if hp.objective.lm_coef > 0:
         if batch.pt is None:
             raise ValueError("the objective has lm_coef > 0 but no pre-training batch was prepared")
-        pt = run(student, batch.pt)
+        pt = models.run(batch.pt)
         pt_lm = heads.cross_entropy(pt, normalizer=norms.pt_tokens)
-        add_term("pt_lm_loss", pt_lm)
+        stats.add("pt_lm_loss", pt_lm.detach())
         if hp.objective.pt_kd_ratio > 0:
-            pt_kd = heads.forward_kl(pt, run_teacher(batch.pt), normalizer=norms.pt_tokens)
-            add_term("pt_kd_loss", pt_kd)
-    # L = (1−α)·sft + α·distil + λ·[(1−κ)·pt_lm + κ·pt_kd] with the config's own coefficients
-    # (ObjectiveConfig.coefficients(), SPEC-MATH §3C); a zero-weight term is skipped, not multiplied.
-    coef = hp.objective.coefficients()
-    terms = {"sft_loss": sft, "distil_loss": distil, "pt_lm_loss": pt_lm, "pt_kd_loss": pt_kd}
-    return sum(coef[k] * t for k, t in terms.items() if coef[k] != 0.0)
-
-
-def _pair_loss(method: str, hp: Any) -> heads.SequenceLossFn:
-    """The sequence-level method as ``loss(a, b, c, d, *, chosen_lengths, rejected_lengths, reduction)``.
-
-    The one definition both paths use: the materialised path calls it on the summed log-probs, the fused
-    path hands it to ``fused_sequence_loss`` (which also calls it per chunk of pairs, ``reduction="none"``).
-    Lengths arrive as int64 token counts and enter the loss as floats of a's dtype.
-    """
-    tb = backend()
-    ln = hp.length_normalize
-
-    def loss(a: torch.Tensor, b: torch.Tensor, c: Any, d: Any, *, chosen_lengths: torch.Tensor,
-             rejected_lengths: torch.Tensor, reduction: str) -> Any:
-        lt, ls = chosen_lengths.to(a.dtype), rejected_lengths.to(a.dtype)
-        if method == "dpkd":
-            return tb.dpkd_loss(a, b, c, d, chosen_lengths=lt if ln else None, rejected_lengths=ls if ln else None,
-                                beta=hp.beta, label_smoothing=hp.label_smoothing, reduction=reduction)
-        if method == "ipo":
-            return tb.ipo_loss(a, b, c, d, tau=hp.beta, chosen_lengths=lt if ln else None,
-                               rejected_lengths=ls if ln else None, length_normalize=ln, reduction=reduction)
-        if method == "cpo":
-            return tb.cpo_loss(a, b, beta=hp.beta, nll_weight=hp.cpo_nll_weight, chosen_lengths=lt if ln else None,
-                               label_smoothing=hp.label_smoothing, reduction=reduction)
-        # simpo: always length-normalised (Meng et al.)
-        return tb.simpo_loss(a, b, chosen_lengths=lt, rejected_lengths=ls, beta=hp.simpo_beta, gamma=hp.simpo_gamma,
-                             label_smoothing=hp.label_smoothing, reduction=reduction)
-
-    return loss
+            pt_kd = heads.forward_kl(pt, models.run_teacher(batch.pt), normalizer=norms.pt_tokens)
+            stats.add("pt_kd_loss", pt_kd.detach())
+    return {"pt_lm_loss": pt_lm, "pt_kd_loss": pt_kd}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .data import Record
 
-__all__ = ["make_task", "write_jsonl", "FAMILIES"]
+__all__ = ["make_task", "make_pretraining_corpus", "write_jsonl", "FAMILIES"]
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bear", "wolf", "deer", "hawk", "crow", "frog", "goat", "lamb",
            "mole", "seal", "swan", "toad"]
@@ -103,6 +103,23 @@ def make_task(n_train: int = 2000, n_valid: int = 100, n_test: int = 300, *, see
             recs.append(rec)
         out[split] = recs
     return out
+
+
+def make_pretraining_corpus(n: int, *, seed: int = 0) -> list[str]:
+    """D_p of the embedded task: plain text about the same world (no instruction template) — the analogue of
+    the paper's OpenWebText for the λ·L_PT term. Each document states facts of the story world and
+    describes a random list (its first and last word, its length)."""
+    facts = _facts(seed)
+    rng = random.Random(20_000 + seed)
+    docs = []
+    for _ in range(n):
+        animal = rng.choice(ANIMALS)
+        colour, place = facts[animal]
+        words = [rng.choice(ITEMS) for _ in range(rng.randint(3, 8))]
+        docs.append(f"In the story world the {animal} is {colour} and the {animal} lives in the {place} . "
+                    f"The list {' '.join(words)} has {NUMBERS[len(words)]} words , it starts with {words[0]} "
+                    f"and ends with {words[-1]} .")
+    return docs
 
 
 def write_jsonl(records: list[Record], path: str | Path) -> None:

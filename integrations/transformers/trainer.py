@@ -6,23 +6,30 @@ micro-batches' normalisers are known (exact gradient accumulation needs the glob
 and exact SIGKILL-resume needs pickle-free checkpoints of the optimizer and every RNG — both of which fight
 ``Trainer``'s own loop and its ``torch.save`` checkpoints. What users of ``transformers`` expect is kept:
 the names of ``TrainingArguments`` (``per_device_train_batch_size``, ``gradient_accumulation_steps``,
-``learning_rate``, ``logging_steps``, ``save_steps``, ``save_total_limit``, ``report_to``...), a tqdm
-progress bar, TRL's metric names (``loss``, ``rewards/chosen``, ``rewards/rejected``,
-``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``grad_norm``,
-``learning_rate``), TensorBoard event files under ``<output_dir>/runs``, ``save_pretrained`` checkpoints and
-``train(resume_from_checkpoint=...)``.
+``learning_rate``, ``warmup_steps``, ``lr_scheduler_type``, ``logging_steps``, ``save_steps``,
+``save_total_limit``, ``report_to``...), a tqdm progress bar, TRL's metric names (``loss``,
+``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+``logps/rejected``, ``grad_norm``, ``learning_rate``), TensorBoard event files under ``<output_dir>/runs``,
+``save_pretrained`` checkpoints and ``train(resume_from_checkpoint=...)``.
 
-Per optimizer step (SPEC-MATH §4, Algorithm 1):
-  1. draw ``gradient_accumulation_steps`` micro-batches of prompts x (a seeded per-epoch permutation);
-  2. teacher outputs y_t: the dataset response (``teacher_outputs="dataset"``), pre-generated ones
-     (``"pregenerated"``, see ``dpkd generate``), or sampled from the teacher now (``"online"``);
-  3. student outputs y_s sampled from the *current* student (methods that need them);
-  4. the four log-probs log q(y_t), log q(y_s), log p(y_t), log p(y_s) and the method's loss, combined by
-     the objective L = (1−α)·CE_D + α·L_method + λ·L_PT (SPEC-MATH §3C);
-  5. backward per micro-batch with global normalisers, clip, AdamW step.
+The loop, one optimizer step (SPEC-MATH §4, Algorithm 1) — each stage one method below:
+  1. ``_prepare``: draw ``gradient_accumulation_steps`` micro-batches of prompts x from the data stream
+     (a seeded permutation per epoch, indexed by the *global* step), and everything the method needs:
+     y_t (dataset, pre-generated with its cached log p(y_t), or sampled from the teacher now), y_s sampled
+     from the current student, GKD's on-policy draw, MiniLLM's teacher-mixed samples, a PT batch;
+  2. ``training_step``: the method's loss (the method table, :mod:`.methods`) inside the objective
+     L = (1−α)·CE_D + α·L_method + λ·L_PT, backward per micro-batch with global normalisers;
+  3. ``_optimizer_step``: clip, the learning rate of the schedule, AdamW step;
+  4. logging, the held-out probe (:mod:`.probe`), checkpoints, callbacks.
 
-``use_fused=True`` computes step 4 (and the probe's sequence log-probs) on the fused token-chunked lm_head
-path (:mod:`.heads`): same losses and gradients, without the [B, T, V] logits in memory.
+Continuing a run (the experiment protocol): ``train(init_from=checkpoint)`` starts from another run's
+checkpoint — its weights, AdamW state, RNG state and global step — so a method phase continues the SFT
+start's optimizer and data stream (batch indices go on from the SFT start's last step; nothing is
+replayed). The learning-rate schedule (linear warm-up, then the released code's cosine annealing to
+``min_learning_rate``) runs over this run's own ``max_steps``.
+
+``use_fused=True`` computes the losses (and the probe's log-probs) on the fused token-chunked lm_head path
+(:mod:`.heads`): same losses and gradients, without the [B, T, V] logits in memory.
 
 Example::
 
@@ -43,21 +50,19 @@ from typing import Any
 
 import torch
 
-from .batching import SequenceBatch, forward_logits, generate, pad_pairs
+from ..methods import METHODS, OBJECTIVE_PRESETS, PairLoss, PolicyGradient, TokenDivergence
+from .batching import SequenceBatch, generate, pad_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example
-from .heads import check_fusable, model_head, sequence_logps
-from .methods import METHODS, Normalizers, PreparedBatch, StepStats, backend, compute_loss
+from .heads import check_fusable
+from .methods import Normalizers, PreparedBatch, StepStats, compute_loss
+from .probe import Probe, ProbeOptions
 
-__all__ = ["DistillConfig", "DistillTrainer", "objective_preset", "OBJECTIVE_PRESETS"]
-
-OBJECTIVE_PRESETS = ("paper", "released", "distil-only", "half")
+__all__ = ["DistillConfig", "DistillTrainer", "TrainResult", "objective_preset", "OBJECTIVE_PRESETS"]
 
 
 def objective_preset(name: str) -> Any:
-    """``ObjectiveConfig`` for a preset name: ``paper`` (Algorithm 1: α=1, λ=0.5), ``released`` (LMOps
-    runner: α=0.5, λ=0.5, κ=0.5), ``distil-only`` (α=1, λ=0), ``half`` (α=0.5, λ=0: the MiniLLM word-level
-    KD mix, applied to every method alike in the embedded job)."""
+    """``ObjectiveConfig`` for a preset name (see :data:`OBJECTIVE_PRESETS`)."""
     from dpkd.spec import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
 
     presets = {"paper": PAPER_OBJECTIVE, "released": RELEASED_OBJECTIVE, "distil-only": DISTIL_ONLY,
@@ -73,40 +78,35 @@ class DistillConfig:
 
     output_dir: str
     method: str = "dpkd"
-    max_steps: int = 100
+    method_args: dict[str, Any] = field(default_factory=dict)  # the method's hyper-parameters (method table)
+    max_steps: int = 100  # optimizer steps of this run (after ``init_from``'s step, when given)
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "constant"  # constant | linear | cosine
+    lr_scheduler_type: str = "cosine"  # constant | linear | cosine (CosineAnnealingLR to min_learning_rate)
     warmup_steps: int = 0
+    min_learning_rate: float = 1e-7  # the released code's --lr-min
     logging_steps: int = 10
-    eval_steps: int = 0  # 0: no probe evaluation during training
+    eval_steps: int = 0  # 0: no probe during training
     save_steps: int = 0  # 0: only the final checkpoint
     save_total_limit: int | None = 2
     seed: int = 0
     report_to: str = "tensorboard"  # tensorboard | none
     disable_tqdm: bool = False
-    # objective (SPEC-MATH §3C); a preset name or an ObjectiveConfig
-    objective: Any = "half"
-    # loss options
-    beta: float = 0.1  # DPKD β; IPO τ; CPO β; token-level β
-    label_smoothing: float = 0.0
-    length_normalize: bool = True  # Eq. 9 (True) or Eq. 8 (False)
-    cpo_nll_weight: float = 1.0
-    simpo_beta: float = 2.0
-    simpo_gamma: float = 1.0
-    token_form: str = "sigmoid"
-    temperature: float = 1.0  # word-level KD temperature
-    # teacher / student outputs
+    # objective (SPEC-MATH §3C): a preset name (OBJECTIVE_PRESETS) or an ObjectiveConfig
+    objective: Any = "paper"
+    # teacher / student outputs and sampling (the same for every method)
     teacher_outputs: str = "dataset"  # dataset | pregenerated | online
     max_new_tokens: int = 64
-    sample_temperature: float = 1.0
+    sample_temperature: float = 1.0  # y_s and every student sample (GKD, MiniLLM)
+    teacher_temperature: float = 1.0  # y_t when sampled online
     sample_top_k: int = 0
     sample_top_p: float = 1.0
-    # the fused token-chunked lm_head path (DESIGN.md §5): log-probs and token losses from the last hidden
-    # state and the lm_head weight, never materialising the [B, T, V] logits; same values and gradients
+    probe_beta: float = 0.1  # β of the probe's implicit rewards
+    # the fused token-chunked lm_head path: log-probs and token losses from the last hidden state and the
+    # lm_head weight, never materialising the [B, T, V] logits; same values and gradients
     use_fused: bool = False
     fused_chunk_size: int | None = None  # token rows per chunk; None: the backend's 64 MiB budget
 
@@ -115,14 +115,22 @@ class DistillConfig:
             self.objective = objective_preset(self.objective)
         if self.method not in METHODS:
             raise ValueError(f"DistillConfig: `method` must be one of {sorted(METHODS)}, got {self.method!r}")
+        self.method_args = METHODS[self.method].resolve(self.method_args)
         if self.teacher_outputs not in ("dataset", "pregenerated", "online"):
             raise ValueError("DistillConfig: `teacher_outputs` must be 'dataset', 'pregenerated' or 'online'")
         if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
             raise ValueError("DistillConfig: `lr_scheduler_type` must be 'constant', 'linear' or 'cosine'")
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "max_new_tokens"):
+                     "max_new_tokens", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DistillConfig: `{name}` must be ≥ 1")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError("DistillConfig: `warmup_steps` must lie in [0, max_steps]")
+        for name in ("sample_temperature", "teacher_temperature", "learning_rate", "probe_beta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"DistillConfig: `{name}` must be > 0")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ValueError("DistillConfig: `min_learning_rate` must lie in [0, learning_rate]")
         if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
             raise ValueError("DistillConfig: `fused_chunk_size` must be ≥ 1 (or None)")
         if self.save_steps and self.save_steps % self.logging_steps:
@@ -153,66 +161,67 @@ class DistillTrainer:
 
     Args:
         student, teacher: ``transformers`` causal LMs sharing one vocabulary (the teacher may be ``None``
-            for ``sft`` and ``seqkd`` with dataset/pre-generated outputs).
+            for methods that never read it, e.g. ``sft`` and ``seqkd`` with dataset/pre-generated outputs).
         train_examples: tokenised :class:`~dpkd.integrations.transformers.data.Example` s.
         config: :class:`DistillConfig`.
         pad_token_id, eos_token_id: the tokenizer's ids.
-        probe_examples: held-out examples for the periodic probe (first-token KLD/rKLD and rewards).
+        probe_examples: held-out examples for the periodic probe (:mod:`.probe`).
         pt_sequences: token-id sequences of the pre-training corpus D_p (needed when λ > 0).
         callbacks: functions ``f(trainer, step, logs)`` called after every optimizer step.
+        tokenizer: optional; enables the probe's greedy Rouge-L.
     """
 
-    def __init__(
-        self,
-        student: Any,
-        teacher: Any,
-        train_examples: Sequence[Example],
-        config: DistillConfig,
-        *,
-        pad_token_id: int,
-        eos_token_id: int,
-        probe_examples: Sequence[Example] = (),
-        pt_sequences: Sequence[Sequence[int]] = (),
-        callbacks: Sequence[Callback] = (),
-    ) -> None:
+    def __init__(self, student: Any, teacher: Any, train_examples: Sequence[Example], config: DistillConfig, *,
+                 pad_token_id: int, eos_token_id: int, probe_examples: Sequence[Example] = (),
+                 pt_sequences: Sequence[Sequence[int]] = (), callbacks: Sequence[Callback] = (),
+                 tokenizer: Any = None) -> None:
         self.student = student
         self.teacher = teacher
         self.examples = list(train_examples)
         self.config = config
         self.pad_id = pad_token_id
         self.eos_id = eos_token_id
-        self.probe = list(probe_examples)
         self.pt = [list(s) for s in pt_sequences]
         self.callbacks = list(callbacks)
-        spec = METHODS[config.method]
-        online = spec.needs_teacher_outputs and config.teacher_outputs == "online"
-        needs_teacher = spec.needs_teacher_model or online or (
-            config.objective.lm_coef > 0 and config.objective.pt_kd_ratio > 0)
+        self.method = METHODS[config.method]
+        self.loss_spec = self.method.loss(config.method_args)
+        self._check_inputs()
+        self.micro = config.per_device_train_batch_size
+        self.batches_per_epoch = len(self.examples) // self.micro
+        if self.batches_per_epoch < 1:
+            raise ValueError("DistillTrainer: fewer training examples than one batch")
+        self.probe = Probe(probe_examples, teacher, pad_id=pad_token_id, eos_id=eos_token_id, tokenizer=tokenizer,
+                           options=ProbeOptions(beta=config.probe_beta, max_new_tokens=config.max_new_tokens,
+                                                sample_temperature=config.sample_temperature,
+                                                teacher_temperature=config.teacher_temperature, seed=config.seed,
+                                                fused=config.use_fused, chunk_size=config.fused_chunk_size))
+        self.optimizer = self._make_optimizer()
+        self.log_history: list[dict[str, float]] = []
+        self.start_step = 0  # global step this run started from (init_from's step)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _check_inputs(self) -> None:
+        c, needs, teacher, student = self.config, self.method.needs, self.teacher, self.student
+        online = needs.teacher_outputs and c.teacher_outputs == "online"
+        needs_teacher = needs.teacher_forward or online or (c.objective.lm_coef > 0 and c.objective.pt_kd_ratio > 0)
         if teacher is None and needs_teacher:
-            raise ValueError(f"DistillTrainer: method {config.method!r} with these options needs a `teacher`")
+            raise ValueError(f"DistillTrainer: method {c.method!r} with these options needs a `teacher`")
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
             if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
                 raise ValueError("DistillTrainer: `teacher` and `student` vocabulary sizes differ")
-        if config.use_fused:
+        if c.use_fused:
             check_fusable(student, "student")
             if teacher is not None:
                 check_fusable(teacher, "teacher")
-        if config.teacher_outputs == "pregenerated" and spec.needs_teacher_outputs:
+        if c.teacher_outputs == "pregenerated" and needs.teacher_outputs:
             missing = sum(ex.teacher_ids is None for ex in self.examples)
             if missing:
                 raise ValueError(f"DistillTrainer: {missing} examples have no pre-generated teacher output")
-        if config.objective.lm_coef > 0 and not self.pt:
+        if c.objective.lm_coef > 0 and not self.pt:
             raise ValueError("DistillTrainer: the objective has lm_coef > 0 but `pt_sequences` is empty")
-        self.micro = config.per_device_train_batch_size
-        self.batches_per_epoch = len(self.examples) // self.micro
-        if self.batches_per_epoch < 1:
-            raise ValueError("DistillTrainer: fewer training examples than one batch")
-        self.optimizer = self._make_optimizer()
-        self.log_history: list[dict[str, float]] = []
 
-    # ------------------------------------------------------------------------------------------ setup
     def _make_optimizer(self) -> torch.optim.Optimizer:
         decay, no_decay = [], []
         for name, p in self.student.named_parameters():
@@ -224,7 +233,9 @@ class DistillTrainer:
         return torch.optim.AdamW(groups, lr=self.config.learning_rate)
 
     def lr_at(self, step: int) -> float:
-        """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+        """Learning rate of this run's optimizer step ``step`` (0-based, counted from the run's start): linear
+        warm-up to ``learning_rate``, then constant, linear decay to 0, or cosine annealing to
+        ``min_learning_rate`` (the closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR``)."""
         c = self.config
         if step < c.warmup_steps:
             return c.learning_rate * (step + 1) / c.warmup_steps
@@ -233,9 +244,12 @@ class DistillTrainer:
         frac = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
         if c.lr_scheduler_type == "linear":
             return c.learning_rate * (1.0 - frac)
-        return c.learning_rate * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return c.min_learning_rate + (c.learning_rate - c.min_learning_rate) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     # ------------------------------------------------------------------------------------------ data
+    def _rng(self, salt: int, global_batch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt * (global_batch + 1))
+
     def _batch_indices(self, global_batch: int) -> list[int]:
         epoch, pos = divmod(global_batch, self.batches_per_epoch)
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
@@ -243,11 +257,15 @@ class DistillTrainer:
         return perm[pos * self.micro : (pos + 1) * self.micro].tolist()
 
     def _pt_batch(self, global_batch: int) -> SequenceBatch:
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7919 * (global_batch + 1))
-        idx = torch.randint(len(self.pt), (self.micro,), generator=g).tolist()
+        idx = torch.randint(len(self.pt), (self.micro,), generator=self._rng(7919, global_batch)).tolist()
         seqs = [self.pt[i] for i in idx]
         # LM loss on every token after the first: an empty "prompt" of one token
         return pad_pairs([s[:1] for s in seqs], [s[1:] for s in seqs], self.pad_id)
+
+    def _sample(self, model: Any, prompts: list[list[int]], temperature: float, **kw: Any) -> list[list[int]]:
+        c = self.config
+        return generate(model, prompts, pad_id=self.pad_id, eos_id=self.eos_id, max_new_tokens=c.max_new_tokens,
+                        temperature=temperature, top_k=c.sample_top_k, top_p=c.sample_top_p, **kw)
 
     def _teacher_outputs(self, exs: list[Example]) -> list[list[int]]:
         c = self.config
@@ -255,13 +273,17 @@ class DistillTrainer:
             return [ex.response_ids for ex in exs]
         if c.teacher_outputs == "pregenerated":
             return [ex.teacher_ids for ex in exs]  # type: ignore[misc]
-        return generate(self.teacher, [ex.prompt_ids for ex in exs], pad_id=self.pad_id, eos_id=self.eos_id,
-                        max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature,
-                        top_k=c.sample_top_k, top_p=c.sample_top_p)
+        return self._sample(self.teacher, [ex.prompt_ids for ex in exs], c.teacher_temperature)
+
+    def _on_policy_step(self, step: int) -> bool:
+        """GKD: does this step train on the student's own samples (probability λ, seeded by the step)?"""
+        p = self.loss_spec.on_policy_prob if isinstance(self.loss_spec, TokenDivergence) else 0.0
+        return p > 0 and float(torch.rand((), generator=self._rng(31337, step))) < p
 
     def _prepare(self, step: int) -> list[PreparedBatch]:
-        c = self.config
-        spec = METHODS[c.method]
+        """The step's micro-batches with every sample the method needs (stage 1 of the loop)."""
+        c, needs, spec = self.config, self.method.needs, self.loss_spec
+        on_policy = self._on_policy_step(step)
         out = []
         for m in range(c.gradient_accumulation_steps):
             gb = step * c.gradient_accumulation_steps + m
@@ -269,14 +291,20 @@ class DistillTrainer:
             prompts = [ex.prompt_ids for ex in exs]
             pb = PreparedBatch(data=pad_pairs(prompts, [ex.response_ids for ex in exs], self.pad_id),
                                n_examples=len(exs))
-            if spec.needs_teacher_outputs:
+            if needs.teacher_outputs:
                 y_t = self._teacher_outputs(exs)
                 pb.chosen = pad_pairs(prompts, y_t, self.pad_id)
-                if spec.needs_student_samples:
-                    y_s = generate(self.student, prompts, pad_id=self.pad_id, eos_id=self.eos_id,
-                                   max_new_tokens=c.max_new_tokens, temperature=c.sample_temperature,
-                                   top_k=c.sample_top_k, top_p=c.sample_top_p)
+                if isinstance(spec, PairLoss):
+                    y_s = self._sample(self.student, prompts, c.sample_temperature)
                     pb.pair = pad_pairs(prompts + prompts, y_t + y_s, self.pad_id)
+                    if c.teacher_outputs == "pregenerated" and all(ex.teacher_logp is not None for ex in exs):
+                        pb.chosen_teacher_logps = torch.tensor([ex.teacher_logp for ex in exs], dtype=torch.float64)
+            if on_policy:
+                pb.samples = pad_pairs(prompts, self._sample(self.student, prompts, c.sample_temperature), self.pad_id)
+            if isinstance(spec, PolicyGradient):
+                y = self._sample(self.student, prompts, c.sample_temperature, mix_teacher=self.teacher,
+                                 mix_alpha=spec.mix_alpha)
+                pb.samples = pad_pairs(prompts, y, self.pad_id)
             if c.objective.lm_coef > 0:
                 pb.pt = self._pt_batch(gb)
             out.append(pb)
@@ -290,6 +318,7 @@ class DistillTrainer:
             data_tokens=sum(b.data.n_response_tokens for b in batches),
             chosen_tokens=sum(b.chosen.n_response_tokens for b in batches if b.chosen is not None),
             pt_tokens=sum(b.pt.n_response_tokens for b in batches if b.pt is not None),
+            sample_tokens=sum(b.samples.n_response_tokens for b in batches if b.samples is not None),
         )
 
     # ------------------------------------------------------------------------------------------ step
@@ -314,120 +343,115 @@ class DistillTrainer:
         if stats.agreement:
             n = sum(k for _, k in stats.agreement)
             logs["agreement_rate"] = sum(r * k for r, k in stats.agreement) / max(n, 1)
+        if any(b.samples is not None for b in batches) and isinstance(self.loss_spec, TokenDivergence):
+            logs["on_policy"] = 1.0
         return logs
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        lr = self.lr_at(step)
+        lr = self.lr_at(step - self.start_step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(grad_norm), "learning_rate": lr}
 
-    # ------------------------------------------------------------------------------------------ probe
     @torch.no_grad()
     def probe_metrics(self, step: int) -> dict[str, float]:
-        """First-token KLD/rKLD to the teacher (SPEC-MATH §2 Sec 4.5) and DPKD rewards of (y_t, y_s) on the
-        probe prompts, y_s sampled from the student under a forked RNG (training randomness untouched)."""
-        if not self.probe or self.teacher is None:
-            return {}
-        tb = backend()
-        exs = self.probe
-        prompts = [ex.prompt_ids for ex in exs]
-        first = pad_pairs(prompts, [ex.response_ids[:1] for ex in exs], self.pad_id)
-        pos = torch.tensor([len(p) - 1 for p in prompts])
-        rows = torch.arange(len(prompts))
-        self.student.eval()
-        s_first = forward_logits(self.student, first)[rows, pos]
-        t_first = forward_logits(self.teacher, first)[rows, pos]
-        div = tb.first_token_divergence(s_first, t_first)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed * 1_000_003 + 104729 + step)
-            y_s = generate(self.student, prompts, pad_id=self.pad_id, eos_id=self.eos_id,
-                           max_new_tokens=self.config.max_new_tokens)
-        y_t = [ex.teacher_ids if ex.teacher_ids is not None else ex.response_ids for ex in exs]
-        pair = pad_pairs(prompts + prompts, y_t + y_s, self.pad_id)
-        fused, chunk = self.config.use_fused, self.config.fused_chunk_size
-        a_b, n_tok = sequence_logps(model_head(self.student, pair, fused=fused, chunk_size=chunk))
-        c_d, _ = sequence_logps(model_head(self.teacher, pair, fused=fused, chunk_size=chunk))
-        n = len(exs)
-        lengths = n_tok.to(a_b.dtype)
-        pm = tb.preference_metrics(a_b[:n], a_b[n:], c_d[:n], c_d[n:], beta=self.config.beta,
-                                   chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
-        self.student.train()
-        out = {"eval/kld": float(div["kld"]), "eval/rkld": float(div["rkld"])}
-        out.update({f"eval/{k}": float(v) for k, v in pm.items()})
-        return out
+        """The held-out probe now (:class:`~.probe.Probe`; empty without probe examples or teacher)."""
+        return self.probe.metrics(self.student, step)
 
     # ------------------------------------------------------------------------------------------ loop
-    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainResult:
-        """Run to ``max_steps``; ``resume_from_checkpoint`` = a checkpoint folder, or True for the latest in
-        ``output_dir`` (a fresh start when there is none)."""
+    def _restore(self, resume_from_checkpoint: str | bool | None, init_from: str | Path | None) -> int:
+        """Global step to start at: this run's own checkpoint (resume) if any, else ``init_from``'s (continue
+        another run: weights, optimizer, RNG, step; its log history is not carried over), else 0."""
+        out_dir = Path(self.config.output_dir)
+        own = None
+        if resume_from_checkpoint:
+            own = latest_checkpoint(out_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+        if own is not None:
+            state = load_checkpoint(own, self.student, self.optimizer)
+            self.log_history = list(state["log_history"])
+            self.start_step = int(state.get("run_start_step", 0))
+            self.probe.load_state(state.get("probe"))  # the pairs frozen when the run started
+            return int(state["global_step"])
+        if init_from is not None:
+            state = load_checkpoint(Path(init_from), self.student, self.optimizer)
+            self.start_step = int(state["global_step"])
+            return self.start_step
+        torch.manual_seed(self.config.seed)
+        return 0
+
+    def _log(self, record: dict[str, float], writer: Any, bar: Any) -> None:
+        self.log_history.append(record)
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step":
+                    writer.add_scalar(k if "/" in k else f"train/{k}", v, int(record["step"]))
+        if not self.config.disable_tqdm:
+            bar.write(json.dumps({k: round(v, 4) for k, v in record.items()}))
+
+    def _epoch(self, done: int) -> float:
+        return done * self.config.gradient_accumulation_steps / self.batches_per_epoch
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *, init_from: str | Path | None = None
+              ) -> TrainResult:
+        """Run ``max_steps`` optimizer steps. ``resume_from_checkpoint``: a checkpoint folder of this run, or
+        True for the latest in ``output_dir`` (a fresh start when there is none); ``init_from``: another
+        run's checkpoint to continue from (module docstring)."""
         c = self.config
         out_dir = Path(c.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        start = 0
-        if resume_from_checkpoint:
-            ckpt = latest_checkpoint(out_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
-            if ckpt is not None:
-                state = load_checkpoint(ckpt, self.student, self.optimizer)
-                start = int(state["global_step"])
-                self.log_history = list(state["log_history"])
-        if start == 0:
-            torch.manual_seed(c.seed)
+        start = self._restore(resume_from_checkpoint, init_from)
+        end = self.start_step + c.max_steps
+        if start == self.start_step:
+            self.probe.start(self.student)
         (out_dir / "distill_config.json").write_text(json.dumps(c.to_json(), indent=1))
         writer = None
         if c.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(str(out_dir / "runs"), purge_step=start if start else None)
+            writer = SummaryWriter(str(out_dir / "runs"), purge_step=start if start > self.start_step else None)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=c.max_steps, initial=start, desc=f"{c.method}", disable=c.disable_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=c.max_steps, initial=start - self.start_step, desc=c.method, disable=c.disable_tqdm,
+                   dynamic_ncols=True)
+        if c.eval_steps and start == self.start_step and self.probe.frozen is not None:
+            self._log({"step": start, "epoch": self._epoch(start), **self.probe_metrics(start)}, writer, bar)
         self.student.train()
         window: list[dict[str, float]] = []
         t0 = time.perf_counter()
-        for step in range(start, c.max_steps):
-            logs = self.training_step(self._prepare(step))
-            logs.update(self._optimizer_step(step))
+        for step in range(start, end):
+            logs = self.training_step(self._prepare(step))  # stages 1–2
+            logs.update(self._optimizer_step(step))  # stage 3
             window.append(logs)
             done = step + 1
-            is_last = done == c.max_steps
+            is_last = done == end
             record: dict[str, float] | None = None
-            if done % c.logging_steps == 0 or is_last:
+            if (done - self.start_step) % c.logging_steps == 0 or is_last:
                 keys = {k for w in window for k in w}
                 record = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in sorted(keys)}
-                record["epoch"] = done * c.gradient_accumulation_steps / self.batches_per_epoch
                 window = []
-            if c.eval_steps and (done % c.eval_steps == 0 or is_last):
-                record = {**(record or {"epoch": done * c.gradient_accumulation_steps / self.batches_per_epoch}),
-                          **self.probe_metrics(done)}
+            if c.eval_steps and ((done - self.start_step) % c.eval_steps == 0 or is_last):
+                record = {**(record or {}), **self.probe_metrics(done)}
             if record is not None:
-                record["step"] = done
-                self.log_history.append(record)
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(k if "/" in k else f"train/{k}", v, done)
-                if not c.disable_tqdm:
-                    bar.write(json.dumps({k: round(v, 4) for k, v in record.items()}))
+                self._log({**record, "epoch": self._epoch(done), "step": done}, writer, bar)
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if (c.save_steps and done % c.save_steps == 0) or is_last:
+            if (c.save_steps and (done - self.start_step) % c.save_steps == 0) or is_last:
                 if writer is not None:
                     writer.flush()
                 save_checkpoint(out_dir, done, self.student, self.optimizer,
-                                {"log_history": self.log_history, "config": c.to_json()},
+                                {"log_history": self.log_history, "config": c.to_json(),
+                                 "run_start_step": self.start_step, "probe": self.probe.state()},
                                 total_limit=c.save_total_limit)
             for cb in self.callbacks:
                 cb(self, done, logs)
         bar.close()
         if writer is not None:
             writer.close()
-        result = TrainResult(global_step=c.max_steps, log_history=self.log_history)
         (out_dir / "trainer_state.json").write_text(json.dumps(
-            {"global_step": c.max_steps, "log_history": self.log_history,
+            {"global_step": end, "run_start_step": self.start_step, "log_history": self.log_history,
              "train_runtime_s": time.perf_counter() - t0}, indent=1))
-        return result
+        return TrainResult(global_step=end, log_history=self.log_history)

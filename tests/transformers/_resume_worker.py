@@ -23,7 +23,8 @@ def model(seed):
 
 cfg = DistillConfig(output_dir=out, method="dpkd", max_steps=12, per_device_train_batch_size=4, logging_steps=2,
                     save_steps=2, eval_steps=4, save_total_limit=2, max_new_tokens=12, disable_tqdm=True,
-                    report_to="none", teacher_outputs="online", lr_scheduler_type="cosine", warmup_steps=2)
+                    report_to="none", teacher_outputs="online", lr_scheduler_type="cosine", warmup_steps=2,
+                    objective="half")
 slow = [lambda trainer, step, logs: time.sleep(0.3)] if mode == "slow" else []
 student, teacher = model(0), model(1)
 DistillTrainer(student, teacher, train, cfg, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,

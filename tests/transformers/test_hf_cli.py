@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from dpkd.integrations.methods import METHODS, TABLE1
 
 
 @pytest.mark.slow
@@ -23,14 +24,18 @@ def test_distill_ci_preset_end_to_end(tmp_path):
     cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = tmp_path / "res"
-    for name in ("results.md", "metrics.json", "reward.png", "rkld.png", "loss.png"):
+    for name in ("results.md", "metrics.json", "reward.png", "rkld.png", "rouge.png"):
         assert (res / name).is_file(), name
     table = (res / "results.md").read_text()
     assert table in proc.stdout  # the table is printed
-    for method in ("teacher", "sft", "kd", "seqkd", "dpkd"):
-        assert f"| {method} |" in table
+    assert str(res.resolve()) in proc.stdout  # and the folder it wrote is named
+    for name in TABLE1:
+        assert f"| {METHODS[name].title} |" in table
     metrics = json.loads((res / "metrics.json").read_text())
-    assert set(metrics["summary"]) == {"teacher", "sft", "kd", "seqkd", "dpkd"}
+    assert set(metrics["summary"]) == {"teacher", *TABLE1}
+    hist = metrics["histories"]["dpkd"][0]
+    assert {"eval/frozen/rewards/accuracies", "eval/fresh/rewards/margins", "eval/rkld", "eval/rougeL"} <= set(hist[-1])
+    assert hist[0]["step"] == metrics["config"]["init_steps"]  # the curves start where the SFT start ended
     assert metrics["filters"]["train"]["kept"] + sum(metrics["filters"]["train"]["dropped"].values()) == \
         metrics["filters"]["train"]["total"]
     assert any(d.name.startswith("teacher-") for d in (tmp_path / "cache").iterdir())  # cached

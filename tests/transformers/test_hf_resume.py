@@ -41,7 +41,7 @@ def test_sigkill_and_resume_is_exact(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads((tmp_path / "ref" / "trainer_state.json").read_text())["log_history"]
     b = json.loads((killed / "trainer_state.json").read_text())["log_history"]
-    assert [r["step"] for r in a] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in a] == [0, 2, 4, 6, 8, 10, 12]  # 0: the probe at the start
     assert b == a  # every logged metric, bit for bit (JSON floats round-trip exactly)
     wa = load_file(str(tmp_path / "ref" / "checkpoint-12" / "model.safetensors"))
     wb = load_file(str(killed / "checkpoint-12" / "model.safetensors"))
@@ -53,7 +53,7 @@ def test_sigkill_and_resume_is_exact(tmp_path):
 def _trainer(tmp_path, toy, tiny):
     tok, train, _ = toy
     cfg = DistillConfig(output_dir=str(tmp_path), method="sft", max_steps=1, per_device_train_batch_size=4,
-                        disable_tqdm=True, report_to="none")
+                        disable_tqdm=True, report_to="none", objective="distil-only")
     return DistillTrainer(tiny("gpt2", tok, 0), None, train, cfg, pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id)
 

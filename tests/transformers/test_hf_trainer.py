@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from dpkd.integrations.methods import PairLoss
 from dpkd.integrations.transformers.methods import METHODS, Normalizers, PreparedBatch, StepStats, compute_loss
 from dpkd.integrations.transformers.trainer import DistillConfig, DistillTrainer
 
@@ -11,7 +12,7 @@ from dpkd.integrations.transformers.trainer import DistillConfig, DistillTrainer
 def _cfg(tmp_path, method, **kw):
     base = dict(output_dir=str(tmp_path / method), method=method, max_steps=2, per_device_train_batch_size=4,
                 logging_steps=1, eval_steps=2, max_new_tokens=12, disable_tqdm=True, report_to="none",
-                teacher_outputs="online")
+                teacher_outputs="online", objective="distil-only")
     base.update(kw)
     return DistillConfig(**base)
 
@@ -28,8 +29,9 @@ def test_every_method_trains_and_teacher_stays_frozen(tmp_path, toy, tiny, famil
     res = trainer.train()
     final = res.final_metrics
     assert final["step"] == 2 and torch.isfinite(torch.tensor(final["loss"]))
-    assert {"grad_norm", "learning_rate", "eval/rkld", "eval/kld", "eval/rewards/margins"} <= set(final)
-    if METHODS[method].needs_student_samples:
+    assert {"grad_norm", "learning_rate", "eval/rkld", "eval/kld", "eval/frozen/rewards/margins",
+            "eval/fresh/rewards/accuracies"} <= set(final)
+    if isinstance(METHODS[method].loss(), PairLoss):
         assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected"} <= set(final)
     assert any(not torch.equal(before_s[k], v) for k, v in student.state_dict().items())
@@ -65,7 +67,8 @@ def _split(pb, k):
         return SequenceBatch(b.input_ids[idx], b.attention_mask[idx], b.labels[idx])
 
     first, second = slice(0, k), slice(k, n)
-    return [PreparedBatch(cut(pb.data, s), cut(pb.chosen, s), cut_pair(pb.pair, s), None, len(range(n)[s]))
+    return [PreparedBatch(data=cut(pb.data, s), chosen=cut(pb.chosen, s), pair=cut_pair(pb.pair, s),
+                          samples=cut(pb.samples, s), n_examples=len(range(n)[s]))
             for s in (first, second)]
 
 

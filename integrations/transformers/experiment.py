@@ -1,0 +1,360 @@
+"""The stages of the main job (:mod:`.job`), one method each: data, teacher, teacher outputs, teacher
+evaluation, the validation grid, the SFT start of a seed, one method run, and the report."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..methods import METHODS
+from .job import JobConfig, Run, _atomic_dir, _file_hash, _hash, _log, _write_lines, config_dict, planned_runs
+from .progress import Progress
+
+__all__ = ["Experiment"]
+
+_EVAL_UNITS = 10  # one evaluation of a student counts as this many training steps in the progress estimate
+
+
+class Experiment:
+    """State shared by the stages of one job (see :func:`.job.run_job` for their order)."""
+
+    def __init__(self, cfg: JobConfig, results_dir: Path, cache_dir: Path, *, quiet: bool,
+                 show_progress: bool) -> None:
+        self.cfg = cfg
+        self.results_dir = results_dir
+        self.cache_dir = cache_dir
+        self.quiet = quiet
+        if quiet:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # save_pretrained's shard bar; the job has its own display
+        results_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        self.t_start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.chosen: dict[str, dict[str, Any]] = {}
+        self.grid_scores: list[dict[str, Any]] = []
+        self.runs: dict[str, list[dict[str, Any]]] = {}
+        self.histories: dict[str, list[list[dict[str, float]]]] = {}
+        self.init_ckpt: dict[int, tuple[Any, Path]] = {}
+        n_runs = len(planned_runs(cfg))
+        per_seed = cfg.init_steps + n_runs * (cfg.method_steps + _EVAL_UNITS)
+        grid_runs = sum(len(METHODS[r.method].grid()) for r in planned_runs(cfg)) if cfg.grid else 0
+        total = cfg.teacher_steps + _EVAL_UNITS + len(cfg.seeds) * per_seed + \
+            (cfg.init_steps + grid_runs * (cfg.method_steps + _EVAL_UNITS) if cfg.grid else 0)
+        self.progress = Progress(total, enabled=show_progress)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _train(self, model: Any, examples: list, out_dir: Path, *, method: str, steps: int, lr: float, seed: int,
+               method_args: dict[str, Any] | None = None, objective: Any = None, init_from: Path | None = None,
+               probe: list | None = None, teacher_outputs: str = "pregenerated", warmup: int | None = None,
+               save_total_limit: int = 1) -> Any:
+        from .trainer import DistillConfig, DistillTrainer
+
+        cfg = self.cfg
+        dc = DistillConfig(
+            output_dir=str(out_dir), method=method, method_args=method_args or {}, max_steps=steps,
+            per_device_train_batch_size=cfg.batch_size, learning_rate=lr,
+            warmup_steps=cfg.warmup_steps if warmup is None else warmup, lr_scheduler_type="cosine",
+            logging_steps=min(cfg.eval_every, steps), eval_steps=cfg.eval_every if probe else 0, save_steps=0,
+            save_total_limit=save_total_limit, seed=seed, objective=objective or cfg.objective,
+            teacher_outputs=teacher_outputs, max_new_tokens=cfg.max_new_tokens,
+            sample_temperature=cfg.sample_temperature, teacher_temperature=cfg.teacher_temperature,
+            disable_tqdm=self.quiet, report_to="tensorboard", use_fused=cfg.use_fused)
+        teacher = self.teacher if teacher_outputs != "dataset" or method != "sft" else None
+        trainer = DistillTrainer(model, teacher, examples, dc, pad_token_id=self.tok.pad_token_id,
+                                 eos_token_id=self.tok.eos_token_id, probe_examples=probe or [],
+                                 pt_sequences=self.pt_seqs if dc.objective.lm_coef > 0 else (),
+                                 callbacks=[lambda *_: self.progress.advance()], tokenizer=self.tok)
+        return trainer.train(init_from=init_from)
+
+    def _objective(self, overrides: dict[str, float]) -> Any:
+        from .trainer import objective_preset
+
+        base = objective_preset(self.cfg.objective)
+        return replace_objective(base, overrides)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def load_data(self, train_data: str | None, test_data: str | None) -> None:
+        """Records of every split (the embedded task, or the user's files) and the D_p texts."""
+        from .data import format_prompt, load_records
+        from .toy_task import make_pretraining_corpus, make_task, write_jsonl
+
+        cfg = self.cfg
+        if train_data is None:
+            task = make_task(cfg.n_train, cfg.n_valid, cfg.n_test, seed=0)
+            data_dir = self.results_dir / "data"
+            data_dir.mkdir(exist_ok=True)
+            for split, recs in task.items():
+                write_jsonl(recs, data_dir / f"{split}.jsonl")
+            train_data, test_data = str(data_dir / "train.jsonl"), str(data_dir / "test.jsonl")
+            self.valid_records = load_records(data_dir / "valid.jsonl")
+            self.pt_texts = make_pretraining_corpus(cfg.n_pretrain, seed=0)
+        else:
+            if test_data is None:
+                raise ValueError("--train-data needs --test-data")
+            self.valid_records = []
+            self.pt_texts = None  # D_p = the training texts (set once tokenised)
+        self.train_data = train_data
+        self.train_records = load_records(train_data)
+        self.test_records = load_records(test_data)
+        self.format_prompt = format_prompt
+
+    def load_teacher(self, teacher_path: str | None) -> None:
+        """The teacher (trained once and cached, or the user's checkpoint) and the tokenised splits."""
+        from .data import filter_records, tokenize_records
+        from .models import load_causal_lm, load_tokenizer
+
+        cfg = self.cfg
+        self.teacher_key = _hash({"v": 2, "train": _file_hash(self.train_data), "d": cfg.teacher_d_model,
+                                  "L": cfg.teacher_layers, "steps": cfg.teacher_steps, "lr": cfg.teacher_lr,
+                                  "bs": cfg.batch_size})
+        self.progress.stage("teacher")
+        if teacher_path is not None:
+            self.tok, self.teacher = load_tokenizer(teacher_path), load_causal_lm(teacher_path)
+            self.progress.advance(cfg.teacher_steps)
+        else:
+            folder = self.cache_dir / f"teacher-{self.teacher_key}"
+            if (folder / "model.safetensors").is_file():
+                _log(f"teacher: cached at {folder}")
+                self.tok, self.teacher = load_tokenizer(folder), load_causal_lm(folder)
+                self.progress.advance(cfg.teacher_steps)
+            else:
+                self._train_teacher(folder)
+        self.teacher.eval()
+        count = (lambda t: len(self.tok(t, add_special_tokens=False)["input_ids"]))  # noqa: E731
+        train_kept, self.train_report = filter_records(self.train_records, max_prompt_tokens=256, max_length=512,
+                                                       count_tokens=count)
+        test_kept, self.test_report = filter_records(self.test_records, min_instruction_words=0,
+                                                     min_response_words=0, max_prompt_tokens=256, max_length=512,
+                                                     count_tokens=count)
+        _log(f"data: train {self.train_report.summary()}; test {self.test_report.summary()}")
+        self.train_ex = tokenize_records(train_kept, self.tok)
+        self.test_ex = tokenize_records(test_kept, self.tok)
+        self.valid_ex = tokenize_records(self.valid_records, self.tok)
+        self.probe_ex = self.valid_ex[: cfg.n_probe] if self.valid_ex else self.test_ex[: cfg.n_probe]
+        texts = self.pt_texts or [self.format_prompt(ex.record) + ex.record.response for ex in self.train_ex]
+        self.pt_seqs = [[*self.tok(t, add_special_tokens=False)["input_ids"], self.tok.eos_token_id] for t in texts]
+
+    def _train_teacher(self, folder: Path) -> None:
+        from .data import filter_records, tokenize_records
+        from .models import build_word_tokenizer, tiny_causal_lm
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.tok = build_word_tokenizer([self.format_prompt(r) + " " + r.response for r in self.train_records]
+                                        + (self.pt_texts or []))
+        kept, _ = filter_records(self.train_records)
+        examples = tokenize_records(kept, self.tok)
+        self.teacher = tiny_causal_lm("gpt2", len(self.tok), d_model=cfg.teacher_d_model,
+                                      n_layers=cfg.teacher_layers, pad_token_id=self.tok.pad_token_id,
+                                      eos_token_id=self.tok.eos_token_id, seed=1234)
+        n_params = sum(p.numel() for p in self.teacher.parameters()) / 1e6
+        _log(f"teacher: training {n_params:.2f}M params for {cfg.teacher_steps} steps (cached afterwards in "
+             f"{self.cache_dir})")
+        run_dir = self.cache_dir / f"teacher-run-{self.teacher_key}"
+        self._train(self.teacher, examples, run_dir, method="sft", steps=cfg.teacher_steps, lr=cfg.teacher_lr,
+                    seed=1234, objective="distil-only", teacher_outputs="dataset",
+                    warmup=min(cfg.teacher_steps, 20))
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+        def build(tmp: Path) -> None:
+            self.teacher.save_pretrained(tmp, safe_serialization=True)
+            self.tok.save_pretrained(tmp)
+
+        _atomic_dir(folder, build)
+        self.timings["teacher_training_s"] = time.perf_counter() - t0
+
+    def teacher_outputs(self) -> None:
+        """y_t for every training prompt and its log-probability c (pre-generated once, cached)."""
+        import torch
+
+        from .batching import pad_pairs
+        from .heads import model_head, sequence_logps
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.progress.stage("teacher outputs")
+        key = _hash({"teacher": self.teacher_key, "T": cfg.teacher_temperature, "tokens": cfg.max_new_tokens})
+        gen_file = self.cache_dir / f"teacher-outputs-{key}.jsonl"
+        if all(ex.teacher_ids is not None for ex in self.train_ex):  # the data carries `dpkd generate` outputs
+            texts = [ex.record.teacher_response for ex in self.train_ex]
+        elif gen_file.is_file():
+            texts = [json.loads(line)["teacher_response"] for line in gen_file.read_text().splitlines()]
+        else:
+            from .job import generate_teacher_outputs
+
+            texts = generate_teacher_outputs(self.teacher, self.tok, self.train_ex + self.valid_ex,
+                                             max_new_tokens=cfg.max_new_tokens, seed=4321,
+                                             temperature=cfg.teacher_temperature)
+            _write_lines(gen_file, [{"teacher_response": t} for t in texts])
+        eos = self.tok.eos_token_id
+        for ex, t in zip(self.train_ex + self.valid_ex, texts, strict=False):
+            ex.teacher_ids = [*self.tok(t, add_special_tokens=False)["input_ids"], eos]
+        with torch.no_grad():
+            for i in range(0, len(self.train_ex), 64):
+                chunk = self.train_ex[i : i + 64]
+                batch = pad_pairs([ex.prompt_ids for ex in chunk], [ex.teacher_ids for ex in chunk],
+                                  self.tok.pad_token_id)
+                c, _ = sequence_logps(model_head(self.teacher, batch, fused=False))
+                for ex, v in zip(chunk, c.tolist(), strict=True):
+                    ex.teacher_logp = float(v)
+        self.timings["teacher_outputs_s"] = time.perf_counter() - t0
+
+    def evaluate_teacher(self) -> None:
+        """The teacher's greedy and sampled scores on the test split, and the quality of y_t itself."""
+        from .eval import predict, score_predictions
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.progress.stage("teacher evaluation")
+        golden = [ex.record.response for ex in self.test_ex]
+        greedy = predict(self.teacher, self.tok, self.test_ex, max_new_tokens=cfg.max_new_tokens)
+        sampled = predict(self.teacher, self.tok, self.test_ex, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                          temperature=cfg.eval_temperature, seed=777)
+        self.teacher_refs = [[g] for g in greedy]
+        n = min(len(self.train_ex), 500)
+        y_t = [self.tok.decode(ex.teacher_ids, skip_special_tokens=True).strip() for ex in self.train_ex[:n]]
+        self.teacher_eval = {
+            "greedy": score_predictions(greedy, [ex.record.all_references for ex in self.test_ex], golden),
+            "sampled": score_predictions(sampled, [ex.record.all_references for ex in self.test_ex], golden),
+            "y_t_train": score_predictions(y_t, [ex.record.all_references for ex in self.train_ex[:n]],
+                                           [ex.record.response for ex in self.train_ex[:n]]),
+        }
+        self.progress.advance(_EVAL_UNITS)
+        self.timings["teacher_eval_s"] = time.perf_counter() - t0
+        te = self.teacher_eval
+        _log(f"teacher: greedy Rouge-L {te['greedy']['overall']['rougeL']:.2f} EM "
+             f"{te['greedy']['overall']['exact_match']:.2f}; sampled (T = {cfg.eval_temperature}) Rouge-L "
+             f"{te['sampled']['overall']['rougeL']:.2f}; y_t (T = {cfg.teacher_temperature}) on train prompts "
+             f"Rouge-L {te['y_t_train']['overall']['rougeL']:.2f} EM {te['y_t_train']['overall']['exact_match']:.2f}")
+
+    def init_student(self, seed: int, student_path: str | None) -> None:
+        """The seed's SFT start: trained for ``init_steps`` (or the user's checkpoint), saved with its AdamW
+        state so that every method continues from it."""
+        from .models import load_causal_lm, tiny_causal_lm
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.progress.stage("SFT start", seed=seed)
+        out = self.results_dir / "runs" / f"seed{seed}" / "init-sft"
+        if student_path is not None:
+            init = load_causal_lm(student_path)
+            steps = 1  # one SFT step creates the optimizer state the methods continue
+        else:
+            init = tiny_causal_lm(cfg.student_family, len(self.tok), d_model=cfg.student_d_model,
+                                  n_layers=cfg.student_layers, pad_token_id=self.tok.pad_token_id,
+                                  eos_token_id=self.tok.eos_token_id, seed=seed)
+            steps = cfg.init_steps
+        self._train(init, self.train_ex, out, method="sft", steps=steps, lr=cfg.student_lr, seed=seed,
+                    objective="distil-only", teacher_outputs="dataset", warmup=min(steps, 20))
+        from .checkpoint import latest_checkpoint
+
+        self.init_ckpt[seed] = (init, latest_checkpoint(out))
+        self.timings[f"seed{seed}_init_s"] = time.perf_counter() - t0
+
+    def _evaluate(self, student: Any, examples: list, *, full: bool) -> dict[str, Any]:
+        """Greedy decoding scored against the golden answers (and, ``full``, against the teacher's greedy
+        outputs), plus sampled decoding against the golden answers; first-token KLD/rKLD."""
+        from .eval import first_token_kl, predict, score_predictions
+
+        cfg, tok = self.cfg, self.tok
+        golden = [ex.record.response for ex in examples]
+        refs = [ex.record.all_references for ex in examples]
+        preds = predict(student, tok, examples, max_new_tokens=cfg.max_new_tokens)
+        greedy = score_predictions(preds, refs, golden)
+        greedy["first_token"] = first_token_kl(student, self.teacher, examples, pad_id=tok.pad_token_id)
+        greedy["samples"] = [{"prompt": ex.record.instruction, "context": ex.record.context,
+                              "reference": ex.record.response, "prediction": p}
+                             for ex, p in zip(examples[:5], preds[:5], strict=False)]
+        if not full:
+            return {"greedy": greedy}
+        sampled = predict(student, tok, examples, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                          temperature=cfg.eval_temperature, seed=777)
+        return {"greedy": greedy, "sampled": score_predictions(sampled, refs, golden),
+                "vs_teacher": score_predictions(preds, self.teacher_refs, golden)}
+
+    def run_method(self, seed: int, run: Run) -> dict[str, Any]:
+        """One method continuing the seed's SFT start; evaluated on the test split."""
+        t0 = time.perf_counter()
+        self.progress.stage("distil", method=run.name, seed=seed)
+        init, ckpt = self.init_ckpt[seed]
+        student = copy.deepcopy(init)
+        res = self._train(student, self.train_ex, self.results_dir / "runs" / f"seed{seed}" / run.name,
+                          method=run.method, method_args=run.method_args, steps=self.cfg.method_steps,
+                          lr=self.cfg.student_lr, seed=seed, objective=self._objective(run.objective),
+                          init_from=ckpt, probe=self.probe_ex)
+        ev = self._evaluate(student, self.test_ex, full=True)
+        self.progress.advance(_EVAL_UNITS)
+        self.runs.setdefault(run.name, []).append(ev)
+        self.histories.setdefault(run.name, []).append(res.log_history)
+        dt = time.perf_counter() - t0
+        self.timings[f"seed{seed}_{run.name}_s"] = dt
+        g, s = ev["greedy"], ev["sampled"]
+        _log(f"seed {seed} {run.name:>10}: greedy Rouge-L {g['overall']['rougeL']:.2f} EM "
+             f"{g['overall']['exact_match']:.2f} | sampled Rouge-L {s['overall']['rougeL']:.2f} | rKLD1 "
+             f"{g['first_token']['rkld']:.4f} ({dt:.0f}s)")
+        return ev
+
+    def tune(self) -> None:
+        """The validation grid: every method's grid points from one SFT start (``grid_seed``), scored by greedy
+        Rouge-L on the validation split; the best point of each method is used for every seed."""
+        cfg = self.cfg
+        if not self.valid_ex:
+            raise ValueError("the validation grid needs a validation split (the embedded task has one)")
+        self.init_student(cfg.grid_seed, None)
+        init, ckpt = self.init_ckpt.pop(cfg.grid_seed)
+        for run in planned_runs(cfg):
+            if run.name != run.method:
+                continue  # ablations reuse their method's choice
+            best = None
+            for point in METHODS[run.method].grid():
+                self.progress.stage("grid", method=f"{run.method} {point}", seed=cfg.grid_seed)
+                student = copy.deepcopy(init)
+                name = run.method + "-" + "-".join(f"{k}{v}" for k, v in sorted(point.items()))
+                self._train(student, self.train_ex, self.results_dir / "grid" / name, method=run.method,
+                            method_args=point, steps=cfg.method_steps, lr=cfg.student_lr, seed=cfg.grid_seed,
+                            init_from=ckpt)
+                score = self._evaluate(student, self.valid_ex, full=False)["greedy"]["overall"]["rougeL"]
+                self.progress.advance(_EVAL_UNITS)
+                self.grid_scores.append({"method": run.method, "point": point, "valid_rougeL": score})
+                if best is None or score > best[0]:
+                    best = (score, point)
+            self.chosen[run.method] = best[1]
+            _log(f"grid {run.method}: chose {best[1]} (validation Rouge-L {best[0]:.2f})")
+
+    def finish(self) -> dict[str, Any]:
+        """Aggregate over seeds, write results.md, metrics.json and the plots; print the table."""
+        from .report import aggregate, plot_curves, summary_markdown
+
+        self.progress.stage("report")
+        summary = aggregate(self.runs, self.teacher_eval, self.histories)
+        table = summary_markdown(summary, self.cfg, self.train_report, self.test_report, runs=self.runs,
+                                 histories=self.histories, chosen=self.chosen, grid=self.grid_scores)
+        self.timings["total_s"] = time.perf_counter() - self.t_start
+        (self.results_dir / "results.md").write_text(table)
+        metrics = {"config": config_dict(self.cfg), "summary": summary, "per_seed": self.runs,
+                   "teacher": self.teacher_eval, "histories": self.histories, "chosen_hparams": self.chosen,
+                   "grid": self.grid_scores, "runs": [asdict_run(r) for r in planned_runs(self.cfg)],
+                   "filters": {"train": self.train_report.as_dict(), "test": self.test_report.as_dict()},
+                   "timings_s": self.timings}
+        (self.results_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        plot_curves(self.histories, self.results_dir)
+        self.progress.close()
+        print(table, flush=True)
+        _log(f"results written to {self.results_dir.resolve()} (total {self.timings['total_s']:.0f}s)")
+        return {"summary": summary, "timings_s": self.timings}
+
+
+def replace_objective(base: Any, overrides: dict[str, float]) -> Any:
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(base, **overrides) if overrides else base
+
+
+def asdict_run(run: Run) -> dict[str, Any]:
+    return {"name": run.name, "method": run.method, "method_args": run.method_args, "objective": run.objective}
