@@ -57,6 +57,11 @@ __all__ = [
 
 Grads = tuple[np.ndarray, np.ndarray]
 
+# The options beyond the shared ones of ``validation``: TRL's JSD β ∈ [0, 1] (end points = the KLs) and
+# AKL's head mass μ ∈ (0, 1).
+JSD_BETA = v.Option("beta", 0.5, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True, draw=(0.05, 0.95))
+MU = v.Option("mu", 0.5, low=0.0, high=1.0, draw=(0.2, 0.8))
+
 # --------------------------------------------------------------------------------------------------
 # Per-position pieces. Arguments are log-probabilities over the last axis; results drop that axis
 # (values) or keep it (gradients w.r.t. the temperature-scaled logits).
@@ -157,26 +162,27 @@ def _akl_grad(log_q: np.ndarray, log_p: np.ndarray, mu: float) -> Grads:
 # Shared drivers: options → logit_pair → per-position piece → masked reduction (or its chain rule).
 
 
-def _options(func: str, reduction: str, temperature: float,
-             normalizer: float | None) -> tuple[float, float | None]:
-    """The options every student/teacher baseline shares, after its own (checked by the caller)."""
-    tau = v.check_scalar(func, "temperature", temperature, low=0.0)
-    return tau, v.check_normalizer_option(func, normalizer, reduction)
+_SHARED = ("temperature", "normalizer", "reduction")
 
 
-def _value(func, piece, student_logits, teacher_logits, mask, *, temperature, normalizer, reduction, **opts):
-    tau, normalizer = _options(func, reduction, temperature, normalizer)
-    pair = logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction,
-                      temperature=tau)
-    return reduce_tokens(piece(pair.student, pair.teacher, **opts), pair.mask, reduction, pair.denominator)
+def _prepare(func, student_logits, teacher_logits, mask, options):
+    """The options (the function's own, then temperature, normalizer, reduction: signature order), then the
+    log-softmax pair; returns (pair, temperature, the function's own options)."""
+    o = v.check_options(func, **options)
+    pair = logit_pair(func, student_logits, teacher_logits, mask, normalizer=o["normalizer"],
+                      reduction=o["reduction"], temperature=o["temperature"])
+    return pair, o["temperature"], {k: x for k, x in o.items() if k not in _SHARED}
 
 
-def _grad(func, piece_grad, student_logits, teacher_logits, mask, *, temperature, normalizer, reduction,
-          **opts) -> dict[str, np.ndarray]:
-    tau, normalizer = _options(func, reduction, temperature, normalizer)
-    pair = logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction,
-                      temperature=tau)
-    g_s, g_t = piece_grad(pair.student, pair.teacher, **opts)
+def _value(func, piece, student_logits, teacher_logits, mask, **options):
+    pair, _, own = _prepare(func, student_logits, teacher_logits, mask, options)
+    return reduce_tokens(piece(pair.student, pair.teacher, **own), pair.mask, options["reduction"], pair.denominator)
+
+
+def _grad(func, piece_grad, student_logits, teacher_logits, mask, **options) -> dict[str, np.ndarray]:
+    pair, tau, own = _prepare(func, student_logits, teacher_logits, mask, options)
+    reduction = options["reduction"]
+    g_s, g_t = piece_grad(pair.student, pair.teacher, **own)
     # d S / d ℓ_i per position, times d z / d logits = 1/τ.
     scale = reduce_tokens_grad(pair.mask, reduction, pair.denominator)[..., None] / tau
     return {"student_logits": scale * g_s, "teacher_logits": scale * g_t}
@@ -186,6 +192,7 @@ def _grad(func, piece_grad, student_logits, teacher_logits, mask, *, temperature
 # Public API
 
 
+@v.options(v.IGNORE_INDEX, v.NORMALIZER, v.REDUCTION)
 def cross_entropy(
     logits: np.ndarray,
     labels: np.ndarray,
@@ -259,9 +266,8 @@ def cross_entropy_grad(
 
 
 def _cross_entropy_parts(func, logits, labels, ignore_index, normalizer, reduction):
-    v.check_reduction(func, reduction)
-    ignore_index = v.check_int_scalar(func, "ignore_index", ignore_index)
-    normalizer = v.check_normalizer_option(func, normalizer, reduction)
+    o = v.check_options(func, ignore_index=ignore_index, normalizer=normalizer, reduction=reduction)
+    ignore_index, normalizer = o["ignore_index"], o["normalizer"]
     v.check_logits_labels_shapes(func, np.shape(logits), np.shape(labels))
     x = float64_array(func, "logits", logits)
     y = as_int(func, "labels", labels)
@@ -278,6 +284,7 @@ def _cross_entropy_parts(func, logits, labels, ignore_index, normalizer, reducti
     return per_token, mask, denominator, (log_q, safe_labels)
 
 
+@v.options(v.TEMPERATURE, v.NORMALIZER, v.REDUCTION)
 def forward_kl(
     student_logits: np.ndarray,
     teacher_logits: np.ndarray,
@@ -316,7 +323,6 @@ def forward_kl(
     See also: ``forward_kl_grad``, ``reverse_kl``, ``generalized_jsd``, ``akl``, ``cross_entropy``.
     """
     func = "forward_kl"
-    v.check_reduction(func, reduction)
     return _value(func, _fkl, student_logits, teacher_logits, mask, temperature=temperature,
                   normalizer=normalizer, reduction=reduction)
 
@@ -345,11 +351,11 @@ def forward_kl_grad(
     See also: ``forward_kl``.
     """
     func = "forward_kl"
-    v.check_reduction(func, reduction)
     return _grad(func, _fkl_grad, student_logits, teacher_logits, mask, temperature=temperature,
                  normalizer=normalizer, reduction=reduction)
 
 
+@v.options(v.TEMPERATURE, v.NORMALIZER, v.REDUCTION)
 def reverse_kl(
     student_logits: np.ndarray,
     teacher_logits: np.ndarray,
@@ -375,7 +381,6 @@ def reverse_kl(
     See also: ``reverse_kl_grad``, ``forward_kl``, ``generalized_jsd``, ``akl``.
     """
     func = "reverse_kl"
-    v.check_reduction(func, reduction)
     return _value(func, _rkl, student_logits, teacher_logits, mask, temperature=temperature,
                   normalizer=normalizer, reduction=reduction)
 
@@ -404,11 +409,11 @@ def reverse_kl_grad(
     See also: ``reverse_kl``.
     """
     func = "reverse_kl"
-    v.check_reduction(func, reduction)
     return _grad(func, _rkl_grad, student_logits, teacher_logits, mask, temperature=temperature,
                  normalizer=normalizer, reduction=reduction)
 
 
+@v.options(JSD_BETA, v.TEMPERATURE, v.NORMALIZER, v.REDUCTION)
 def generalized_jsd(
     student_logits: np.ndarray,
     teacher_logits: np.ndarray,
@@ -450,8 +455,6 @@ def generalized_jsd(
     See also: ``generalized_jsd_grad``, ``forward_kl``, ``reverse_kl``.
     """
     func = "generalized_jsd"
-    v.check_reduction(func, reduction)
-    beta = v.check_scalar(func, "beta", beta, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True)
     return _value(func, _jsd, student_logits, teacher_logits, mask, temperature=temperature,
                   normalizer=normalizer, reduction=reduction, beta=beta)
 
@@ -486,12 +489,11 @@ def generalized_jsd_grad(
     See also: ``generalized_jsd``.
     """
     func = "generalized_jsd"
-    v.check_reduction(func, reduction)
-    beta = v.check_scalar(func, "beta", beta, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True)
     return _grad(func, _jsd_grad, student_logits, teacher_logits, mask, temperature=temperature,
                  normalizer=normalizer, reduction=reduction, beta=beta)
 
 
+@v.options(MU, v.TEMPERATURE, v.NORMALIZER, v.REDUCTION)
 def akl(
     student_logits: np.ndarray,
     teacher_logits: np.ndarray,
@@ -533,8 +535,6 @@ def akl(
     See also: ``akl_grad``, ``forward_kl``, ``reverse_kl``.
     """
     func = "akl"
-    v.check_reduction(func, reduction)
-    mu = v.check_scalar(func, "mu", mu, low=0.0, high=1.0)
     return _value(func, _akl, student_logits, teacher_logits, mask, temperature=temperature,
                   normalizer=normalizer, reduction=reduction, mu=mu)
 
@@ -566,12 +566,11 @@ def akl_grad(
     See also: ``akl``.
     """
     func = "akl"
-    v.check_reduction(func, reduction)
-    mu = v.check_scalar(func, "mu", mu, low=0.0, high=1.0)
     return _grad(func, _akl_grad, student_logits, teacher_logits, mask, temperature=temperature,
                  normalizer=normalizer, reduction=reduction, mu=mu)
 
 
+@v.options()
 def first_token_divergence(student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
     """First-response-token KLD and rKLD of the paper's Table 3 (SPEC-MATH §2 "Sec 4.5", the literal reading).
 

@@ -117,6 +117,8 @@ class _NamedLoss:
             p = params.get(option)
             if p is None or p.kind is not p.KEYWORD_ONLY or option in _ARGUMENT_OPTIONS:
                 v.fail(func, arg, f"has the option {option!r}, which is not an option of {self.name}")
+        with v.reported_as(func, {}):  # the values, before any computation, named as the caller's
+            v.check_options(self.name, **self.kwargs)
         return fn, inspect.signature(fn)
 
 
@@ -241,6 +243,7 @@ def sequence_call(func: str, arguments: Mapping[str, Any]) -> tuple[NamedSequenc
     (required unless ``reference_free``)."""
     name = func.removeprefix("fused_")
     options, params = _options_of(name, _spec_sequence, arguments)
+    v.check_options(func, **options, reduction=arguments["reduction"])
     required_lengths = "chosen_lengths" in params and params["chosen_lengths"].default is inspect.Parameter.empty
     reference = "reference_chosen_logps" in params
     kwargs = {k: arguments[k] for k in _SEQUENCE_CALL}
@@ -261,6 +264,7 @@ def token_call(func: str, arguments: Mapping[str, Any]) -> tuple[NamedTokenLoss,
     name = func.removeprefix("fused_")
     module = _spec_token if name in _spec_token.__all__ else _spec_distill
     options, params = _options_of(name, module, arguments)
+    v.check_options(func, **options, normalizer=arguments["normalizer"], reduction=arguments["reduction"])
     labels = "labels" in params
     kwargs = {k: arguments.get(k, default) for k, default in _TOKEN_CALL.items()}
     hidden_name = "hidden" if labels else "student_hidden"

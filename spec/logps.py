@@ -32,7 +32,7 @@ def _require(func: str, logits: object, labels: object) -> None:
 def _inputs(func: str, logits: object, labels: object, ignore_index: object):
     """Validate once for a function and its gradient; returns (float64 logits, keep mask, labels made safe
     to gather)."""
-    ignore = v.check_int_scalar(func, "ignore_index", ignore_index)
+    ignore = v.check_options(func, ignore_index=ignore_index)["ignore_index"]
     _require(func, logits, labels)
     lab = np.asarray(labels)
     v.check_logits_labels_shapes(func, np.shape(logits), lab.shape)
@@ -49,6 +49,7 @@ def _inputs(func: str, logits: object, labels: object, ignore_index: object):
     return x, keep, safe
 
 
+@v.options(v.IGNORE_INDEX)
 def token_logps(logits: np.ndarray, labels: np.ndarray, *, ignore_index: int = -100) -> np.ndarray:
     """Log-probability of each label under the softmax of its logits; 0 at ignored positions.
 
@@ -114,6 +115,7 @@ def _logits_grad(x: np.ndarray, keep: np.ndarray, safe: np.ndarray) -> np.ndarra
     return np.where(keep[..., None], onehot - softmax(x), 0.0)
 
 
+@v.options(v.IGNORE_INDEX)
 def sequence_logps(
     logits: np.ndarray, labels: np.ndarray, *, ignore_index: int = -100
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -169,6 +171,7 @@ def sequence_logps_grad(logits: np.ndarray, labels: np.ndarray, *, ignore_index:
     return {"logits": _logits_grad(x, keep, safe)}
 
 
+@v.options()
 def shift_for_causal_lm(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Align a causal LM's next-token logits with its labels: drop the last logit and the first label.
 

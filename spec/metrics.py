@@ -15,6 +15,7 @@ from .sequence import LS, LT, A, B, C, D, _Margin, _validate
 __all__ = ["implicit_reward", "preference_metrics"]
 
 
+@v.options(v.BETA)
 def implicit_reward(
     policy_logps: np.ndarray,
     reference_logps: np.ndarray,
@@ -50,13 +51,14 @@ def implicit_reward(
     See also: ``preference_metrics``, ``dpkd_loss`` (its rewards are this function of each side).
     """
     func = "implicit_reward"
-    beta = v.check_scalar(func, "beta", beta, low=0.0)
+    beta = v.check_options(func, beta=beta)["beta"]
     arrays = {"policy_logps": policy_logps, "reference_logps": reference_logps, "lengths": lengths}
     x = _validate(func, arrays, optional=("lengths",), lengths=("lengths",))
     ratio = x["policy_logps"] - x["reference_logps"]
     return beta * (ratio / x["lengths"] if x["lengths"] is not None else ratio)
 
 
+@v.options(v.BETA)
 def preference_metrics(
     policy_chosen_logps: np.ndarray,
     policy_rejected_logps: np.ndarray,
@@ -102,7 +104,7 @@ def preference_metrics(
     See also: ``implicit_reward``, ``dpkd_loss``.
     """
     func = "preference_metrics"
-    beta = v.check_scalar(func, "beta", beta, low=0.0)
+    beta = v.check_options(func, beta=beta)["beta"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
                          D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},

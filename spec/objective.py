@@ -61,12 +61,15 @@ RELEASED_OBJECTIVE = ObjectiveConfig(alpha=0.5, lm_coef=0.5, pt_kd_ratio=0.5)
 DISTIL_ONLY = ObjectiveConfig(alpha=1.0, lm_coef=0.0, pt_kd_ratio=0.0)
 
 
+CONFIG = v.Option("config", v.REQUIRED, kind="instance", cls=ObjectiveConfig)
+
+
 def _terms(
     func: str, losses: dict[str, object], config: object
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Validate: ``config`` first, then presence (a term is required iff its coefficient is non-zero),
     shapes (all given terms alike), dtypes, finiteness."""
-    v.check_instance(func, "config", config, ObjectiveConfig)
+    v.check_options(func, config=config)
     coef = config.coefficients()
     for name in _TERMS:
         if losses[name] is None and coef[name] != 0.0:
@@ -79,6 +82,7 @@ def _terms(
     return arrays, coef
 
 
+@v.options(CONFIG)
 def objective(
     sft_loss: np.ndarray | float | None,
     distil_loss: np.ndarray | float | None,

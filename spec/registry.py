@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import validation
 from .validation import REDUCTIONS
 
 __all__ = [
@@ -66,36 +67,9 @@ class ArrayArg:
     keyword: bool = False
 
 
-@dataclass(frozen=True)
-class Param:
-    """A scalar option and its valid range (CONVENTIONS.md "Scalar options ranges").
-
-    ``low``/``high`` bound the valid values (exclusive unless ``*_inclusive``); ``draw`` is the sub-range
-    Hypothesis draws from (well-conditioned, e.g. β ≤ 5 so that σ(βh) is not saturated everywhere);
-    ``choices`` for string options; ``finite_only`` for unbounded reals (SimPO's γ)."""
-
-    name: str
-    default: Any
-    low: float | None = None
-    high: float | None = None
-    low_inclusive: bool = False
-    high_inclusive: bool = False
-    draw: tuple[float, float] | None = None
-    choices: tuple[str, ...] = ()
-    finite_only: bool = False
-
-    def invalid_values(self) -> tuple[Any, ...]:
-        """Values the bad-input battery passes; each must raise an error naming this option."""
-        if self.choices:
-            return ("not-a-" + self.name.rstrip("_"),)
-        out: list[Any] = []
-        if self.low is not None:
-            out.append(self.low - 0.25 if self.low_inclusive else self.low)
-        if self.high is not None:
-            out.append(self.high + 0.25 if self.high_inclusive else self.high)
-        if self.low is not None or self.high is not None or self.finite_only:
-            out += [math.nan, math.inf]
-        return tuple(out)
+#: A scalar option and its valid range: the option schema the spec declares beside each function
+#: (``dpkd.spec.validation.Option``; CONVENTIONS.md "Scalar options ranges"), read here, never restated.
+Param = validation.Option
 
 
 @dataclass(frozen=True)
@@ -198,7 +172,6 @@ class FunctionSpec:
     kind: str  # "logps" | "sequence" | "token" | "metric" | "objective"
     equation: str
     arrays: tuple[ArrayArg, ...]
-    params: tuple[Param, ...]
     variants: tuple[Variant, ...]
     output: str  # "array" | "tuple" | "PreferenceLoss" | "TokenPreferenceLoss" | "dict"
     reductions: tuple[str, ...] = REDUCTIONS
@@ -215,6 +188,11 @@ class FunctionSpec:
     @property
     def reference(self) -> str:
         return self.name
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        """The options, as the spec function declares them (``dpkd.spec.validation.options_of``)."""
+        return validation.options_of(self.name)
 
     @property
     def positional(self) -> tuple[ArrayArg, ...]:
@@ -521,18 +499,6 @@ def _penalised_dpop(rng: np.random.Generator, form: str) -> Call:
 # The registry
 
 
-def _p(name: str, default: Any, **kw: Any) -> Param:
-    return Param(name, default, **kw)
-
-
-BETA = _p("beta", 0.1, low=0.0, draw=(0.05, 3.0))
-LABEL_SMOOTHING = _p("label_smoothing", 0.0, low=0.0, high=0.5, low_inclusive=True, high_inclusive=True,
-                     draw=(0.05, 0.45))
-REDUCTION = _p("reduction", "mean", choices=REDUCTIONS)
-NORMALIZER = _p("normalizer", None, low=0.0, draw=(1.0, 40.0))
-TEMPERATURE = _p("temperature", 1.0, low=0.0, draw=(0.5, 3.0))
-IGNORE_INDEX = _p("ignore_index", -100)
-
 _SEQ4 = (
     ArrayArg("policy_chosen_logps", "logps", True),
     ArrayArg("policy_rejected_logps", "logps", True),
@@ -580,7 +546,7 @@ def _kl_closed_form(name: str, label: str, forward: bool, **kw: Any) -> ClosedFo
 REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "token_logps", "logps", "SPEC-MATH §3A: log_softmax(logits)[label], 0 where ignored",
-        _LOGITS_LABELS, (IGNORE_INDEX,),
+        _LOGITS_LABELS,
         (Variant("default", "ignore_index -100"),
          Variant("ignore_index", "a custom ignore_index (-1)", options={"ignore_index": -1})),
         "array", reductions=(), gradient="token_logps_grad",
@@ -592,7 +558,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     ),
     FunctionSpec(
         "sequence_logps", "logps", "SPEC-MATH §3A: a = Σ_j m_j log q(y_j); (sum, token count)",
-        _LOGITS_LABELS, (IGNORE_INDEX,),
+        _LOGITS_LABELS,
         (Variant("default", "ignore_index -100"),
          Variant("ignore_index", "a custom ignore_index (-1)", options={"ignore_index": -1})),
         "tuple", reductions=(), gradient="sequence_logps_grad",
@@ -608,7 +574,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "dpkd_loss", "sequence", "paper Eq. 8 / Eq. 9; SPEC-MATH §3A; cDPO smoothing",
         _SEQ4 + _LENGTHS,
-        (BETA, LABEL_SMOOTHING, _p("reference_free", False), REDUCTION),
         (Variant("eq8", "paper Eq. 8: h = (a − c) − (b − d)", draw=("beta",)),
          Variant("eq9", "paper Eq. 9: h = (a − c)/L_t − (b − d)/L_s", draw=("beta",), lengths="both"),
          Variant("cdpo", "label smoothing ε: (1−ε)softplus(−βh) + ε softplus(βh)",
@@ -656,7 +621,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "ipo_loss", "sequence", "paper Table 2 / Azar 2024 Eq. 17: (h − 1/(2τ))²",
         _SEQ4 + _LENGTHS,
-        (_p("tau", 0.1, low=0.0, draw=(0.1, 2.0)), _p("length_normalize", True), REDUCTION),
         (Variant("summed", "summed log-ratios (the released code)", options={"length_normalize": False},
                  draw=("tau",)),
          Variant("length_averaged", "log-ratios divided by the lengths (TRL)", options={"length_normalize": True},
@@ -677,7 +641,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "cpo_loss", "sequence", "Xu 2024 / paper Table 2 (typo D13 corrected): softplus(−β(a − b)) − w·a",
         _SEQ2 + _LENGTHS[:1],
-        (BETA, _p("nll_weight", 1.0, low=0.0, low_inclusive=True, draw=(0.0, 2.0)), LABEL_SMOOTHING, REDUCTION),
         (Variant("default", "NLL on the summed chosen log-prob", draw=("beta", "nll_weight")),
          Variant("length_normalised_nll", "NLL divided by |y_t|", draw=("beta", "nll_weight"), lengths="chosen"),
          Variant("cdpo", "label-smoothed preference term", draw=("beta", "nll_weight", "label_smoothing")),
@@ -693,8 +656,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "simpo_loss", "sequence", "Meng 2024 / paper Table 2: softplus(−(βa/L_t − βb/L_s − γ))",
         _SEQ2 + _LENGTHS,
-        (_p("beta", 2.0, low=0.0, draw=(0.5, 4.0)), _p("gamma", 1.0, finite_only=True, draw=(-2.0, 2.0)),
-         LABEL_SMOOTHING, REDUCTION),
         (Variant("default", "reference-free, margin γ inside σ, length-normalised", draw=("beta", "gamma"),
                  lengths="both"),
          Variant("cdpo", "label-smoothed", draw=("beta", "gamma", "label_smoothing"), lengths="both")),
@@ -710,8 +671,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "dpop_loss", "sequence", "Pal 2024 Eq. 3 (smaug) and the released code (released); P = max(0, c − a)",
         _SEQ4,
-        (BETA, _p("lambda_", 50.0, low=0.0, low_inclusive=True, draw=(0.0, 60.0)),
-         _p("form", "smaug", choices=("smaug", "released")), REDUCTION),
         (Variant("smaug", "penalty inside σ, scaled by β: softplus(−β(h − λP))", options={"form": "smaug"},
                  draw=("beta", "lambda_")),
          Variant("released", "penalty outside σ, unscaled: softplus(−βh) + λP", options={"form": "released"},
@@ -734,9 +693,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "dpkd_token_loss", "token", "released code get_distil_loss; SPEC-MATH §3B (argmax preference per token)",
         _TOKEN,
-        (BETA, _p("form", "sigmoid", choices=("sigmoid", "ipo", "dpop")), LABEL_SMOOTHING,
-         _p("reference_free", False), _p("lambda_", 50.0, low=0.0, low_inclusive=True, draw=(0.0, 60.0)),
-         NORMALIZER, REDUCTION),
         (Variant("sigmoid", "softplus(−βh), h = (a − b) − (c − d)", options={"form": "sigmoid"}, draw=("beta",)),
          Variant("cdpo", "label-smoothed sigmoid form", options={"form": "sigmoid"},
                  draw=("beta", "label_smoothing")),
@@ -772,7 +728,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     ),
     FunctionSpec(
         "cross_entropy", "token", "SFT: −log q[label] over non-ignored tokens (SPEC-MATH §6)",
-        _LOGITS_LABELS, (IGNORE_INDEX, NORMALIZER, REDUCTION),
+        _LOGITS_LABELS,
         (Variant("default", "mean over the non-ignored labels"),
          Variant("normalizer", "mean divided by the caller's global token count",
                  options={"reduction": "mean"}, draw=("normalizer",))),
@@ -785,21 +741,19 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     ),
     FunctionSpec(
         "forward_kl", "token", "KL(p‖q) = Σ p (log p − log q) (SPEC-MATH §6, word-level KD)",
-        _TOKEN, (TEMPERATURE, NORMALIZER, REDUCTION), _DIVERGENCE_VARIANTS, "array", gradient="forward_kl_grad",
+        _TOKEN, _DIVERGENCE_VARIANTS, "array", gradient="forward_kl_grad",
         closed_forms=(_p_equals_q("forward_kl"),
                       _kl_closed_form("forward_kl", "= sum p (log p - log q)", True, temperature=1.5)),
     ),
     FunctionSpec(
         "reverse_kl", "token", "KL(q‖p) = Σ q (log q − log p) (SPEC-MATH §6)",
-        _TOKEN, (TEMPERATURE, NORMALIZER, REDUCTION), _DIVERGENCE_VARIANTS, "array", gradient="reverse_kl_grad",
+        _TOKEN, _DIVERGENCE_VARIANTS, "array", gradient="reverse_kl_grad",
         closed_forms=(_p_equals_q("reverse_kl"),
                       _kl_closed_form("reverse_kl", "= sum q (log q - log p)", False, temperature=1.5)),
     ),
     FunctionSpec(
         "generalized_jsd", "token", "TRL GKD: β KL(p‖M) + (1−β) KL(q‖M), M = (1−β)q + βp; end points KLs",
         _TOKEN,
-        (_p("beta", 0.5, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True, draw=(0.05, 0.95)),
-         TEMPERATURE, NORMALIZER, REDUCTION),
         (Variant("beta_0", "β = 0: forward KL(p‖q) (end-point convention)", options={"beta": 0.0}),
          Variant("beta_1", "β = 1: reverse KL(q‖p) (end-point convention)", options={"beta": 1.0}),
          Variant("interior", "0 < β < 1: the mixture form", draw=("beta",)),
@@ -816,7 +770,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "akl", "token", "Wu 2024 AKL: w_head KL(p‖q) + w_tail KL(q‖p), weights stop-gradient (SPEC-MATH §6)",
         _TOKEN,
-        (_p("mu", 0.5, low=0.0, high=1.0, draw=(0.2, 0.8)), TEMPERATURE, NORMALIZER, REDUCTION),
         (Variant("default", "μ drawn, temperature 1", draw=("mu",)),
          Variant("temperature", "μ and temperature drawn", draw=("mu", "temperature")),
          Variant("normalizer", "mean divided by the caller's global token count",
@@ -828,7 +781,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         "implicit_reward", "metric", "paper Eq. 29: β (log q − log p) [/ length]",
         (ArrayArg("policy_logps", "logps", False), ArrayArg("reference_logps", "logps", False),
          ArrayArg("lengths", "lengths", False, keyword=True)),
-        (BETA,),
         (Variant("summed", "β (policy − reference)", draw=("beta",)),
          Variant("length_normalised", "β (policy − reference) / length", draw=("beta",), lengths="both")),
         "array", reductions=(),
@@ -840,7 +792,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     ),
     FunctionSpec(
         "preference_metrics", "metric", "TRL's logged names: rewards/chosen, rewards/accuracies, ...",
-        _SEQ4 + _LENGTHS, (BETA,),
+        _SEQ4 + _LENGTHS,
         (Variant("summed", "rewards from summed log-ratios", draw=("beta",)),
          Variant("length_normalised", "rewards from length-normalised log-ratios", draw=("beta",), lengths="both")),
         "dict", reductions=(),
@@ -860,7 +812,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
         "first_token_divergence", "metric", "Table 3 first-token KLD / rKLD (SPEC-MATH §2, Sec 4.5 reading)",
         (ArrayArg("student_logits", "vocab_logits", False), ArrayArg("teacher_logits", "vocab_logits", False)),
-        (), (Variant("default", "mean over the leading positions"),), "dict", reductions=(),
+        (Variant("default", "mean over the leading positions"),), "dict", reductions=(),
         closed_forms=(
             ClosedForm("first_token_divergence: p = q => kld = 0",
                        lambda rng: (lambda t: Call("first_token_divergence", (t.copy(), t), {}))(
@@ -876,7 +828,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         "objective", "objective", "L = (1−α) sft + α distil + λ[(1−κ) pt_lm + κ pt_kd] (Algorithm 1, LMOps runner)",
         (ArrayArg("sft_loss", "scalar_loss", True), ArrayArg("distil_loss", "scalar_loss", True),
          ArrayArg("pt_lm_loss", "scalar_loss", True), ArrayArg("pt_kd_loss", "scalar_loss", True)),
-        (_p("config", "PAPER_OBJECTIVE"),),
         (Variant("paper", "Algorithm 1: L = L_kd + λ L_pt", options={"config": "PAPER_OBJECTIVE"},
                  omit=("pt_kd_loss",)),
          Variant("released", "LMOps runner: α = λ = κ = 0.5", options={"config": "RELEASED_OBJECTIVE"}),

@@ -25,7 +25,7 @@ array arguments (the four log-prob arrays when given; lengths never), S = sum(lo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from ._common import float64_array, reduce_elements, reduce_elements_grad, sigmo
 from .results import PreferenceLoss
 
 __all__ = [
+    "DPOP_FORMS",
     "dpkd_loss",
     "dpkd_loss_grad",
     "ipo_loss",
@@ -45,6 +46,17 @@ __all__ = [
     "dpop_loss",
     "dpop_loss_grad",
 ]
+
+#: DPOP's two forms: the Smaug paper's (penalty inside σ) and the released DPKD code's (outside).
+DPOP_FORMS = ("smaug", "released")
+
+# The options of these losses beyond the shared ones of ``validation`` (their valid ranges, once)
+TAU = v.Option("tau", 0.1, low=0.0, draw=(0.1, 2.0))
+LENGTH_NORMALIZE = v.Option("length_normalize", True, kind="flag")
+NLL_WEIGHT = v.Option("nll_weight", 1.0, low=0.0, low_inclusive=True, draw=(0.0, 2.0))
+SIMPO_BETA = replace(v.BETA, default=2.0, draw=(0.5, 4.0))
+GAMMA = v.Option("gamma", 1.0, draw=(-2.0, 2.0))
+DPOP_FORM = v.Option("form", "smaug", kind="choice", choices=DPOP_FORMS)
 
 A, B = "policy_chosen_logps", "policy_rejected_logps"
 C, D = "reference_chosen_logps", "reference_rejected_logps"
@@ -150,13 +162,6 @@ def _chain(dl_dh: np.ndarray, margin: _Margin) -> dict[str, np.ndarray]:
     return {name: dl_dh * dh for name, dh in margin.dh.items()}
 
 
-def _beta(func: str, beta: object) -> float:
-    return v.check_scalar(func, "beta", beta, low=0.0)
-
-
-def _smoothing(func: str, label_smoothing: object) -> float:
-    return v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
-                          high_inclusive=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,9 +170,9 @@ def _smoothing(func: str, label_smoothing: object) -> float:
 
 def _dpkd(func, a, b, c, d, chosen_lengths, rejected_lengths, beta, label_smoothing, reference_free,
           reduction) -> _Core:
-    reduction = v.check_reduction(func, reduction)
-    beta = _beta(func, beta)
-    eps = _smoothing(func, label_smoothing)
+    o = v.check_options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free,
+                        reduction=reduction)
+    beta, eps, reference_free, reduction = o["beta"], o["label_smoothing"], o["reference_free"], o["reduction"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     x = _validate(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
                   optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
@@ -181,6 +186,7 @@ def _dpkd(func, a, b, c, d, chosen_lengths, rejected_lengths, beta, label_smooth
     return _Core(losses, partials, beta * m.chosen, beta * m.rejected, reduction)
 
 
+@v.options(v.BETA, v.LABEL_SMOOTHING, v.REFERENCE_FREE, v.REDUCTION)
 def dpkd_loss(
     policy_chosen_logps: np.ndarray,
     policy_rejected_logps: np.ndarray,
@@ -289,16 +295,9 @@ def dpkd_loss_grad(
 
 
 def _ipo(func, a, b, c, d, tau, chosen_lengths, rejected_lengths, length_normalize, reduction) -> _Core:
-    reduction = v.check_reduction(func, reduction)
-    tau = v.check_scalar(func, "tau", tau, low=0.0)
-    if length_normalize:
-        # both lengths are needed; with neither given, the first missing one is named
-        if chosen_lengths is None and rejected_lengths is None:
-            v.require(func, LT, None)
-        v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    else:
-        for name, given in ((LT, chosen_lengths), (LS, rejected_lengths)):
-            v.check_no_lengths_when_summed(func, name, given)
+    o = v.check_options(func, tau=tau, length_normalize=length_normalize, reduction=reduction)
+    tau, length_normalize, reduction = o["tau"], o["length_normalize"], o["reduction"]
+    v.check_length_normalize(func, length_normalize, chosen_lengths, rejected_lengths)
     x = _validate(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
                   optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
     m = _Margin.of(x, normalize=bool(length_normalize))
@@ -306,6 +305,7 @@ def _ipo(func, a, b, c, d, tau, chosen_lengths, rejected_lengths, length_normali
     return _Core(gap**2, _chain(2.0 * gap, m), tau * m.chosen, tau * m.rejected, reduction)
 
 
+@v.options(TAU, LENGTH_NORMALIZE, v.REDUCTION)
 def ipo_loss(
     policy_chosen_logps: np.ndarray,
     policy_rejected_logps: np.ndarray,
@@ -396,10 +396,8 @@ def ipo_loss_grad(
 
 
 def _cpo(func, a, b, beta, nll_weight, chosen_lengths, label_smoothing, reduction) -> _Core:
-    reduction = v.check_reduction(func, reduction)
-    beta = _beta(func, beta)
-    w = v.check_scalar(func, "nll_weight", nll_weight, low=0.0, low_inclusive=True)
-    eps = _smoothing(func, label_smoothing)
+    o = v.check_options(func, beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
+    beta, w, eps, reduction = o["beta"], o["nll_weight"], o["label_smoothing"], o["reduction"]
     x = _validate(func, {A: a, B: b, LT: chosen_lengths}, optional=(LT,), lengths=(LT,), reduction=reduction)
     m = _Margin.of(x, reference=False)  # h = a − b: no reference, no length inside σ
     pref, dl_dz = _logistic(beta * m.h, eps)
@@ -409,6 +407,7 @@ def _cpo(func, a, b, beta, nll_weight, chosen_lengths, label_smoothing, reductio
     return _Core(pref - w * x[A] / lt, partials, beta * x[A], beta * x[B], reduction)
 
 
+@v.options(v.BETA, NLL_WEIGHT, v.LABEL_SMOOTHING, v.REDUCTION)
 def cpo_loss(
     policy_chosen_logps: np.ndarray,
     policy_rejected_logps: np.ndarray,
@@ -485,10 +484,8 @@ def cpo_loss_grad(
 
 
 def _simpo(func, a, b, chosen_lengths, rejected_lengths, beta, gamma, label_smoothing, reduction) -> _Core:
-    reduction = v.check_reduction(func, reduction)
-    beta = _beta(func, beta)
-    gamma = v.check_scalar(func, "gamma", gamma)
-    eps = _smoothing(func, label_smoothing)
+    o = v.check_options(func, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
+    beta, gamma, eps, reduction = o["beta"], o["gamma"], o["label_smoothing"], o["reduction"]
     x = _validate(func, {A: a, B: b, LT: chosen_lengths, LS: rejected_lengths}, lengths=(LT, LS),
                   reduction=reduction)
     m = _Margin.of(x, reference=False, normalize=True)  # h = a/L_t − b/L_s
@@ -496,6 +493,7 @@ def _simpo(func, a, b, chosen_lengths, rejected_lengths, beta, gamma, label_smoo
     return _Core(losses, _chain(beta * dl_dz, m), beta * m.chosen, beta * m.rejected, reduction)
 
 
+@v.options(SIMPO_BETA, GAMMA, v.LABEL_SMOOTHING, v.REDUCTION)
 def simpo_loss(
     policy_chosen_logps: np.ndarray,
     policy_rejected_logps: np.ndarray,
@@ -572,14 +570,9 @@ def simpo_loss_grad(
 # --------------------------------------------------------------------------------------------------
 # DPOP (Smaug, Pal et al. 2024; and the released code's --DPOP)
 
-DPOP_FORMS = ("smaug", "released")
-
-
 def _dpop(func, a, b, c, d, beta, lambda_, form, reduction) -> _Core:
-    reduction = v.check_reduction(func, reduction)
-    form = v.check_choice(func, "form", form, DPOP_FORMS)
-    beta = _beta(func, beta)
-    lam = v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)
+    o = v.check_options(func, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
+    beta, lam, form, reduction = o["beta"], o["lambda_"], o["form"], o["reduction"]
     x = _validate(func, {A: a, B: b, C: c, D: d}, reduction=reduction)
     m = _Margin.of(x)  # summed margin (Eq. 8)
     penalty = np.maximum(0.0, x[C] - x[A])  # P = max(0, c − a): the chosen log-ratio fell below 0
@@ -600,6 +593,7 @@ def _dpop(func, a, b, c, d, beta, lambda_, form, reduction) -> _Core:
     return _Core(losses, partials, beta * m.chosen, beta * m.rejected, reduction)
 
 
+@v.options(v.BETA, v.LAMBDA, DPOP_FORM, v.REDUCTION)
 def dpop_loss(
     policy_chosen_logps: np.ndarray,
     policy_rejected_logps: np.ndarray,

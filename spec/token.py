@@ -21,33 +21,31 @@ It uses the same mechanism as the distillation baselines (``dpkd.spec.distill``)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from . import validation as v
 from ._common import first_argmax, logit_pair, reduce_tokens, reduce_tokens_grad, sigmoid, softplus
 from .results import TokenPreferenceLoss
 
-__all__ = ["dpkd_token_loss", "dpkd_token_loss_grad"]
+__all__ = ["FORMS", "dpkd_token_loss", "dpkd_token_loss_grad"]
 
+#: The released code's three per-token forms.
 FORMS = ("sigmoid", "ipo", "dpop")
 
-
-def _check_label_smoothing_form(func: str, label_smoothing: float, form: str) -> None:
-    # cDPO smoothing is only defined for the sigmoid form (the LMOps/Mitchell code ignores it elsewhere).
-    v.check_label_smoothing_form(func, label_smoothing, form)
+# The options beyond the shared ones of ``validation``. cDPO smoothing is only defined for the sigmoid form
+# (the LMOps/Mitchell code ignores it elsewhere), hence ``requires``.
+FORM = v.Option("form", "sigmoid", kind="choice", choices=FORMS)
+TOKEN_LABEL_SMOOTHING = replace(v.LABEL_SMOOTHING, requires=("form", "sigmoid"))
 
 
 def _prepare(func, student_logits, teacher_logits, mask, beta, form, label_smoothing, reference_free,
              lambda_, normalizer, reduction):
-    """Options (contract order: reduction, form, scalars, normalizer), then shapes, dtypes and values."""
-    v.check_reduction(func, reduction)
-    v.check_choice(func, "form", form, FORMS)
-    beta = v.check_scalar(func, "beta", beta, low=0.0)
-    eps = v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
-                         high_inclusive=True)
-    _check_label_smoothing_form(func, eps, form)
-    lam = v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)
-    normalizer = v.check_normalizer_option(func, normalizer, reduction)
+    """Options (in signature order), then shapes, dtypes and values."""
+    o = v.check_options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,
+                        lambda_=lambda_, normalizer=normalizer, reduction=reduction)
+    beta, form, eps, lam, normalizer = o["beta"], o["form"], o["label_smoothing"], o["lambda_"], o["normalizer"]
     pair = logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction)
 
     def at(logp: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -84,6 +82,7 @@ def _one_hot(index: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+@v.options(v.BETA, FORM, TOKEN_LABEL_SMOOTHING, v.REFERENCE_FREE, v.LAMBDA, v.NORMALIZER, v.REDUCTION)
 def dpkd_token_loss(
     student_logits: np.ndarray,
     teacher_logits: np.ndarray,

@@ -12,16 +12,31 @@ Every message has the form ``"<function>: `<argument>` <what is wrong>"``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, NoReturn
+from dataclasses import dataclass
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 from .results import TeacherLMHead, TeacherLogps
 
 __all__ = [
     "DPKDInputError",
     "REDUCTIONS",
+    "Option",
+    "options",
+    "options_of",
+    "check_options",
+    "BETA",
+    "LABEL_SMOOTHING",
+    "REFERENCE_FREE",
+    "REDUCTION",
+    "NORMALIZER",
+    "TEMPERATURE",
+    "IGNORE_INDEX",
+    "LAMBDA",
+    "REQUIRED",
     "fail",
     "check_reduction",
     "check_choice",
@@ -40,8 +55,8 @@ __all__ = [
     "check_integer_dtype",
     "check_floating_dtype",
     "require",
-    "check_label_smoothing_form",
     "check_no_lengths_when_summed",
+    "check_length_normalize",
     "check_shiftable",
     "check_instance",
     "check_nonempty_elements",
@@ -61,9 +76,6 @@ __all__ = [
     "check_fused_token_inputs",
     "check_labelled_rows",
 ]
-
-REDUCTIONS = ("none", "mean", "sum")
-
 
 class DPKDInputError(ValueError):
     """Raised for every invalid argument; the message names the function and the argument.
@@ -103,6 +115,142 @@ def reported_as(func: str, arguments: Mapping[str, str]) -> Iterator[None]:
         argument = arguments.get(err.argument or "", err.argument or "")
         raise DPKDInputError(f"{func}: `{argument}` {err.problem}", func=func, argument=argument,
                              problem=err.problem) from err
+
+
+# --------------------------------------------------------------------------------------------------
+# The option schema: every function's options declared once, as data, beside the spec function
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a dpkd function: its name, its default and which values are valid.
+
+    kind:
+        "real"      a finite real within the bounds (each exclusive unless ``*_inclusive``); None is also
+                    valid when the default is None (the normalizer);
+        "integer"   an integer, ≥ ``low`` when given;
+        "choice"    one of ``choices`` (a form, a reduction);
+        "flag"      True or False;
+        "instance"  an instance of ``cls`` (the objective's config).
+    requires: ``(other, value)``: a value other than the default only applies when the option ``other`` is
+        ``value`` (cDPO smoothing needs form="sigmoid"; a normalizer needs reduction="mean").
+    draw: the well-conditioned sub-range the conformance suite draws from (None: never drawn).
+    """
+
+    name: str
+    default: Any
+    kind: str = "real"
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = False
+    high_inclusive: bool = False
+    choices: tuple[Any, ...] = ()
+    cls: type | None = None
+    requires: tuple[str, Any] | None = None
+    draw: tuple[float, float] | None = None
+
+    def check(self, func: str, value: object, given: Mapping[str, Any]) -> Any:
+        """The validated value (a float for reals, an int for integers); raises naming this option."""
+        if self.kind == "choice":
+            out = check_choice(func, self.name, value, self.choices)
+        elif self.kind == "flag":
+            if not isinstance(value, bool) and not _is_numpy_bool(value):
+                fail(func, self.name, f"must be True or False, got {value!r}")
+            out = bool(value)  # type: ignore[arg-type]
+        elif self.kind == "instance":
+            check_instance(func, self.name, value, self.cls)  # type: ignore[arg-type]
+            out = value
+        elif self.kind == "integer":
+            out = check_int_scalar(func, self.name, value, low=None if self.low is None else int(self.low))
+        elif value is None and self.default is None:
+            out = None
+        else:
+            out = check_scalar(func, self.name, value, low=self.low, high=self.high,
+                               low_inclusive=self.low_inclusive, high_inclusive=self.high_inclusive)
+        if self.requires is not None and out != self.default:
+            other, needed = self.requires
+            actual = given.get(other, needed)
+            if actual != needed:
+                fail(func, self.name, f"only applies to {other}={needed!r}, got {other}={actual!r}")
+        return out
+
+    def invalid_values(self) -> tuple[Any, ...]:
+        """Values the bad-input battery passes; each must raise an error naming this option."""
+        if self.kind == "choice":
+            return ("not-a-" + self.name.rstrip("_"),)
+        if self.kind == "flag":
+            return ("yes",)
+        if self.kind == "instance":
+            return ("not-a-" + self.name,)
+        if self.kind == "integer":
+            return (1.5,)
+        out: list[Any] = []
+        if self.low is not None:
+            out.append(self.low - 0.25 if self.low_inclusive else self.low)
+        if self.high is not None:
+            out.append(self.high + 0.25 if self.high_inclusive else self.high)
+        return (*out, math.nan, math.inf)
+
+
+REDUCTIONS = ("none", "mean", "sum")
+
+BETA = Option("beta", 0.1, low=0.0, draw=(0.05, 3.0))
+LABEL_SMOOTHING = Option("label_smoothing", 0.0, low=0.0, high=0.5, low_inclusive=True, high_inclusive=True,
+                         draw=(0.05, 0.45))
+REFERENCE_FREE = Option("reference_free", False, kind="flag")
+REDUCTION = Option("reduction", "mean", kind="choice", choices=REDUCTIONS)
+NORMALIZER = Option("normalizer", None, low=0.0, requires=("reduction", "mean"), draw=(1.0, 40.0))
+TEMPERATURE = Option("temperature", 1.0, low=0.0, draw=(0.5, 3.0))
+IGNORE_INDEX = Option("ignore_index", -100, kind="integer")
+LAMBDA = Option("lambda_", 50.0, low=0.0, low_inclusive=True, draw=(0.0, 60.0))  # the DPOP weight
+
+#: The ``default`` of an option the caller must pass (keyword-only without a default: the objective's config).
+REQUIRED = inspect.Parameter.empty
+
+# keyword-only parameters that are arrays, not options
+_ARRAY_KEYWORDS = ("chosen_lengths", "rejected_lengths", "lengths")
+_SCHEMAS: dict[str, tuple[Option, ...]] = {}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def options(*declared: Option) -> Callable[[_F], _F]:
+    """Declare the options of a spec function, in its signature order (a decorator).
+
+    The declaration must name every keyword-only option of the function with its default; it is then what
+    ``check_options`` checks (in this backend and every other), and what the registry draws from."""
+
+    def register(fn: _F) -> _F:
+        params = inspect.signature(fn).parameters
+        keyword = [(n, p.default) for n, p in params.items()
+                   if p.kind is p.KEYWORD_ONLY and n not in _ARRAY_KEYWORDS]
+        if keyword != [(o.name, o.default) for o in declared]:
+            raise TypeError(f"options of {fn.__name__}: declared {[(o.name, o.default) for o in declared]}, "
+                            f"the signature has {keyword}")
+        _SCHEMAS[fn.__name__] = tuple(declared)
+        return fn
+
+    return register
+
+
+def options_of(func: str) -> tuple[Option, ...]:
+    """The declared options of ``func``. ``<f>_grad``, ``fused_<f>`` and ``vocab_parallel_<f>`` share
+    ``<f>``'s (a fused or vocab-parallel function takes a few more arguments of its own)."""
+    for name in (func, func.removesuffix("_grad"), func.removeprefix("fused_"), func.removeprefix("vocab_parallel_")):
+        if name in _SCHEMAS:
+            return _SCHEMAS[name]
+    raise KeyError(f"no options are declared for {func!r}")
+
+
+def check_options(func: str, /, **values: Any) -> dict[str, Any]:
+    """Check the options of one call of ``func`` against its declaration, in signature order.
+
+    Returns the validated values (reals as float, integers as int). An option not declared for ``func`` is a
+    programming error (TypeError), not bad input."""
+    schema = options_of(func)
+    unknown = sorted(set(values) - {o.name for o in schema})
+    if unknown:
+        raise TypeError(f"check_options: {func} declares no option {unknown}")
+    return {o.name: o.check(func, values[o.name], values) for o in schema if o.name in values}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,11 +294,6 @@ def check_scalar(
         fail(func, name, f"must be {op} {high}, got {v!r}")
     return v
 
-
-def check_label_smoothing_form(func: str, label_smoothing: float, form: str) -> None:
-    """cDPO label smoothing is defined for the sigmoid (Bradley–Terry) form only."""
-    if label_smoothing != 0.0 and form != "sigmoid":
-        fail(func, "label_smoothing", f"only applies to form='sigmoid', got form={form!r}")
 
 
 def check_instance(func: str, name: str, value: object, cls: type) -> None:
@@ -199,6 +342,19 @@ def check_no_lengths_when_summed(func: str, name: str, lengths: object) -> None:
     """IPO with length_normalize=False uses summed log-ratios: lengths would be silently unused."""
     if lengths is not None:
         fail(func, name, "must be None when length_normalize=False (summed log-ratios are used)")
+
+
+def check_length_normalize(func: str, length_normalize: bool, chosen_lengths: object, rejected_lengths: object
+                           ) -> None:
+    """An explicit ``length_normalize`` (IPO): True needs both lengths (with neither given, the first is
+    named), False refuses them (they would be silently unused)."""
+    if length_normalize:
+        if chosen_lengths is None and rejected_lengths is None:
+            require(func, "chosen_lengths", None)
+        check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    else:
+        for name, given in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+            check_no_lengths_when_summed(func, name, given)
 
 
 def check_shiftable(func: str, name: str, n_positions: int) -> None:
@@ -499,6 +655,14 @@ def _is_numpy_scalar(value: object) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(value, (np.floating, np.integer)) or (isinstance(value, np.ndarray) and value.ndim == 0)
+
+
+def _is_numpy_bool(value: object) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, np.bool_)
 
 
 def _is_numpy_integer(value: object) -> bool:

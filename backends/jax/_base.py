@@ -40,6 +40,7 @@ __all__ = [
     "emitting_checks",
     "value_check",
     "option",
+    "options",
     "require",
     "shape_of",
     "as_array",
@@ -59,7 +60,6 @@ __all__ = [
     "picked_log_softmax",
     "gather_last",
     "reduce_elements",
-    "normalizer_option",
     "token_denominator",
     "reduce_tokens",
     "scalar_out",
@@ -170,6 +170,12 @@ def option(func: str, name: str, x: Any) -> Any:
     if isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0:
         return x.item()
     return x
+
+
+def options(func: str, **values: Any) -> dict[str, Any]:
+    """The call's options read as Python values (``option``), then checked against the spec's declaration
+    (``dpkd.spec.validation.check_options``, signature order); returns the checked values."""
+    return v.check_options(func, **{name: option(func, name, x) for name, x in values.items()})
 
 
 def require(func: str, **arrays: Any) -> None:
@@ -287,10 +293,6 @@ def reduce_elements(losses: jax.Array, reduction: str) -> jax.Array:
         return jnp.sum(losses)
     return jnp.mean(losses)
 
-
-def normalizer_option(func: str, normalizer: object, reduction: str) -> float | None:
-    """``normalizer`` (the global loss-token count) as a Python float; a concrete 0-dim array is read."""
-    return v.check_normalizer_option(func, option(func, "normalizer", normalizer), reduction)
 
 
 def token_denominator(func: str, mask: jax.Array, normalizer: float | None, reduction: str, dtype: np.dtype,

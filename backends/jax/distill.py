@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from dpkd.spec import validation as v
 
-from . import _base as b
+from . import _base
 from .logps import label_inputs, picked_logps
 
 __all__ = ["cross_entropy", "forward_kl", "reverse_kl", "generalized_jsd", "akl", "first_token_divergence"]
@@ -41,7 +42,7 @@ def _reverse(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
     return _kl(log_q, log_p)
 
 
-def _jsd_piece(beta: float) -> Piece:
+def _jsd_piece(*, beta: float) -> Piece:
     if beta == 0.0:
         return _forward  # TRL's convention at the end points (a documented discontinuity)
     if beta == 1.0:
@@ -55,7 +56,7 @@ def _jsd_piece(beta: float) -> Piece:
     return piece
 
 
-def _akl_piece(mu: float) -> Piece:
+def _akl_piece(*, mu: float) -> Piece:
     def piece(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
         # The weights come from stop-gradient copies of p and q (official AKL code): constants for autograd.
         p = jnp.exp(jax.lax.stop_gradient(log_p))
@@ -81,18 +82,18 @@ def _akl_piece(mu: float) -> Piece:
 # The shared driver: options → logit_pair → per-position piece → masked reduction
 
 
-def _divergence(func: str, piece: Piece, student_logits: jax.Array, teacher_logits: jax.Array,
-                mask: jax.Array, temperature: object, normalizer: object, reduction: str) -> jax.Array:
-    tau = v.check_scalar(func, "temperature", b.option(func, "temperature", temperature), low=0.0)
-    normalizer = b.normalizer_option(func, normalizer, reduction)
-    pair = b.logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer,
-                        reduction=reduction, temperature=tau)
-    per_position = piece(b.log_softmax(pair.student), b.log_softmax(pair.teacher))
-    return b.reduce_tokens(per_position, pair.mask, reduction, pair.denominator)
+_SHARED = ("temperature", "normalizer", "reduction")
 
 
-def _reduction(func: str, reduction: object) -> str:
-    return v.check_reduction(func, b.option(func, "reduction", reduction))
+def _divergence(func: str, piece_of: Callable[..., Piece], student_logits: jax.Array, teacher_logits: jax.Array,
+                mask: jax.Array, **options: Any) -> jax.Array:
+    """The options (signature order), the log-softmax pair, then ``piece_of(**own options)`` per position."""
+    o = _base.options(func, **options)
+    pair = _base.logit_pair(func, student_logits, teacher_logits, mask, normalizer=o["normalizer"],
+                            reduction=o["reduction"], temperature=o["temperature"])
+    piece = piece_of(**{k: x for k, x in o.items() if k not in _SHARED})
+    per_position = piece(_base.log_softmax(pair.student), _base.log_softmax(pair.teacher))
+    return _base.reduce_tokens(per_position, pair.mask, o["reduction"], pair.denominator)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,14 +130,13 @@ def cross_entropy(
     See also: ``forward_kl``, ``token_logps``.
     """
     func = "cross_entropy"
-    reduction = _reduction(func, reduction)
-    ignore = v.check_int_scalar(func, "ignore_index", b.option(func, "ignore_index", ignore_index))
-    normalizer = b.normalizer_option(func, normalizer, reduction)
+    o = _base.options(func, ignore_index=ignore_index, normalizer=normalizer, reduction=reduction)
+    ignore, normalizer, reduction = o["ignore_index"], o["normalizer"], o["reduction"]
     inputs = label_inputs(func, logits, labels, ignore, presence=False)
-    dt = b.compute_dtype(inputs.logits)
+    dt = _base.compute_dtype(inputs.logits)
     mask = inputs.keep.astype(dt)
-    denominator = b.token_denominator(func, mask, normalizer, reduction, dt, mask_name="labels")
-    return b.reduce_tokens(-picked_logps(inputs), mask, reduction, denominator)
+    denominator = _base.token_denominator(func, mask, normalizer, reduction, dt, mask_name="labels")
+    return _base.reduce_tokens(-picked_logps(inputs), mask, reduction, denominator)
 
 
 def forward_kl(
@@ -171,8 +171,8 @@ def forward_kl(
     See also: ``reverse_kl``, ``generalized_jsd``, ``akl``, ``cross_entropy``.
     """
     func = "forward_kl"
-    reduction = _reduction(func, reduction)
-    return _divergence(func, _forward, student_logits, teacher_logits, mask, temperature, normalizer, reduction)
+    return _divergence(func, lambda: _forward, student_logits, teacher_logits, mask, temperature=temperature,
+                       normalizer=normalizer, reduction=reduction)
 
 
 def reverse_kl(
@@ -199,8 +199,8 @@ def reverse_kl(
     See also: ``forward_kl``, ``generalized_jsd``, ``akl``.
     """
     func = "reverse_kl"
-    reduction = _reduction(func, reduction)
-    return _divergence(func, _reverse, student_logits, teacher_logits, mask, temperature, normalizer, reduction)
+    return _divergence(func, lambda: _reverse, student_logits, teacher_logits, mask, temperature=temperature,
+                       normalizer=normalizer, reduction=reduction)
 
 
 def generalized_jsd(
@@ -233,11 +233,8 @@ def generalized_jsd(
     See also: ``forward_kl``, ``reverse_kl``.
     """
     func = "generalized_jsd"
-    reduction = _reduction(func, reduction)
-    beta = v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0, high=1.0, low_inclusive=True,
-                          high_inclusive=True)
-    return _divergence(func, _jsd_piece(beta), student_logits, teacher_logits, mask, temperature, normalizer,
-                       reduction)
+    return _divergence(func, _jsd_piece, student_logits, teacher_logits, mask, beta=beta, temperature=temperature,
+                       normalizer=normalizer, reduction=reduction)
 
 
 def akl(
@@ -273,10 +270,8 @@ def akl(
     See also: ``forward_kl``, ``reverse_kl``.
     """
     func = "akl"
-    reduction = _reduction(func, reduction)
-    mu = v.check_scalar(func, "mu", b.option(func, "mu", mu), low=0.0, high=1.0)
-    return _divergence(func, _akl_piece(mu), student_logits, teacher_logits, mask, temperature, normalizer,
-                       reduction)
+    return _divergence(func, _akl_piece, student_logits, teacher_logits, mask, mu=mu, temperature=temperature,
+                       normalizer=normalizer, reduction=reduction)
 
 
 def first_token_divergence(student_logits: jax.Array, teacher_logits: jax.Array) -> dict:
@@ -302,13 +297,13 @@ def first_token_divergence(student_logits: jax.Array, teacher_logits: jax.Array)
     See also: ``forward_kl``, ``reverse_kl``.
     """
     func = "first_token_divergence"
-    v.check_student_teacher_shapes(func, b.shape_of(student_logits), b.shape_of(teacher_logits), None,
+    v.check_student_teacher_shapes(func, _base.shape_of(student_logits), _base.shape_of(teacher_logits), None,
                                    min_ndim=1)
-    s = b.float_arg(func, "student_logits", student_logits)
-    t = b.float_arg(func, "teacher_logits", teacher_logits)
-    b.check_finite(func, "student_logits", s)
-    b.check_finite(func, "teacher_logits", t)
+    s = _base.float_arg(func, "student_logits", student_logits)
+    t = _base.float_arg(func, "teacher_logits", teacher_logits)
+    _base.check_finite(func, "student_logits", s)
+    _base.check_finite(func, "teacher_logits", t)
     v.check_nonempty_positions(func, "student_logits", s.shape)
-    dt = b.compute_dtype(s, t)
-    log_q, log_p = b.log_softmax(s.astype(dt)), b.log_softmax(t.astype(dt))
-    return {"kld": b.scalar_out(jnp.mean(_kl(log_p, log_q))), "rkld": b.scalar_out(jnp.mean(_kl(log_q, log_p)))}
+    dt = _base.compute_dtype(s, t)
+    log_q, log_p = _base.log_softmax(s.astype(dt)), _base.log_softmax(t.astype(dt))
+    return {"kld": _base.scalar_out(jnp.mean(_kl(log_p, log_q))), "rkld": _base.scalar_out(jnp.mean(_kl(log_q, log_p)))}

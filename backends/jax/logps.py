@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from dpkd.spec import validation as v
 
-from . import _base as b
+from . import _base
 
 __all__ = ["token_logps", "sequence_logps", "shift_for_causal_lm", "LabelInputs", "label_inputs",
            "picked_logps"]
@@ -32,13 +32,13 @@ def label_inputs(func: str, logits: Any, labels: Any, ignore_index: int, *, pres
     ``ignore_index`` has already been checked by the caller (options come first). ``presence=False``
     leaves a None to the shape check (the spec's ``cross_entropy`` has no separate presence check)."""
     if presence:
-        b.require(func, logits=logits, labels=labels)
-    v.check_logits_labels_shapes(func, b.shape_of(logits), b.shape_of(labels))
-    x = b.float_arg(func, "logits", logits)
-    lab = b.integer_arg(func, "labels", labels)
-    b.check_finite(func, "logits", x)
+        _base.require(func, logits=logits, labels=labels)
+    v.check_logits_labels_shapes(func, _base.shape_of(logits), _base.shape_of(labels))
+    x = _base.float_arg(func, "logits", logits)
+    lab = _base.integer_arg(func, "labels", labels)
+    _base.check_finite(func, "logits", x)
     vocab = x.shape[-1]
-    b.check_labels(func, "labels", lab, vocab, ignore_index)
+    _base.check_labels(func, "labels", lab, vocab, ignore_index)
     keep = lab != ignore_index
     # Ignored positions may hold any integer (usually -100): gather index 0 there and zero it afterwards.
     # Out-of-vocabulary labels only get this far under an unchecked jit; they are gathered at 0 too.
@@ -51,8 +51,8 @@ def picked_logps(inputs: LabelInputs) -> jax.Array:
 
     Gathered from the shifted logits (``_base.picked_log_softmax``): the full log-softmax is never
     materialised, and its gradient is e_{y_j} − softmax(ℓ_j)."""
-    x = inputs.logits.astype(b.compute_dtype(inputs.logits))
-    picked = b.picked_log_softmax(x, inputs.safe)
+    x = inputs.logits.astype(_base.compute_dtype(inputs.logits))
+    picked = _base.picked_log_softmax(x, inputs.safe)
     return jnp.where(inputs.keep, picked, jnp.zeros((), x.dtype))
 
 
@@ -85,7 +85,7 @@ def token_logps(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -10
     See also: ``sequence_logps``, ``shift_for_causal_lm``, ``dpkd.spec.token_logps``.
     """
     func = "token_logps"
-    ignore = v.check_int_scalar(func, "ignore_index", b.option(func, "ignore_index", ignore_index))
+    ignore = _base.options(func, ignore_index=ignore_index)["ignore_index"]
     return picked_logps(label_inputs(func, logits, labels, ignore))
 
 
@@ -117,9 +117,9 @@ def sequence_logps(
     See also: ``token_logps``, ``dpkd_loss`` (takes these sums and counts), ``dpkd.spec.sequence_logps``.
     """
     func = "sequence_logps"
-    ignore = v.check_int_scalar(func, "ignore_index", b.option(func, "ignore_index", ignore_index))
+    ignore = _base.options(func, ignore_index=ignore_index)["ignore_index"]
     inputs = label_inputs(func, logits, labels, ignore)
-    return jnp.sum(picked_logps(inputs), axis=-1), jnp.sum(inputs.keep, axis=-1, dtype=b.index_dtype())
+    return jnp.sum(picked_logps(inputs), axis=-1), jnp.sum(inputs.keep, axis=-1, dtype=_base.index_dtype())
 
 
 def shift_for_causal_lm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -146,8 +146,8 @@ def shift_for_causal_lm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     See also: ``token_logps``, ``sequence_logps``.
     """
     func = "shift_for_causal_lm"
-    b.require(func, logits=logits, labels=labels)
-    v.check_logits_labels_shapes(func, b.shape_of(logits), b.shape_of(labels))
-    lg, lb = b.as_array(logits), b.as_array(labels)
+    _base.require(func, logits=logits, labels=labels)
+    v.check_logits_labels_shapes(func, _base.shape_of(logits), _base.shape_of(labels))
+    lg, lb = _base.as_array(logits), _base.as_array(labels)
     v.check_shiftable(func, "logits", lg.shape[-2])
     return lg[..., :-1, :], lb[..., 1:]

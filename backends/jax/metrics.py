@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from dpkd.spec import validation as v
 
-from . import _base as b
+from . import _base
 from .sequence import LS, LT, A, B, C, D, _margin, _validate
 
 __all__ = ["implicit_reward", "preference_metrics"]
@@ -38,7 +38,7 @@ def implicit_reward(
     See also: ``dpkd_loss`` (its rewards), ``preference_metrics``.
     """
     func = "implicit_reward"
-    beta = v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0)
+    beta = _base.options(func, beta=beta)["beta"]
     x = _validate(func, {"policy_logps": policy_logps, "reference_logps": reference_logps, "lengths": lengths},
                   optional=("lengths",), lengths=("lengths",))
     ratio = x["policy_logps"] - x["reference_logps"]
@@ -80,7 +80,7 @@ def preference_metrics(
     See also: ``dpkd_loss``, ``implicit_reward``.
     """
     func = "preference_metrics"
-    beta = v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0)
+    beta = _base.options(func, beta=beta)["beta"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
                          D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
@@ -96,4 +96,4 @@ def preference_metrics(
         "logps/chosen": jnp.mean(x[A]),
         "logps/rejected": jnp.mean(x[B]),
     }
-    return {k: b.scalar_out(jax.lax.stop_gradient(val)) for k, val in values.items()}
+    return {k: _base.scalar_out(jax.lax.stop_gradient(val)) for k, val in values.items()}

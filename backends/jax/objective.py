@@ -15,7 +15,7 @@ import jax
 from dpkd.spec import validation as v
 from dpkd.spec.objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
 
-from . import _base as b
+from . import _base
 
 __all__ = ["ObjectiveConfig", "objective", "PAPER_OBJECTIVE", "RELEASED_OBJECTIVE", "DISTIL_ONLY"]
 
@@ -57,19 +57,19 @@ def objective(
     See also: ``ObjectiveConfig``, ``dpkd.spec.objective_grad``.
     """
     func = "objective"
-    v.check_instance(func, "config", config, ObjectiveConfig)
+    _base.options(func, config=config)
     coef = config.coefficients()
     losses: dict[str, Any] = {"sft_loss": sft_loss, "distil_loss": distil_loss, "pt_lm_loss": pt_lm_loss,
                               "pt_kd_loss": pt_kd_loss}
     for name in _TERMS:
         if losses[name] is None and coef[name] != 0.0:
-            b.require(func, **{name: None})
+            _base.require(func, **{name: None})
     given = {name: x for name, x in losses.items() if x is not None}
-    v.check_same_shape(func, {name: b.shape_of(x) for name, x in given.items()})
-    arrays = {name: b.float_arg(func, name, x) for name, x in given.items()}
+    v.check_same_shape(func, {name: _base.shape_of(x) for name, x in given.items()})
+    arrays = {name: _base.float_arg(func, name, x) for name, x in given.items()}
     for name, x in arrays.items():
-        b.check_finite(func, name, x)
-    dt = b.compute_dtype(*arrays.values())
+        _base.check_finite(func, name, x)
+    dt = _base.compute_dtype(*arrays.values())
     total = None
     for name, x in arrays.items():
         # a zero-weight term is skipped, not multiplied (no IEEE −0.0, no gradient path)

@@ -25,14 +25,14 @@ import jax
 import jax.numpy as jnp
 from dpkd.spec import validation as v
 from dpkd.spec.results import PreferenceLoss
+from dpkd.spec.sequence import DPOP_FORMS
 
-from . import _base as b
+from . import _base
 
 __all__ = ["dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss", "DPOP_FORMS"]
 
 A, B, C, D = "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps"
 LT, LS = "chosen_lengths", "rejected_lengths"
-DPOP_FORMS = ("smaug", "released")
 
 Arrays = dict[str, jax.Array | None]
 
@@ -52,20 +52,20 @@ def _validate(func: str, arrays: dict[str, Any], *, optional: tuple[str, ...] = 
         if name not in optional:
             v.require(func, name, x)
     given = {name: x for name, x in arrays.items() if x is not None}
-    shape = v.check_same_shape(func, {name: b.shape_of(x) for name, x in given.items()})
+    shape = v.check_same_shape(func, {name: _base.shape_of(x) for name, x in given.items()})
     out: Arrays = {name: None for name in arrays}
     for name, x in given.items():
-        out[name] = b.float_arg(func, name, x)
+        out[name] = _base.float_arg(func, name, x)
     for name, x in out.items():
-        b.check_finite(func, name, x)
+        _base.check_finite(func, name, x)
     for name in lengths:
-        b.check_positive(func, name, out[name])
+        _base.check_positive(func, name, out[name])
     if reduction == "mean":
         size = 1
         for n in shape:
             size *= n
         v.check_nonempty(func, next(iter(given)), float(size))
-    dt = b.compute_dtype(*out.values())
+    dt = _base.compute_dtype(*out.values())
     return {name: None if x is None else x.astype(dt) for name, x in out.items()}
 
 
@@ -82,21 +82,8 @@ def _margin(x: Arrays, *, reference: bool = True, normalize: bool = False) -> tu
 def _result(losses: jax.Array, chosen: jax.Array, rejected: jax.Array, scale: float,
             reduction: str) -> PreferenceLoss:
     """Reduce the per-element losses; rewards = scale·r (β or τ), per element, detached."""
-    return PreferenceLoss(b.reduce_elements(losses, reduction), jax.lax.stop_gradient(scale * chosen),
+    return PreferenceLoss(_base.reduce_elements(losses, reduction), jax.lax.stop_gradient(scale * chosen),
                           jax.lax.stop_gradient(scale * rejected))
-
-
-def _beta(func: str, beta: object) -> float:
-    return v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0)
-
-
-def _smoothing(func: str, label_smoothing: object) -> float:
-    return v.check_scalar(func, "label_smoothing", b.option(func, "label_smoothing", label_smoothing),
-                          low=0.0, high=0.5, low_inclusive=True, high_inclusive=True)
-
-
-def _reduction(func: str, reduction: object) -> str:
-    return v.check_reduction(func, b.option(func, "reduction", reduction))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,16 +141,16 @@ def dpkd_loss(
     See also: ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss``, ``dpkd.spec.dpkd_loss_grad``.
     """
     func = "dpkd_loss"
-    reduction = _reduction(func, reduction)
-    beta = _beta(func, beta)
-    eps = _smoothing(func, label_smoothing)
+    o = _base.options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free,
+                      reduction=reduction)
+    beta, eps, reference_free, reduction = o["beta"], o["label_smoothing"], o["reference_free"], o["reduction"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
                          D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
                   optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
                   reduction=reduction)
     chosen, rejected = _margin(x, reference=not reference_free, normalize=normalize)
-    losses = b.smoothed_sigmoid_loss(beta * (chosen - rejected), eps)
+    losses = _base.smoothed_sigmoid_loss(beta * (chosen - rejected), eps)
     return _result(losses, chosen, rejected, beta, reduction)
 
 
@@ -211,17 +198,9 @@ def ipo_loss(
     See also: ``dpkd_loss``, ``dpkd_token_loss`` (form="ipo").
     """
     func = "ipo_loss"
-    reduction = _reduction(func, reduction)
-    tau = v.check_scalar(func, "tau", b.option(func, "tau", tau), low=0.0)
-    normalize = bool(b.option(func, "length_normalize", length_normalize))
-    if normalize:
-        # both lengths are needed; with neither given, the first missing one is named
-        if chosen_lengths is None and rejected_lengths is None:
-            v.require(func, LT, None)
-        v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    else:
-        for name, given in ((LT, chosen_lengths), (LS, rejected_lengths)):
-            v.check_no_lengths_when_summed(func, name, given)
+    o = _base.options(func, tau=tau, length_normalize=length_normalize, reduction=reduction)
+    tau, normalize, reduction = o["tau"], o["length_normalize"], o["reduction"]
+    v.check_length_normalize(func, normalize, chosen_lengths, rejected_lengths)
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
                          D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
                   optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
@@ -268,16 +247,13 @@ def cpo_loss(
     See also: ``simpo_loss``, ``dpkd_loss`` (reference_free=True).
     """
     func = "cpo_loss"
-    reduction = _reduction(func, reduction)
-    beta = _beta(func, beta)
-    w = v.check_scalar(func, "nll_weight", b.option(func, "nll_weight", nll_weight), low=0.0,
-                       low_inclusive=True)
-    eps = _smoothing(func, label_smoothing)
+    o = _base.options(func, beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
+    beta, w, eps, reduction = o["beta"], o["nll_weight"], o["label_smoothing"], o["reduction"]
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths},
                   optional=(LT,), lengths=(LT,), reduction=reduction)
     a, rejected = x[A], x[B]
     nll = -a if x[LT] is None else -a / x[LT]
-    losses = b.smoothed_sigmoid_loss(beta * (a - rejected), eps) + w * nll
+    losses = _base.smoothed_sigmoid_loss(beta * (a - rejected), eps) + w * nll
     return _result(losses, a, rejected, beta, reduction)
 
 
@@ -321,14 +297,12 @@ def simpo_loss(
     See also: ``cpo_loss``, ``dpkd_loss``.
     """
     func = "simpo_loss"
-    reduction = _reduction(func, reduction)
-    beta = _beta(func, beta)
-    gamma = v.check_scalar(func, "gamma", b.option(func, "gamma", gamma))
-    eps = _smoothing(func, label_smoothing)
+    o = _base.options(func, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
+    beta, gamma, eps, reduction = o["beta"], o["gamma"], o["label_smoothing"], o["reduction"]
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths,
                          LS: rejected_lengths}, lengths=(LT, LS), reduction=reduction)
     chosen, rejected = _margin(x, reference=False, normalize=True)
-    losses = b.smoothed_sigmoid_loss(beta * (chosen - rejected) - gamma, eps)
+    losses = _base.smoothed_sigmoid_loss(beta * (chosen - rejected) - gamma, eps)
     return _result(losses, chosen, rejected, beta, reduction)
 
 
@@ -374,10 +348,8 @@ def dpop_loss(
     See also: ``dpkd_loss``, ``dpkd_token_loss`` (form="dpop").
     """
     func = "dpop_loss"
-    reduction = _reduction(func, reduction)
-    form = v.check_choice(func, "form", b.option(func, "form", form), DPOP_FORMS)
-    beta = _beta(func, beta)
-    lam = v.check_scalar(func, "lambda_", b.option(func, "lambda_", lambda_), low=0.0, low_inclusive=True)
+    o = _base.options(func, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
+    beta, lam, form, reduction = o["beta"], o["lambda_"], o["form"], o["reduction"]
     x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
                          D: reference_rejected_logps}, reduction=reduction)
     chosen, rejected = _margin(x)
@@ -385,7 +357,7 @@ def dpop_loss(
     penalty = jnp.where(c > a, c - a, jnp.zeros((), a.dtype))
     h = chosen - rejected
     if form == "smaug":
-        losses = b.softplus(-beta * (h - lam * penalty))
+        losses = _base.softplus(-beta * (h - lam * penalty))
     else:
-        losses = b.softplus(-beta * h) + lam * penalty
+        losses = _base.softplus(-beta * h) + lam * penalty
     return _result(losses, chosen, rejected, beta, reduction)

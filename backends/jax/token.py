@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from dpkd.spec import validation as v
 from dpkd.spec.results import TokenPreferenceLoss
+from dpkd.spec.token import FORMS
 
-from . import _base as b
+from . import _base
 
 __all__ = ["dpkd_token_loss", "FORMS"]
 
-FORMS = ("sigmoid", "ipo", "dpop")
 
 
 def dpkd_token_loss(
@@ -69,39 +68,34 @@ def dpkd_token_loss(
     See also: ``dpkd_loss`` (sequence level), ``forward_kl``, ``dpkd.spec.dpkd_token_loss_grad``.
     """
     func = "dpkd_token_loss"
-    reduction = v.check_reduction(func, b.option(func, "reduction", reduction))
-    form = v.check_choice(func, "form", b.option(func, "form", form), FORMS)
-    beta = v.check_scalar(func, "beta", b.option(func, "beta", beta), low=0.0)
-    eps = v.check_scalar(func, "label_smoothing", b.option(func, "label_smoothing", label_smoothing),
-                         low=0.0, high=0.5, low_inclusive=True, high_inclusive=True)
-    v.check_label_smoothing_form(func, eps, form)
-    lam = v.check_scalar(func, "lambda_", b.option(func, "lambda_", lambda_), low=0.0, low_inclusive=True)
-    normalizer = b.normalizer_option(func, normalizer, reduction)
-    reference_free = bool(b.option(func, "reference_free", reference_free))
-    pair = b.logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction)
+    o = _base.options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,
+                      lambda_=lambda_, normalizer=normalizer, reduction=reduction)
+    beta, form, eps, reference_free = o["beta"], o["form"], o["label_smoothing"], o["reference_free"]
+    lam, normalizer, reduction = o["lambda_"], o["normalizer"], o["reduction"]
+    pair = _base.logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction)
     s, t, m = pair.student, pair.teacher, pair.mask
 
     # argmax is piecewise constant: no gradient flows through the choice of tokens
     y_t = jnp.argmax(jax.lax.stop_gradient(t), axis=-1)
     y_s = jnp.argmax(jax.lax.stop_gradient(s), axis=-1)
-    s_t, s_s = b.gather_last(s, y_t), b.gather_last(s, y_s)
-    t_t, t_s = b.gather_last(t, y_t), b.gather_last(t, y_s)
+    s_t, s_s = _base.gather_last(s, y_t), _base.gather_last(s, y_s)
+    t_t, t_s = _base.gather_last(t, y_t), _base.gather_last(t, y_s)
     h = s_t - s_s if reference_free else (s_t - s_s) - (t_t - t_s)
     # a, b, c, d from the max-shifted logits (accurate for ±1e4 logits, see _base.shifted_normalizer)
-    (ms, zs), (mt, zt) = b.shifted_normalizer(s), b.shifted_normalizer(t)
+    (ms, zs), (mt, zt) = _base.shifted_normalizer(s), _base.shifted_normalizer(t)
     ms, zs, mt, zt = ms[..., 0], zs[..., 0], mt[..., 0], zt[..., 0]
-    a, bb = (s_t - ms) - zs, (s_s - ms) - zs
+    a, b = (s_t - ms) - zs, (s_s - ms) - zs
     c, d = (t_t - mt) - zt, (t_s - mt) - zt
 
     if form == "ipo":
         per_token = jnp.square(h - 1.0 / (2.0 * beta))
     elif form == "dpop":
-        per_token = b.softplus(-beta * h) + lam * jnp.where(c > a, c - a, jnp.zeros((), h.dtype))
+        per_token = _base.softplus(-beta * h) + lam * jnp.where(c > a, c - a, jnp.zeros((), h.dtype))
     else:
-        per_token = b.smoothed_sigmoid_loss(beta * h, eps)
+        per_token = _base.smoothed_sigmoid_loss(beta * h, eps)
 
-    loss = b.reduce_tokens(per_token, m, reduction, pair.denominator)
+    loss = _base.reduce_tokens(per_token, m, reduction, pair.denominator)
     agreement = jnp.sum(m * (y_t == y_s)) / jnp.maximum(jnp.sum(m), 1.0)
     chosen = jax.lax.stop_gradient(beta * (a - c) * m)
-    rejected = jax.lax.stop_gradient(beta * (bb - d) * m)
+    rejected = jax.lax.stop_gradient(beta * (b - d) * m)
     return TokenPreferenceLoss(loss, agreement, chosen, rejected)

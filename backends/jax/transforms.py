@@ -26,37 +26,24 @@ from typing import Any
 
 import jax
 import numpy as np
-from dpkd.spec.validation import DPKDInputError
+from dpkd.spec.validation import DPKDInputError, options_of
 from jax.experimental import checkify
 
-from . import _base as b
+from . import _base
 
 __all__ = ["STATIC_ARGNAMES", "jit", "checked", "throw"]
 
-_DIVERGENCE = ("temperature", "normalizer", "reduction")
+def _static_argnames() -> dict[str, tuple[str, ...]]:
+    """Every public function's options: its declared keyword-only non-array parameters (the spec declares
+    them once beside each function and checks the declaration against the signature)."""
+    import dpkd.spec as spec
+
+    names = [n for n in spec.__all__ if n[0].islower() and callable(getattr(spec, n)) and not n.endswith("_grad")]
+    return {name: tuple(o.name for o in options_of(name)) for name in names}
+
 
 #: The keyword arguments of each function that are static under ``jax.jit`` (all its non-array options).
-STATIC_ARGNAMES: dict[str, tuple[str, ...]] = {
-    "token_logps": ("ignore_index",),
-    "sequence_logps": ("ignore_index",),
-    "shift_for_causal_lm": (),
-    "dpkd_loss": ("beta", "label_smoothing", "reference_free", "reduction"),
-    "ipo_loss": ("tau", "length_normalize", "reduction"),
-    "cpo_loss": ("beta", "nll_weight", "label_smoothing", "reduction"),
-    "simpo_loss": ("beta", "gamma", "label_smoothing", "reduction"),
-    "dpop_loss": ("beta", "lambda_", "form", "reduction"),
-    "dpkd_token_loss": ("beta", "form", "label_smoothing", "reference_free", "lambda_", "normalizer",
-                        "reduction"),
-    "cross_entropy": ("ignore_index", "normalizer", "reduction"),
-    "forward_kl": _DIVERGENCE,
-    "reverse_kl": _DIVERGENCE,
-    "generalized_jsd": ("beta",) + _DIVERGENCE,
-    "akl": ("mu",) + _DIVERGENCE,
-    "implicit_reward": ("beta",),
-    "preference_metrics": ("beta",),
-    "first_token_divergence": (),
-    "objective": ("config",),
-}
+STATIC_ARGNAMES: dict[str, tuple[str, ...]] = _static_argnames()
 
 
 def jit(fn: Callable[..., Any], **jit_kwargs: Any) -> Callable[..., Any]:
@@ -108,7 +95,7 @@ def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
         arrays = {k: x for k, x in kwargs.items() if _is_array(x)}
 
         def run(*a: Any, **kw: Any) -> Any:
-            with b.emitting_checks():
+            with _base.emitting_checks():
                 return fn(*a, **kw, **options)
 
         return checkify.checkify(run, errors=checkify.user_checks)(*args, **arrays)

@@ -44,7 +44,7 @@ __all__ = [
     "gather_last",
     "reduce_elements",
     "mask_as_float",
-    "normalizer_option",
+    "options",
     "token_denominator",
     "reduce_tokens",
     "sequence_inputs",
@@ -258,12 +258,14 @@ def mask_as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def normalizer_option(func: str, normalizer: object, reduction: str) -> float | None:
-    """``normalizer`` as a Python float (the global loss-token count); a 0-dim tensor, as Hugging Face's
-    ``num_items_in_batch`` often is, is read eagerly (under tracing pass a Python number)."""
+def options(func: str, **values: Any) -> dict[str, Any]:
+    """The call's options checked against the spec's declaration (``dpkd.spec.validation.check_options``,
+    signature order); returns the checked values. A 0-dim tensor ``normalizer``, as Hugging Face's
+    ``num_items_in_batch`` often is, is read eagerly first (under tracing pass a Python number)."""
+    normalizer = values.get("normalizer")
     if isinstance(normalizer, torch.Tensor) and normalizer.ndim == 0 and not tracing():
-        normalizer = normalizer.item()
-    return v.check_normalizer_option(func, normalizer, reduction)
+        values["normalizer"] = normalizer.item()
+    return v.check_options(func, **values)
 
 
 def token_denominator(

@@ -11,28 +11,16 @@ from __future__ import annotations
 import math
 
 import torch
-from dpkd.spec import validation as v
 
-from ._base import kl_divergence, normalizer_option, reduce_tokens, student_teacher_inputs
+from ._base import kl_divergence, options, reduce_tokens, student_teacher_inputs
 from .logps import _token_logps
 
 __all__ = ["cross_entropy", "forward_kl", "reverse_kl", "generalized_jsd", "akl"]
 
 
-def _divergence_options(func: str, reduction: str, temperature: float, **own: float) -> None:
-    """The contract's option order: reduction, the loss's own scalar (JSD β, AKL μ), temperature."""
-    v.check_reduction(func, reduction)
-    if "beta" in own:
-        v.check_scalar(func, "beta", own["beta"], low=0.0, high=1.0, low_inclusive=True, high_inclusive=True)
-    if "mu" in own:
-        v.check_scalar(func, "mu", own["mu"], low=0.0, high=1.0)
-    v.check_scalar(func, "temperature", temperature, low=0.0)
-
-
 def _tempered(func: str, student_logits, teacher_logits, mask, temperature, normalizer, reduction, **own):
-    """Options, then validated inputs and log q, log p at temperature τ."""
-    _divergence_options(func, reduction, temperature, **own)
-    normalizer = normalizer_option(func, normalizer, reduction)
+    """Options (signature order), then validated inputs and log q, log p at temperature τ."""
+    normalizer = options(func, **own, temperature=temperature, normalizer=normalizer, reduction=reduction)["normalizer"]
     x = student_teacher_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer,
                                reduction=reduction)
     log_q = torch.log_softmax(x.student / temperature, dim=-1)
@@ -62,8 +50,8 @@ def cross_entropy(
     See also: ``token_logps``, ``forward_kl``, ``dpkd.spec.cross_entropy``.
     """
     func = "cross_entropy"
-    ignore = _cross_entropy_options(func, ignore_index, reduction)
-    normalizer = normalizer_option(func, normalizer, reduction)
+    o = options(func, ignore_index=ignore_index, normalizer=normalizer, reduction=reduction)
+    ignore, normalizer = o["ignore_index"], o["normalizer"]
     per_token, keep = _token_logps(func, logits, labels, ignore, presence=False,
                                    require_tokens=(reduction == "mean" and normalizer is None))
     if reduction == "none":
@@ -74,9 +62,6 @@ def cross_entropy(
     return total / (normalizer if normalizer is not None else keep.sum().to(per_token.dtype))
 
 
-def _cross_entropy_options(func: str, ignore_index: int, reduction: str) -> int:
-    v.check_reduction(func, reduction)
-    return v.check_int_scalar(func, "ignore_index", ignore_index)
 
 
 def forward_kl(

@@ -87,7 +87,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int
     See also: ``sequence_logps``, ``shift_for_causal_lm``, ``dpkd.spec.token_logps``.
     """
     func = "token_logps"
-    return _token_logps(func, logits, labels, v.check_int_scalar(func, "ignore_index", ignore_index))[0]
+    return _token_logps(func, logits, labels, v.check_options(func, ignore_index=ignore_index)["ignore_index"])[0]
 
 
 def sequence_logps(
@@ -118,7 +118,8 @@ def sequence_logps(
     See also: ``token_logps``, ``dpkd_loss`` (takes these sums and counts as lengths).
     """
     func = "sequence_logps"
-    per_token, keep = _token_logps(func, logits, labels, v.check_int_scalar(func, "ignore_index", ignore_index))
+    ignore = v.check_options(func, ignore_index=ignore_index)["ignore_index"]
+    per_token, keep = _token_logps(func, logits, labels, ignore)
     return per_token.sum(dim=-1), keep.sum(dim=-1, dtype=torch.int64)
 
 

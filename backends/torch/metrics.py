@@ -41,7 +41,7 @@ def implicit_reward(
     See also: ``preference_metrics``, ``dpkd.spec.implicit_reward``.
     """
     func = "implicit_reward"
-    v.check_scalar(func, "beta", beta, low=0.0)
+    v.check_options(func, beta=beta)
     t = sequence_inputs(func, {"policy_logps": policy_logps, "reference_logps": reference_logps,
                                "lengths": lengths}, optional=("lengths",), lengths=("lengths",))
     r = t["policy_logps"] - t["reference_logps"]
@@ -78,7 +78,7 @@ def preference_metrics(
     See also: ``dpkd_loss``, ``implicit_reward``, ``dpkd.spec.preference_metrics``.
     """
     func = "preference_metrics"
-    v.check_scalar(func, "beta", beta, low=0.0)
+    v.check_options(func, beta=beta)
     v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     names = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps",
              "chosen_lengths", "rejected_lengths")

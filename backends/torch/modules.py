@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from dpkd.spec import validation as v
 from torch import nn
 
 from . import distill, sequence, token
@@ -38,17 +39,17 @@ __all__ = [
 
 
 class _ConfiguredLoss(nn.Module):
-    """A functional loss with its options bound; subclasses name the function and the option check."""
+    """A functional loss with its options bound; subclasses name the function and its options.
+
+    The options are checked at construction against the spec's declaration of the function (the message
+    names the function: ``dpkd_loss: `beta` must be > 0.0, got -1.0``)."""
 
     _function: Callable[..., Any]
 
     def __init__(self, **options: Any):
         super().__init__()
-        self._check(**options)
+        v.check_options(type(self)._function.__name__, **options)
         self.options = options
-
-    def _check(self, **options: Any) -> None:  # overridden: raise DPKDInputError on a bad option
-        raise NotImplementedError
 
     def forward(self, *arrays: Any, **per_call: Any) -> Any:
         return type(self)._function(*arrays, **self.options, **per_call)
@@ -67,9 +68,6 @@ class DPKDLoss(_ConfiguredLoss):
         super().__init__(beta=beta, label_smoothing=label_smoothing, reference_free=reference_free,
                          reduction=reduction)
 
-    def _check(self, *, beta, label_smoothing, reference_free, reduction):
-        sequence._dpkd_options("dpkd_loss", beta, label_smoothing, reduction)
-
 
 class IPOLoss(_ConfiguredLoss):
     """IPO (``ipo_loss``): forward(a, b, c, d, chosen_lengths=..., rejected_lengths=...)."""
@@ -78,10 +76,6 @@ class IPOLoss(_ConfiguredLoss):
 
     def __init__(self, *, tau: float = 0.1, length_normalize: bool = True, reduction: str = "mean"):
         super().__init__(tau=tau, length_normalize=length_normalize, reduction=reduction)
-
-    def _check(self, *, tau, length_normalize, reduction):
-        # the lengths arrive per call, so the length rules are checked by ``ipo_loss`` itself
-        sequence._ipo_options("ipo_loss", tau, reduction, None, None, False)
 
 
 class CPOLoss(_ConfiguredLoss):
@@ -93,9 +87,6 @@ class CPOLoss(_ConfiguredLoss):
                  reduction: str = "mean"):
         super().__init__(beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
 
-    def _check(self, *, beta, nll_weight, label_smoothing, reduction):
-        sequence._cpo_options("cpo_loss", beta, nll_weight, label_smoothing, reduction)
-
 
 class SimPOLoss(_ConfiguredLoss):
     """SimPO (``simpo_loss``): forward(a, b, chosen_lengths=..., rejected_lengths=...). No NLL term."""
@@ -106,9 +97,6 @@ class SimPOLoss(_ConfiguredLoss):
                  reduction: str = "mean"):
         super().__init__(beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
 
-    def _check(self, *, beta, gamma, label_smoothing, reduction):
-        sequence._simpo_options("simpo_loss", beta, gamma, label_smoothing, reduction)
-
 
 class DPOPLoss(_ConfiguredLoss):
     """DPOP (``dpop_loss``), form "smaug" or "released": forward(a, b, c, d)."""
@@ -117,9 +105,6 @@ class DPOPLoss(_ConfiguredLoss):
 
     def __init__(self, *, beta: float = 0.1, lambda_: float = 50.0, form: str = "smaug", reduction: str = "mean"):
         super().__init__(beta=beta, lambda_=lambda_, form=form, reduction=reduction)
-
-    def _check(self, *, beta, lambda_, form, reduction):
-        sequence._dpop_options("dpop_loss", beta, lambda_, form, reduction)
 
 
 class DPKDTokenLoss(_ConfiguredLoss):
@@ -132,9 +117,6 @@ class DPKDTokenLoss(_ConfiguredLoss):
         super().__init__(beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,
                          lambda_=lambda_, reduction=reduction)
 
-    def _check(self, *, beta, form, label_smoothing, reference_free, lambda_, reduction):
-        token._token_options("dpkd_token_loss", beta, form, label_smoothing, lambda_, reduction)
-
 
 class CrossEntropyLoss(_ConfiguredLoss):
     """SFT cross-entropy (``cross_entropy``): forward(logits, labels, normalizer=None)."""
@@ -143,9 +125,6 @@ class CrossEntropyLoss(_ConfiguredLoss):
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__(ignore_index=ignore_index, reduction=reduction)
-
-    def _check(self, *, ignore_index, reduction):
-        distill._cross_entropy_options("cross_entropy", ignore_index, reduction)
 
 
 class ForwardKL(_ConfiguredLoss):
@@ -156,9 +135,6 @@ class ForwardKL(_ConfiguredLoss):
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean"):
         super().__init__(temperature=temperature, reduction=reduction)
 
-    def _check(self, *, temperature, reduction):
-        distill._divergence_options("forward_kl", reduction, temperature)
-
 
 class ReverseKL(_ConfiguredLoss):
     """Reverse KL(q‖p) (``reverse_kl``): forward(student_logits, teacher_logits, mask, normalizer=None)."""
@@ -167,9 +143,6 @@ class ReverseKL(_ConfiguredLoss):
 
     def __init__(self, *, temperature: float = 1.0, reduction: str = "mean"):
         super().__init__(temperature=temperature, reduction=reduction)
-
-    def _check(self, *, temperature, reduction):
-        distill._divergence_options("reverse_kl", reduction, temperature)
 
 
 class GeneralizedJSD(_ConfiguredLoss):
@@ -180,9 +153,6 @@ class GeneralizedJSD(_ConfiguredLoss):
     def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "mean"):
         super().__init__(beta=beta, temperature=temperature, reduction=reduction)
 
-    def _check(self, *, beta, temperature, reduction):
-        distill._divergence_options("generalized_jsd", reduction, temperature, beta=beta)
-
 
 class AKL(_ConfiguredLoss):
     """Adaptive KL (``akl``): forward(student_logits, teacher_logits, mask, normalizer=None)."""
@@ -191,6 +161,3 @@ class AKL(_ConfiguredLoss):
 
     def __init__(self, *, mu: float = 0.5, temperature: float = 1.0, reduction: str = "mean"):
         super().__init__(mu=mu, temperature=temperature, reduction=reduction)
-
-    def _check(self, *, mu, temperature, reduction):
-        distill._divergence_options("akl", reduction, temperature, mu=mu)

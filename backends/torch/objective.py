@@ -49,7 +49,7 @@ def objective(
     See also: ``dpkd.spec.objective``, ``ObjectiveConfig``.
     """
     func = "objective"
-    v.check_instance(func, "config", config, ObjectiveConfig)
+    v.check_options(func, config=config)
     coef = config.coefficients()
     losses = {"sft_loss": sft_loss, "distil_loss": distil_loss, "pt_lm_loss": pt_lm_loss, "pt_kd_loss": pt_kd_loss}
     for name, x in losses.items():

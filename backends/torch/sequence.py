@@ -18,16 +18,18 @@ from typing import Any
 import torch
 from dpkd.spec import validation as v
 from dpkd.spec.results import PreferenceLoss
+from dpkd.spec.sequence import DPOP_FORMS
 
 from ._base import (
     hinge,
+    options,
     reduce_elements,
     sequence_inputs,
     smoothed_sigmoid_loss,
     softplus,
 )
 
-__all__ = ["dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss"]
+__all__ = ["DPOP_FORMS", "dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss"]
 
 _LOGPS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
 _LENGTHS = ("chosen_lengths", "rejected_lengths")
@@ -93,7 +95,7 @@ def dpkd_loss(
     See also: ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss``, ``DPKDLoss``, ``dpkd.spec.dpkd_loss``.
     """
     func = "dpkd_loss"
-    _dpkd_options(func, beta, label_smoothing, reduction)
+    options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free, reduction=reduction)
     with_lengths = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
     t = _prepare(func, dict(zip(_LOGPS + _LENGTHS, (
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -106,12 +108,6 @@ def dpkd_loss(
     losses = smoothed_sigmoid_loss(beta * (chosen - rejected), label_smoothing)
     return _finish(losses, beta * chosen, beta * rejected, reduction)
 
-
-def _dpkd_options(func: str, beta: float, label_smoothing: float, reduction: str) -> None:
-    v.check_reduction(func, reduction)
-    v.check_scalar(func, "beta", beta, low=0.0)
-    v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
-                   high_inclusive=True)
 
 
 def ipo_loss(
@@ -147,7 +143,8 @@ def ipo_loss(
     See also: ``dpkd_loss``, ``IPOLoss``, ``dpkd.spec.ipo_loss``.
     """
     func = "ipo_loss"
-    _ipo_options(func, tau, reduction, chosen_lengths, rejected_lengths, length_normalize)
+    o = options(func, tau=tau, length_normalize=length_normalize, reduction=reduction)
+    v.check_length_normalize(func, o["length_normalize"], chosen_lengths, rejected_lengths)
     t = _prepare(func, dict(zip(_LOGPS + _LENGTHS, (
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
         chosen_lengths, rejected_lengths))), optional=_LENGTHS, reduction=reduction)
@@ -156,19 +153,6 @@ def ipo_loss(
     losses = (chosen - rejected - 1.0 / (2.0 * tau)) ** 2
     return _finish(losses, tau * chosen, tau * rejected, reduction)
 
-
-def _ipo_options(func: str, tau: float, reduction: str, chosen_lengths: object, rejected_lengths: object,
-                 length_normalize: bool) -> None:
-    v.check_reduction(func, reduction)
-    v.check_scalar(func, "tau", tau, low=0.0)
-    if length_normalize:
-        # both lengths are needed (TRL's length-averaged IPO); with neither given the first is named
-        if chosen_lengths is None and rejected_lengths is None:
-            v.require(func, "chosen_lengths", None)
-        v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    else:
-        for name, given in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-            v.check_no_lengths_when_summed(func, name, given)
 
 
 def cpo_loss(
@@ -199,7 +183,7 @@ def cpo_loss(
     See also: ``simpo_loss``, ``CPOLoss``, ``dpkd.spec.cpo_loss``.
     """
     func = "cpo_loss"
-    _cpo_options(func, beta, nll_weight, label_smoothing, reduction)
+    options(func, beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
     t = _prepare(func, {_LOGPS[0]: policy_chosen_logps, _LOGPS[1]: policy_rejected_logps,
                         "chosen_lengths": chosen_lengths}, optional=("chosen_lengths",), reduction=reduction)
     a, b = t[_LOGPS[0]], t[_LOGPS[1]]
@@ -208,13 +192,6 @@ def cpo_loss(
     losses = smoothed_sigmoid_loss(chosen - rejected, label_smoothing) + nll_weight * nll
     return _finish(losses, chosen, rejected, reduction)
 
-
-def _cpo_options(func: str, beta: float, nll_weight: float, label_smoothing: float, reduction: str) -> None:
-    v.check_reduction(func, reduction)
-    v.check_scalar(func, "beta", beta, low=0.0)
-    v.check_scalar(func, "nll_weight", nll_weight, low=0.0, low_inclusive=True)
-    v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
-                   high_inclusive=True)
 
 
 def simpo_loss(
@@ -247,7 +224,7 @@ def simpo_loss(
     See also: ``cpo_loss``, ``SimPOLoss``, ``dpkd.spec.simpo_loss``.
     """
     func = "simpo_loss"
-    _simpo_options(func, beta, gamma, label_smoothing, reduction)
+    options(func, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
     t = _prepare(func, {_LOGPS[0]: policy_chosen_logps, _LOGPS[1]: policy_rejected_logps,
                         "chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}, (),
                  reduction)
@@ -256,13 +233,6 @@ def simpo_loss(
     losses = smoothed_sigmoid_loss(chosen - rejected - gamma, label_smoothing)
     return _finish(losses, chosen, rejected, reduction)
 
-
-def _simpo_options(func: str, beta: float, gamma: float, label_smoothing: float, reduction: str) -> None:
-    v.check_reduction(func, reduction)
-    v.check_scalar(func, "beta", beta, low=0.0)
-    v.check_scalar(func, "gamma", gamma)
-    v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
-                   high_inclusive=True)
 
 
 def dpop_loss(
@@ -296,7 +266,7 @@ def dpop_loss(
     See also: ``dpkd_loss``, ``DPOPLoss``, ``dpkd.spec.dpop_loss``.
     """
     func = "dpop_loss"
-    _dpop_options(func, beta, lambda_, form, reduction)
+    options(func, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
     t = _prepare(func, dict(zip(_LOGPS, (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                          reference_rejected_logps))), (), reduction)
     a, c = t[_LOGPS[0]], t[_LOGPS[2]]
@@ -308,10 +278,3 @@ def dpop_loss(
     else:
         losses = softplus(-beta * h) + lambda_ * penalty
     return _finish(losses, beta * chosen, beta * rejected, reduction)
-
-
-def _dpop_options(func: str, beta: float, lambda_: float, form: str, reduction: str) -> None:
-    v.check_reduction(func, reduction)
-    v.check_choice(func, "form", form, ("smaug", "released"))
-    v.check_scalar(func, "beta", beta, low=0.0)
-    v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)

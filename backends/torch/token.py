@@ -10,13 +10,13 @@ which is exact in float32 even for logits of magnitude 1e4 and is exactly 0 wher
 from __future__ import annotations
 
 import torch
-from dpkd.spec import validation as v
 from dpkd.spec.results import TokenPreferenceLoss
+from dpkd.spec.token import FORMS
 
 from ._base import (
     gather_last,
     hinge,
-    normalizer_option,
+    options,
     reduce_tokens,
     shifted_logits,
     smoothed_sigmoid_loss,
@@ -24,9 +24,8 @@ from ._base import (
     student_teacher_inputs,
 )
 
-__all__ = ["dpkd_token_loss"]
+__all__ = ["FORMS", "dpkd_token_loss"]
 
-_FORMS = ("sigmoid", "ipo", "dpop")
 
 
 def dpkd_token_loss(
@@ -78,8 +77,8 @@ def dpkd_token_loss(
     See also: ``dpkd_loss`` (sequence level, paper Eq. 8/9), ``DPKDTokenLoss``, ``dpkd.spec.dpkd_token_loss``.
     """
     func = "dpkd_token_loss"
-    _token_options(func, beta, form, label_smoothing, lambda_, reduction)
-    normalizer = normalizer_option(func, normalizer, reduction)
+    normalizer = options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,
+                         lambda_=lambda_, normalizer=normalizer, reduction=reduction)["normalizer"]
     x = student_teacher_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer,
                                reduction=reduction)
     S, T, m = x.student, x.teacher, x.mask
@@ -111,14 +110,3 @@ def dpkd_token_loss(
         rejected = (gather_last(S_shift, y_s) - lse_s) - (gather_last(T_shift, y_s) - lse_t)
     return TokenPreferenceLoss(loss, agreement_rate, beta * chosen * m, beta * rejected * m)
 
-
-def _token_options(func: str, beta: float, form: str, label_smoothing: float, lambda_: float,
-                   reduction: str) -> None:
-    """The contract's option order: reduction, form, scalars (smoothing only with "sigmoid")."""
-    v.check_reduction(func, reduction)
-    v.check_choice(func, "form", form, _FORMS)
-    v.check_scalar(func, "beta", beta, low=0.0)
-    v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
-                   high_inclusive=True)
-    v.check_label_smoothing_form(func, label_smoothing, form)
-    v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)

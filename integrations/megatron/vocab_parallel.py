@@ -177,7 +177,7 @@ def vocab_parallel_token_logps(
     See also: ``dpkd.backends.torch.token_logps`` (the single-process function it equals).
     """
     func = "vocab_parallel_token_logps"
-    ignore = v.check_int_scalar(func, "ignore_index", ignore_index)
+    ignore = v.check_options(func, ignore_index=ignore_index)["ignore_index"]
     if labels is None:
         v.fail(func, "labels", "is required, got None")
     if logits_shard is None:
@@ -218,7 +218,7 @@ def vocab_parallel_sequence_logps(
     See also: ``dpkd.backends.torch.sequence_logps``, ``vocab_parallel_token_logps``.
     """
     func = "vocab_parallel_sequence_logps"
-    ignore = v.check_int_scalar(func, "ignore_index", ignore_index)
+    ignore = v.check_options(func, ignore_index=ignore_index)["ignore_index"]
     if labels is None:
         v.fail(func, "labels", "is required, got None")
     if logits_shard is None:

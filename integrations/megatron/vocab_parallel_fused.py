@@ -129,8 +129,8 @@ def vocab_parallel_linear_token_logps(
     See also: ``vocab_parallel_token_logps`` (materialised), ``dpkd.backends.torch`` ``linear_token_logps``.
     """
     func = "vocab_parallel_linear_token_logps"
-    chunk = None if chunk_size is None else v.check_int_scalar(func, "chunk_size", chunk_size, low=1)
-    ignore = v.check_int_scalar(func, "ignore_index", ignore_index)
+    chunk = v.check_chunk_options(func, chunk_size, ignore_index)
+    ignore = int(ignore_index)
     for name, x in (("hidden", hidden), ("weight", weight_shard), ("labels", labels)):
         if x is None:
             v.fail(func, name, "is required, got None")

@@ -33,9 +33,6 @@ __all__ = [
     "vocab_parallel_dpkd_token_loss",
 ]
 
-_FORMS = ("sigmoid", "ipo", "dpop")
-
-
 def _reduce_tokens(func: str, values: torch.Tensor, weights: torch.Tensor, normalizer, reduction: str, name: str):
     """m·ℓ reduced as the spec says; an empty mean without a normalizer is an error (never 0/0)."""
     masked = values * weights
@@ -65,12 +62,11 @@ def _pair_inputs(func, student, teacher, mask, group, vocab_size) -> tuple[Shard
     return shard, mask
 
 
-def _options(func: str, reduction: str, normalizer, temperature: float | None = None):
-    reduction = v.check_reduction(func, reduction)
-    if temperature is not None:
-        v.check_scalar(func, "temperature", temperature, low=0.0)
-    normalizer = v.check_normalizer_option(func, normalizer, reduction)
-    return reduction, normalizer
+def _options(func: str, **options):
+    """The options of ``func`` checked against the spec's declaration of the Torch backend's function of
+    the same name (``dpkd.spec.validation.check_options``); returns (reduction, normalizer)."""
+    o = v.check_options(func, **options)
+    return o["reduction"], o["normalizer"]
 
 
 def _log_probs(x: torch.Tensor, shard: Shard, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,8 +103,8 @@ def vocab_parallel_cross_entropy(
     See also: ``dpkd.backends.torch.cross_entropy``, ``vocab_parallel_token_logps``.
     """
     func = "vocab_parallel_cross_entropy"
-    reduction, normalizer = _options(func, reduction, normalizer)
-    ignore = v.check_int_scalar(func, "ignore_index", ignore_index)
+    o = v.check_options(func, ignore_index=ignore_index, normalizer=normalizer, reduction=reduction)
+    ignore, normalizer, reduction = o["ignore_index"], o["normalizer"], o["reduction"]
     for name, x in (("logits", logits_shard), ("labels", labels)):
         if x is None:
             v.fail(func, name, "is required, got None")
@@ -141,7 +137,7 @@ def vocab_parallel_forward_kl(
     See also: ``dpkd.backends.torch.forward_kl``.
     """
     func = "vocab_parallel_forward_kl"
-    reduction, normalizer = _options(func, reduction, normalizer, temperature)
+    reduction, normalizer = _options(func, temperature=temperature, normalizer=normalizer, reduction=reduction)
     shard, mask = _pair_inputs(func, student_logits, teacher_logits, mask, group, vocab_size)
     logq, _ = _log_probs(student_logits, shard, temperature)
     logp, p = _log_probs(teacher_logits, shard, temperature)
@@ -165,7 +161,7 @@ def vocab_parallel_reverse_kl(
     See ``vocab_parallel_forward_kl`` for the arguments; see also ``dpkd.backends.torch.reverse_kl``.
     """
     func = "vocab_parallel_reverse_kl"
-    reduction, normalizer = _options(func, reduction, normalizer, temperature)
+    reduction, normalizer = _options(func, temperature=temperature, normalizer=normalizer, reduction=reduction)
     shard, mask = _pair_inputs(func, student_logits, teacher_logits, mask, group, vocab_size)
     logq, q = _log_probs(student_logits, shard, temperature)
     logp, _ = _log_probs(teacher_logits, shard, temperature)
@@ -194,10 +190,9 @@ def vocab_parallel_generalized_jsd(
     See ``vocab_parallel_forward_kl`` for the arguments; see also ``dpkd.backends.torch.generalized_jsd``.
     """
     func = "vocab_parallel_generalized_jsd"
-    reduction = v.check_reduction(func, reduction)
-    b = v.check_scalar(func, "beta", beta, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True)
-    v.check_scalar(func, "temperature", temperature, low=0.0)
-    normalizer = v.check_normalizer_option(func, normalizer, reduction)
+    reduction, normalizer = _options(func, beta=beta, temperature=temperature, normalizer=normalizer,
+                                     reduction=reduction)
+    b = float(beta)
     shard, mask = _pair_inputs(func, student_logits, teacher_logits, mask, group, vocab_size)
     logq, q = _log_probs(student_logits, shard, temperature)
     logp, p = _log_probs(teacher_logits, shard, temperature)
@@ -244,15 +239,10 @@ def vocab_parallel_dpkd_token_loss(
     See also: ``dpkd.backends.torch.dpkd_token_loss``.
     """
     func = "vocab_parallel_dpkd_token_loss"
-    reduction = v.check_reduction(func, reduction)
-    form = v.check_choice(func, "form", form, _FORMS)
-    beta = v.check_scalar(func, "beta", beta, low=0.0)
-    eps = v.check_scalar(func, "label_smoothing", label_smoothing, low=0.0, high=0.5, low_inclusive=True,
-                         high_inclusive=True)
-    if eps > 0 and form != "sigmoid":
-        v.fail(func, "label_smoothing", f"only applies to form='sigmoid', got form={form!r}")
-    lam = v.check_scalar(func, "lambda_", lambda_, low=0.0, low_inclusive=True)
-    normalizer = v.check_normalizer_option(func, normalizer, reduction)
+    o = v.check_options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,
+                        lambda_=lambda_, normalizer=normalizer, reduction=reduction)
+    beta, eps, lam = o["beta"], o["label_smoothing"], o["lambda_"]
+    normalizer, reduction = o["normalizer"], o["reduction"]
     shard, mask = _pair_inputs(func, student_logits, teacher_logits, mask, group, vocab_size)
 
     s = masked_logits(student_logits, shard)
