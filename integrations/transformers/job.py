@@ -72,7 +72,7 @@ class JobConfig:
     grid_seed: int = 100
     eval_every: int = 10
     n_probe: int = 32
-    threads: int = 2
+    threads: int = 1  # torch threads per process: tiny models gain nothing from intra-op threads
     use_fused: bool = False
 
 
