@@ -1,6 +1,6 @@
 """Hugging Face ``OPTForCausalLM`` state dict ↔ Megatron-Core ``GPTModel`` (OPT configuration), any TP size.
 
-Mapping (MEGATRON-CPU.md, "OPT in Megatron-Core"), for layer i, HF prefix ``model.decoder.layers.i.`` and
+Mapping for layer i, HF prefix ``model.decoder.layers.i.`` and
 Megatron prefix ``decoder.layers.i.``:
 
     self_attn.{q,k,v}_proj          → self_attention.linear_qkv   per-head [q_h; k_h; v_h], column-parallel
@@ -28,11 +28,14 @@ from typing import Any
 
 import torch
 
-from .opt_model import OPTShape, padded_vocab_size
+from ._convert import hf_tensor, load_converted, pad_rows, split
+from .gpt_common import padded_vocab_size
+from .opt_model import OPTShape
 
 __all__ = ["OPT_POSITION_OFFSET", "hf_to_megatron", "megatron_to_hf", "load_hf_state_dict"]
 
 OPT_POSITION_OFFSET = 2
+_FAMILY = "OPT"
 
 _COLUMN = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias", "mlp.linear_fc1.weight",
            "mlp.linear_fc1.bias")
@@ -47,12 +50,6 @@ _LAYER_COPIES = {
 }
 
 
-def _split(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    if t.shape[dim] % size:
-        raise ValueError(f"cannot shard a dimension of {t.shape[dim]} over tensor-parallel size {size}")
-    return t.chunk(size, dim=dim)[rank].clone()
-
-
 def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """HF's separate q, k, v ([h, h] or [h]) → Megatron's per-head [q_h; k_h; v_h] layout ([3h, h] / [3h])."""
     head_dim = q.shape[0] // heads
@@ -64,14 +61,6 @@ def _unfuse_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tens
     hidden = qkv.shape[0] // 3
     per_head = qkv.reshape(heads, 3, hidden // heads, *qkv.shape[1:])
     return tuple(per_head[:, i].reshape(hidden, *qkv.shape[1:]).clone() for i in range(3))  # type: ignore[return-value]
-
-
-def _hf_key(state: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key in state:
-        return state[key]
-    if key.startswith("model.") and key[len("model."):] in state:  # OPTModel (no LM head) checkpoints
-        return state[key[len("model."):]]
-    raise KeyError(f"the Hugging Face OPT state dict has no `{key}`")
 
 
 def hf_to_megatron(
@@ -95,32 +84,32 @@ def hf_to_megatron(
     if shape.num_heads % tp_size:
         raise ValueError(f"num_attention_heads={shape.num_heads} is not divisible by tensor-parallel size {tp_size}")
     out: dict[str, torch.Tensor] = {}
-    emb = _hf_key(hf_state, "model.decoder.embed_tokens.weight")
+    emb = hf_tensor(hf_state, "model.decoder.embed_tokens.weight", _FAMILY)
     vocab_padded = padded_vocab_size(shape.vocab_size, tp_size, vocab_multiple)
-    emb = torch.cat([emb, emb.new_zeros(vocab_padded - emb.shape[0], emb.shape[1])])
-    out["embedding.word_embeddings.weight"] = _split(emb, 0, tp_rank, tp_size)
-    pos = _hf_key(hf_state, "model.decoder.embed_positions.weight")
+    out["embedding.word_embeddings.weight"] = split(pad_rows(emb, vocab_padded), 0, tp_rank, tp_size)
+    pos = hf_tensor(hf_state, "model.decoder.embed_positions.weight", _FAMILY)
     out["embedding.position_embeddings.weight"] = pos[OPT_POSITION_OFFSET:].clone()
     for name in ("weight", "bias"):
-        out[f"decoder.final_layernorm.{name}"] = _hf_key(hf_state, f"model.decoder.final_layer_norm.{name}").clone()
+        out[f"decoder.final_layernorm.{name}"] = hf_tensor(hf_state, f"model.decoder.final_layer_norm.{name}",
+                                                           _FAMILY).clone()
     for i in range(shape.num_layers):
         hf = f"model.decoder.layers.{i}."
         mg = f"decoder.layers.{i}."
         full = {
             "self_attention.linear_qkv.weight": _fuse_qkv(
-                *(_hf_key(hf_state, f"{hf}self_attn.{x}_proj.weight") for x in "qkv"), shape.num_heads),
+                *(hf_tensor(hf_state, f"{hf}self_attn.{x}_proj.weight", _FAMILY) for x in "qkv"), shape.num_heads),
             "self_attention.linear_qkv.bias": _fuse_qkv(
-                *(_hf_key(hf_state, f"{hf}self_attn.{x}_proj.bias") for x in "qkv"), shape.num_heads),
-            "self_attention.linear_proj.weight": _hf_key(hf_state, f"{hf}self_attn.out_proj.weight"),
-            "mlp.linear_fc1.weight": _hf_key(hf_state, f"{hf}fc1.weight"),
-            "mlp.linear_fc1.bias": _hf_key(hf_state, f"{hf}fc1.bias"),
-            "mlp.linear_fc2.weight": _hf_key(hf_state, f"{hf}fc2.weight"),
+                *(hf_tensor(hf_state, f"{hf}self_attn.{x}_proj.bias", _FAMILY) for x in "qkv"), shape.num_heads),
+            "self_attention.linear_proj.weight": hf_tensor(hf_state, f"{hf}self_attn.out_proj.weight", _FAMILY),
+            "mlp.linear_fc1.weight": hf_tensor(hf_state, f"{hf}fc1.weight", _FAMILY),
+            "mlp.linear_fc1.bias": hf_tensor(hf_state, f"{hf}fc1.bias", _FAMILY),
+            "mlp.linear_fc2.weight": hf_tensor(hf_state, f"{hf}fc2.weight", _FAMILY),
         }
         for name, t in full.items():
             dim = 0 if name in _COLUMN else 1
-            out[mg + name] = _split(t, dim, tp_rank, tp_size)
+            out[mg + name] = split(t, dim, tp_rank, tp_size)
         for name, hf_name in _LAYER_COPIES.items():
-            out[mg + name] = _hf_key(hf_state, hf + hf_name).clone()
+            out[mg + name] = hf_tensor(hf_state, hf + hf_name, _FAMILY).clone()
     return out
 
 
@@ -162,14 +151,4 @@ def load_hf_state_dict(model: torch.nn.Module, hf_state: Mapping[str, torch.Tens
                        tp_rank: int, tp_size: int, vocab_multiple: int = 1) -> None:
     """Load an HF OPT state dict into this rank's GPTModel; every key but ``*._extra_state`` must match."""
     converted = hf_to_megatron(hf_state, shape, tp_rank=tp_rank, tp_size=tp_size, vocab_multiple=vocab_multiple)
-    ref = model.state_dict()
-    unexpected = [k for k in converted if k not in ref]
-    missing = [k for k in ref if k not in converted and not k.endswith("._extra_state")]
-    if missing or unexpected:
-        raise KeyError(f"OPT conversion mismatch: missing {missing}, unexpected {unexpected}")
-    for k, t in converted.items():
-        if tuple(t.shape) != tuple(ref[k].shape):
-            raise ValueError(f"OPT conversion: `{k}` has shape {tuple(t.shape)}, "
-                             f"the model expects {tuple(ref[k].shape)}")
-    model.load_state_dict({k: t.to(dtype=ref[k].dtype, device=ref[k].device) for k, t in converted.items()},
-                          strict=False)
+    load_converted(model, converted, _FAMILY)

@@ -1,25 +1,20 @@
 """Megatron-Core GPTModel with the OPT architecture (pre-LN OPT: opt-125m, opt-1.3b, … opt-66b).
 
-OPT maps onto GPTModel as (MEGATRON-CPU.md, "OPT in Megatron-Core"): learned absolute positions, ReLU MLP
-without gating, LayerNorm ε = 1e-5, biases everywhere, tied input/output embeddings, pre-LN layers. The
-project's ``SDPACoreAttention`` replaces Megatron's local DotProductAttention: it is the same math through
-``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU) and, unlike
-the local module, allocates nothing on ``torch.cuda.current_device()`` and needs no CUDA RNG tracker, so one
-model definition runs on GPUs and on CPU test machines alike.
+OPT maps onto GPTModel as: learned absolute positions, ReLU MLP
+without gating, LayerNorm ε = 1e-5, biases everywhere, tied input/output embeddings, pre-LN layers.
+Attention is ``gpt_common.SDPACoreAttention`` (re-exported here with ``padded_vocab_size``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from .gpt_common import SDPACoreAttention, config_get, local_layer_spec, padded_vocab_size, transformer_config
 
 __all__ = [
     "OPTShape",
@@ -55,10 +50,6 @@ class OPTShape:
         return self.vocab_size * h + self.max_positions * h + self.num_layers * per_layer + 2 * h
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
-    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
-
-
 def opt_shape(config: Any) -> OPTShape:
     """Validate a Hugging Face OPT config (object or dict) and return its shape.
 
@@ -67,21 +58,21 @@ def opt_shape(config: Any) -> OPTShape:
     project_in/project_out) — both are opt-350m — a removed final LayerNorm, no biases, LayerNorms without
     affine parameters, or an activation other than ReLU.
     """
-    hidden = int(_get(config, "hidden_size"))
+    hidden = int(config_get(config, "hidden_size"))
     problems = []
-    if not _get(config, "do_layer_norm_before", True):
+    if not config_get(config, "do_layer_norm_before", True):
         problems.append("post-LN layers (do_layer_norm_before=False)")
-    proj = _get(config, "word_embed_proj_dim", hidden)
+    proj = config_get(config, "word_embed_proj_dim", hidden)
     if proj is not None and int(proj) != hidden:
         problems.append(f"project_in/project_out (word_embed_proj_dim={proj} != hidden_size={hidden})")
-    if _get(config, "_remove_final_layer_norm", False):
+    if config_get(config, "_remove_final_layer_norm", False):
         problems.append("no final LayerNorm (_remove_final_layer_norm=True)")
-    if not _get(config, "enable_bias", True):
+    if not config_get(config, "enable_bias", True):
         problems.append("linear layers without bias (enable_bias=False)")
-    if not _get(config, "layer_norm_elementwise_affine", True):
+    if not config_get(config, "layer_norm_elementwise_affine", True):
         problems.append("LayerNorm without affine parameters")
-    if _get(config, "activation_function", "relu") != "relu":
-        problems.append(f"activation {_get(config, 'activation_function')!r} (GPTModel OPT mapping uses relu)")
+    if config_get(config, "activation_function", "relu") != "relu":
+        problems.append(f"activation {config_get(config, 'activation_function')!r} (GPTModel OPT mapping uses relu)")
     if problems:
         raise UnsupportedOPTLayout(
             "this OPT checkpoint does not map onto Megatron-Core GPTModel: " + "; ".join(problems)
@@ -89,51 +80,13 @@ def opt_shape(config: Any) -> OPTShape:
             "66b) is pre-LN without projections and is supported."
         )
     return OPTShape(
-        vocab_size=int(_get(config, "vocab_size")),
+        vocab_size=int(config_get(config, "vocab_size")),
         hidden_size=hidden,
-        num_layers=int(_get(config, "num_hidden_layers")),
-        num_heads=int(_get(config, "num_attention_heads")),
-        ffn_dim=int(_get(config, "ffn_dim")),
-        max_positions=int(_get(config, "max_position_embeddings")),
+        num_layers=int(config_get(config, "num_hidden_layers")),
+        num_heads=int(config_get(config, "num_attention_heads")),
+        ffn_dim=int(config_get(config, "ffn_dim")),
+        max_positions=int(config_get(config, "max_position_embeddings")),
     )
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 1) -> int:
-    """The vocabulary rounded up to a multiple of lcm(``multiple``, ``tp_size``) (equal shards per rank).
-
-    With ``multiple`` a multiple of every TP size in use (the driver's default 128 covers TP ≤ 128 powers
-    of two) the padded size, and so a model's random initialisation, does not depend on the TP size. The
-    padded columns are masked by every vocab-parallel primitive when given ``vocab_size=`` the true size.
-    """
-    step = math.lcm(multiple, tp_size)
-    return -(-vocab_size // step) * step
-
-
-class SDPACoreAttention(DotProductAttention):
-    """Megatron's core attention computed by ``F.scaled_dot_product_attention``.
-
-    Inputs [s, b, heads_per_partition, head_dim]; output [s, b, hidden_per_partition], as DotProductAttention.
-    ``attention_mask`` (bool, True = masked, broadcastable to [b, heads, s, s]) is honoured when given;
-    otherwise causal attention is used. Attention dropout follows ``config.attention_dropout`` in training.
-    """
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPACoreAttention supports neither packed sequences nor attention bias")
-        group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        if group > 1:
-            key = key.repeat_interleave(group, dim=2)
-            value = value.repeat_interleave(group, dim=2)
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, head_dim]
-        dropout = self.config.attention_dropout if self.training else 0.0
-        if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, dropout_p=dropout,
-                                                 scale=self.softmax_scale)
-        s, b = out.shape[2], out.shape[0]
-        return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)
 
 
 def opt_transformer_config(
@@ -144,8 +97,10 @@ def opt_transformer_config(
     dropout: float = 0.0,
 ) -> TransformerConfig:
     """The TransformerConfig of an OPT model (every fusion off: they need apex/TE and change nothing)."""
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return TransformerConfig(
+    return transformer_config(
+        bf16=bf16,
+        use_cpu_initialization=use_cpu_initialization,
+        dropout=dropout,
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_heads,
@@ -156,20 +111,6 @@ def opt_transformer_config(
         layernorm_epsilon=1e-5,
         add_bias_linear=True,
         add_qkv_bias=True,
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
-        bf16=bf16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        use_cpu_initialization=use_cpu_initialization,
-        sequence_parallel=False,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        cross_entropy_loss_fusion=False,
     )
 
 
@@ -190,11 +131,9 @@ def build_opt_gpt_model(
     """
     config = opt_transformer_config(shape, bf16=bf16, use_cpu_initialization=use_cpu_initialization,
                                     dropout=dropout)
-    spec = get_gpt_layer_local_spec()
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return GPTModel(
         config,
-        spec,
+        local_layer_spec("LayerNorm"),
         vocab_size=padded_vocab_size(shape.vocab_size, tp_size, vocab_multiple),
         max_sequence_length=shape.max_positions,
         position_embedding_type="learned_absolute",
