@@ -1,10 +1,12 @@
 """Tensor-parallel DPKD distillation driver: ``torchrun ... -m dpkd.integrations.megatron.distill [options]``.
 
-Teacher and student are Megatron-Core GPTModels with the OPT architecture (``opt_model``), loaded from
-Hugging Face OPT checkpoints (``opt_convert``) or randomly initialised from a config. The teacher is frozen
-and runs forward only; the student is trained with AdamW. World = TP × DP (``--tp``; DP is the rest).
+Teacher and student are Megatron-Core GPTModels of the OPT or the Llama family (``models``): a preset
+(random initialisation), a Hugging Face folder (converted on the fly, each rank reading one tensor at a
+time and keeping its shard) or a Megatron-Core distributed checkpoint written by
+``dpkd.integrations.megatron.convert`` (each rank reads only its shards). The teacher is frozen and runs
+forward only; the student is trained with AdamW. World = TP × DP (``--tp``; DP is the rest).
 
-Modes (SPEC-MATH §3B/§3C, §4):
+Modes (``spec/README.md``: the token-level loss, the objective, Algorithm 1):
 * ``--mode token`` (the released code): teacher-forced on dataset sequences, the token-level DPKD
   ``vocab_parallel_dpkd_token_loss`` with the CE / PT mix of ``--objective released`` (default for it).
 * ``--mode sequence`` (the paper, Algorithm 1): y_t = the dataset response (teacher outputs, as in the
@@ -15,8 +17,9 @@ Modes (SPEC-MATH §3B/§3C, §4):
 
 Exactness across layouts: every loss is normalised by GLOBAL counts (loss tokens, or examples) and the
 student's gradients are SUMMED over the data-parallel group, so a step is the same computation at any TP/DP
-split (tested: TP=2 equals TP=1). Metrics are summed over DP ranks and logged by global rank 0 (stdout and
-``--metrics-file`` JSONL). Checkpoints: one ``torch.save`` file per rank, resumed with ``weights_only=True``.
+split (tested: TP=2 equals TP=1 × DP=2). Metrics are summed over DP ranks and logged by global rank 0
+(stdout and ``--metrics-file`` JSONL). Checkpoints (``train_state``): Megatron-Core distributed checkpoints
+of the student, AdamW and the schedule, loaded without arbitrary unpickling; a run resumes at another TP.
 
 CPU mode (``--cpu``): gloo backend, parameters initialised and kept on the CPU. Megatron-Core's own core
 attention allocates on ``torch.cuda.current_device()``; the project's ``SDPACoreAttention`` does not, so the
@@ -43,8 +46,7 @@ from megatron.core import parallel_state
 
 from ..methods import METHODS, PairLoss, TokenDivergence
 from . import data as D
-from .opt_convert import load_hf_state_dict
-from .opt_model import OPTShape, build_opt_gpt_model, opt_shape
+from . import models, train_state
 from .vocab_parallel import vocab_parallel_sample, vocab_parallel_sequence_logps
 from .vocab_parallel_losses import (
     vocab_parallel_cross_entropy,
@@ -87,20 +89,17 @@ def method_loss(args: argparse.Namespace) -> Any:
     return m.loss(values)
 
 
-# Tiny OPT shapes for CPU runs (the vocabulary is the tokenizer's).
-TINY = {"tiny-teacher": dict(hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256),
-        "tiny-student": dict(hidden_size=32, num_layers=2, num_heads=4, ffn_dim=128)}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dpkd.integrations.megatron.distill", description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--tp", type=int, default=1, help="tensor-parallel size (DP = world size / TP)")
     a("--dp", type=int, default=None, help="data-parallel size; if given it must equal world / TP")
-    a("--teacher", default="tiny-teacher", help="HF OPT model dir (config + weights), or tiny-teacher")
-    a("--student", default="tiny-student", help="HF OPT model dir (config + weights), or tiny-student")
-    a("--random-init", action="store_true", help="take only the config from HF dirs, initialise randomly")
-    a("--tokenizer", default=None, help="HF tokenizer dir (default: the built-in character tokenizer)")
+    a("--teacher", default="tiny-teacher", help="HF model folder, distributed checkpoint (convert's output or a "
+      "training step folder), or a preset: " + ", ".join(models.PRESETS))
+    a("--student", default="tiny-student", help="as --teacher")
+    a("--random-init", action="store_true", help="take only the architecture from folders, initialise randomly")
+    a("--tokenizer", default=None, help="HF tokenizer folder (default: the teacher's folder when it holds a "
+      "tokenizer, else the built-in character tokenizer)")
     a("--data", default=None, help="Dolly-style JSONL (instruction, context, response); default: generated")
     a("--num-examples", type=int, default=256, help="size of the generated task when --data is absent")
     a("--mode", choices=("token", "sequence"), default="token")
@@ -172,32 +171,21 @@ def _init(args) -> torch.device:
     return device
 
 
-def _hf_config(path: str):
-    from transformers import AutoConfig
+def _model(name: str, vocab: int, max_positions: int, args, device) -> tuple[Any, models.ModelSource]:
+    source = models.resolve(name, vocab_size=vocab, max_positions=max_positions)
+    model = models.build(source, tp_size=args.tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                         bf16=args.bf16, cpu=args.cpu, vocab_multiple=args.vocab_multiple,
+                         load_weights=not args.random_init)
+    return model.to(device), source
 
-    return AutoConfig.from_pretrained(path)
 
-
-def _model(name: str, vocab: int, max_positions: int, args, device) -> tuple[Any, OPTShape]:
-    tp = args.tp
-    if name in TINY:
-        shape = OPTShape(vocab_size=vocab, max_positions=max_positions, **TINY[name])
-        hf_state = None
-    else:
-        shape = opt_shape(_hf_config(name))
-        hf_state = None
-        if not args.random_init:
-            from transformers import OPTForCausalLM
-
-            hf_state = OPTForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16 if args.bf16 else None
-                                                      ).state_dict()
-    model = build_opt_gpt_model(shape, tp_size=tp, bf16=args.bf16, use_cpu_initialization=args.cpu,
-                                vocab_multiple=args.vocab_multiple)
-    if hf_state is not None:
-        load_hf_state_dict(model, hf_state, shape, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                           tp_size=tp, vocab_multiple=args.vocab_multiple)
-        del hf_state
-    return model.to(device), shape
+def _tokenizer(args):
+    if args.tokenizer:
+        return D.HFTokenizer(args.tokenizer)
+    teacher = Path(args.teacher)
+    if teacher.is_dir() and any((teacher / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return D.HFTokenizer(str(teacher))
+    return D.CharTokenizer()
 
 
 def _param_groups(model, weight_decay: float):
@@ -265,6 +253,32 @@ def _rows(args, step: int, n_records: int) -> list[int]:
     return order[k * args.global_batch:(k + 1) * args.global_batch]
 
 
+# loss selection: the one place that decides which distillation loss a mode uses
+
+
+def token_distillation_loss(args, student_logits, teacher_logits, mask, *, normalizer: float, vocab: int
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token mode's distillation term (the method table's divergence) on vocab-parallel logits shards, and
+    its per-rank metrics (means over this rank's loss tokens)."""
+    spec = method_loss(args)
+    out = _VOCAB_PARALLEL[spec.divergence](student_logits, teacher_logits, mask, normalizer=normalizer,
+                                           vocab_size=vocab, **dict(spec.options))
+    if spec.divergence == "dpkd_token":
+        return out.loss, {"agreement": out.agreement_rate}
+    return out, {}
+
+
+def sequence_distillation_loss(args, policy_chosen, policy_rejected, reference_chosen, reference_rejected, *,
+                               chosen_lengths, rejected_lengths):
+    """Sequence mode's pair loss (the method table's) on the four summed log-probs, summed over this rank's
+    examples."""
+    return method_loss(args).fn(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
 def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, vocab, device
                ) -> dict[str, torch.Tensor]:
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -287,13 +301,9 @@ def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, v
         if coef["sft_loss"]:
             terms["sft_loss"] = vocab_parallel_cross_entropy(s_logits, labels, normalizer=float(n_tokens),
                                                              vocab_size=vocab)
-        spec = method_loss(args)
-        out = _VOCAB_PARALLEL[spec.divergence](s_logits, t_logits, labels != -100, normalizer=float(n_tokens),
-                                               vocab_size=vocab, **dict(spec.options))
-        if spec.divergence == "dpkd_token":
-            metrics["agreement"] = out.agreement_rate * batch.mask.sum() / n_tokens
-            out = out.loss
-        terms["distil_loss"] = out
+        terms["distil_loss"], extra = token_distillation_loss(args, s_logits, t_logits, labels != -100,
+                                                              normalizer=float(n_tokens), vocab=vocab)
+        metrics.update({k: v * batch.mask.sum() / n_tokens for k, v in extra.items()})
     else:
         prompts = [pairs[i][0] for i in mine]
         gens = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * 65_537 + i) for i in mine]
@@ -316,7 +326,7 @@ def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, v
         with torch.no_grad():
             c, _ = vocab_parallel_sequence_logps(_logits(teacher, ct), cl, vocab_size=vocab)
             d, _ = vocab_parallel_sequence_logps(_logits(teacher, rt), rl, vocab_size=vocab)
-        out = method_loss(args).fn(a, b, c, d, chosen_lengths=n_t, rejected_lengths=n_s, reduction="sum")
+        out = sequence_distillation_loss(args, a, b, c, d, chosen_lengths=n_t, rejected_lengths=n_s)
         terms["distil_loss"] = out.loss / args.global_batch
         if coef["sft_loss"]:
             terms["sft_loss"] = vocab_parallel_cross_entropy(_logits(student, batch.tokens.to(device)), labels,
@@ -375,42 +385,20 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
 # checkpoints
 
 
-def _ckpt_path(save_dir: str, step: int) -> Path:
-    return Path(save_dir) / f"step_{step:07d}" / f"rank_{dist.get_rank():05d}.pt"
-
-
-def save_checkpoint(args, step, student, optimizer, scheduler) -> None:
-    path = _ckpt_path(args.save_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: t for k, t in student.state_dict().items() if not k.endswith("._extra_state")}
-    torch.save({"step": step, "student": state, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, path)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (Path(args.save_dir) / "latest").write_text(str(step))
-
-
-def load_checkpoint(args, student, optimizer, scheduler, device) -> int:
-    latest = Path(args.save_dir) / "latest"
-    if not latest.exists():
-        return 0
-    step = int(latest.read_text())
-    ckpt = torch.load(_ckpt_path(args.save_dir, step), map_location=device, weights_only=True)
-    student.load_state_dict(ckpt["student"], strict=False)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    return int(ckpt["step"])
-
-
 # --------------------------------------------------------------------------------------------------
 # driver
+
+
+def _save(args, step, student, optimizer, scheduler, source: models.ModelSource) -> None:
+    train_state.save_training_state(args.save_dir, step, student, optimizer, scheduler, config=source.config,
+                                    vocab_multiple=args.vocab_multiple)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, float]]:
     """Train; returns the logged metrics (global, identical on every rank)."""
     device = _init(args)
     torch.manual_seed(args.seed)
-    tok = D.HFTokenizer(args.tokenizer) if args.tokenizer else D.CharTokenizer()
+    tok = _tokenizer(args)
     records = D.load_records(args.data) if args.data else D.generate_records(args.num_examples, seed=args.seed)
     if len(records) < args.global_batch:
         raise SystemExit(f"{len(records)} records cannot fill a global batch of {args.global_batch}")
@@ -420,8 +408,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     # the pre-training batch D_p: the same records as plain LM text (every next token is a target)
     pt_pairs = [(p[:1], p[1:] + r) for p, r in pairs]
     max_pos = max(args.max_length, args.max_prompt + args.max_new_tokens)
-    teacher, t_shape = _model(args.teacher, tok.vocab_size, max_pos, args, device)
-    student, s_shape = _model(args.student, tok.vocab_size, max_pos, args, device)
+    teacher, t_source = _model(args.teacher, tok.vocab_size, max_pos, args, device)
+    student, s_source = _model(args.student, tok.vocab_size, max_pos, args, device)
+    t_shape, s_shape = t_source.shape, s_source.shape
     if t_shape.vocab_size != s_shape.vocab_size:
         raise SystemExit(f"teacher vocabulary {t_shape.vocab_size} != student vocabulary {s_shape.vocab_size}")
     vocab = s_shape.vocab_size
@@ -432,12 +421,16 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     optimizer = torch.optim.AdamW(_param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.lr_tmax or args.steps,
                                                            eta_min=args.lr_min)
-    start = load_checkpoint(args, student, optimizer, scheduler, device) if args.resume and args.save_dir else 0
+    start = 0
+    if args.resume and args.save_dir and train_state.latest_step(args.save_dir) is not None:
+        start = train_state.load_training_state(args.save_dir, train_state.latest_step(args.save_dir), student,
+                                                optimizer, scheduler)
     is_main = dist.get_rank() == 0
     if is_main:
         print(f"[dpkd.megatron] world={dist.get_world_size()} tp={args.tp} "
               f"dp={parallel_state.get_data_parallel_world_size()} mode={args.mode} objective={args.objective} "
-              f"teacher={t_shape.parameters / 1e6:.2f}M student={s_shape.parameters / 1e6:.2f}M params "
+              f"teacher={t_source.family.name}:{t_shape.parameters / 1e6:.2f}M "
+              f"student={s_source.family.name}:{s_shape.parameters / 1e6:.2f}M params "
               f"vocab={vocab} start_step={start}", flush=True)
     history = []
     for step in range(start, args.steps):
@@ -459,9 +452,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
                 with open(args.metrics_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
         if args.save_dir and args.save_interval and (step + 1) % args.save_interval == 0:
-            save_checkpoint(args, step + 1, student, optimizer, scheduler)
+            _save(args, step + 1, student, optimizer, scheduler, s_source)
     if args.save_dir and (not history or not args.save_interval or args.steps % args.save_interval):
-        save_checkpoint(args, args.steps, student, optimizer, scheduler)
+        _save(args, args.steps, student, optimizer, scheduler, s_source)
     if not all(math.isfinite(r["loss"]) for r in history):
         raise SystemExit("non-finite loss")
     return history

@@ -224,13 +224,18 @@ class HFRotaryEmbedding(RotaryEmbedding):
         return torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
 
 
-def llama_transformer_config(shape: LlamaShape, *, tp_size: int, bf16: bool = False,
-                             use_cpu_initialization: bool = True, dropout: float = 0.0) -> TransformerConfig:
-    """The TransformerConfig of a Llama-family model at ``tp_size`` (query groups padded for it)."""
+def llama_transformer_config(shape: LlamaShape, *, tp_size: int, query_groups: int | None = None,
+                             bf16: bool = False, use_cpu_initialization: bool = True,
+                             dropout: float = 0.0) -> TransformerConfig:
+    """The TransformerConfig of a Llama-family model at ``tp_size`` with ``query_groups`` groups (default:
+    ``shape.query_groups(tp_size)``; a checkpoint converted at another TP size may carry more)."""
     if shape.ffn_dim % tp_size:
         raise UnsupportedLlamaLayout(f"intermediate_size={shape.ffn_dim} is not divisible by tensor-parallel size "
                                      f"{tp_size}")
-    groups = shape.query_groups(tp_size)
+    groups = shape.query_groups(tp_size) if query_groups is None else query_groups
+    if groups < shape.num_kv_heads or groups % tp_size:
+        raise UnsupportedLlamaLayout(f"{groups} query groups (padded from {shape.num_kv_heads}) cannot be split over "
+                                     f"tensor-parallel size {tp_size}; convert the checkpoint again at this TP size")
     return transformer_config(
         bf16=bf16,
         use_cpu_initialization=use_cpu_initialization,
@@ -254,6 +259,7 @@ def build_llama_gpt_model(
     shape: LlamaShape,
     *,
     tp_size: int,
+    query_groups: int | None = None,
     bf16: bool = False,
     use_cpu_initialization: bool = True,
     vocab_multiple: int = 1,
@@ -262,11 +268,12 @@ def build_llama_gpt_model(
     """A GPTModel for ``shape`` on the current tensor-parallel group (parallel state must be initialised).
 
     The vocabulary is padded to ``padded_vocab_size(shape.vocab_size, tp_size, vocab_multiple)`` and the
-    query groups to ``shape.query_groups(tp_size)``; the output logits are this rank's vocabulary shard:
-    pass ``vocab_size=shape.vocab_size`` to the vocab-parallel losses so the padded columns are masked.
+    query groups to ``query_groups`` (default ``shape.query_groups(tp_size)``); the output logits are this
+    rank's vocabulary shard: pass ``vocab_size=shape.vocab_size`` to the vocab-parallel losses so the padded
+    columns are masked.
     A randomly initialised model has its padded query groups zeroed, as a converted one does.
     """
-    config = llama_transformer_config(shape, tp_size=tp_size, bf16=bf16,
+    config = llama_transformer_config(shape, tp_size=tp_size, query_groups=query_groups, bf16=bf16,
                                       use_cpu_initialization=use_cpu_initialization, dropout=dropout)
     model = GPTModel(
         config,
@@ -285,7 +292,7 @@ def build_llama_gpt_model(
 
 def _zero_padded_groups(model: GPTModel, shape: LlamaShape, tp_size: int) -> None:
     """Zero this rank's padded query groups (q/k/v rows, biases and linear_proj columns) in every layer."""
-    groups = shape.query_groups(tp_size)
+    groups = model.config.num_query_groups
     if groups == shape.num_kv_heads:
         return
     from megatron.core import parallel_state

