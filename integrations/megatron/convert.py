@@ -9,8 +9,9 @@ full tensor. Convert at the TP size you will train with: each rank then later re
 The checkpoint also loads at other TP sizes that divide its (padded) query groups — DCP cuts the slices
 out of the stored chunks, reading every chunk it touches whole.
 
-To Hugging Face: one process loads the checkpoint at TP = 1 and writes ``config.json`` and
-``model.safetensors`` (vocabulary padding and padded query groups dropped; tied embeddings stored once).
+To Hugging Face: one process (or every rank of a TP = 1 world) loads the checkpoint at TP = 1 and writes
+``config.json`` and ``model.safetensors`` (vocabulary padding and padded query groups dropped; tied
+embeddings stored once).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def to_megatron(hf_dir: str | Path, out_dir: str | Path, *, bf16: bool = False, 
 
 
 def to_hf(ckpt_dir: str | Path, out_dir: str | Path) -> None:
-    """A Hugging Face folder (config.json + model.safetensors) from a distributed checkpoint (TP = 1 world)."""
+    """A Hugging Face folder (config.json + model.safetensors) from a distributed checkpoint (every rank of a
+    TP = 1 world calls this; rank 0 writes)."""
     from safetensors.torch import save_file
 
     source = models.resolve(str(ckpt_dir))
@@ -79,11 +81,13 @@ def to_hf(ckpt_dir: str | Path, out_dir: str | Path) -> None:
     hf_state = source.family.megatron_to_hf([state], source.shape)
     if source.config.get("tie_word_embeddings", source.family.name == "opt"):
         hf_state.pop("lm_head.weight", None)  # tied: stored once, as HF's save_pretrained does
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in hf_state.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(source.config, indent=1, sort_keys=True) + "\n")
+    if dist.get_rank() == 0:  # every rank of the (TP = 1) world holds the same model; one writes it
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: t.contiguous() for k, t in hf_state.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(source.config, indent=1, sort_keys=True) + "\n")
+    dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,8 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("DPKD_NUM_THREADS", "1")) if args.cpu else torch.get_num_threads())
     _init(args.cpu or args.to_hf)
     if args.to_hf:
-        if dist.get_world_size() != 1:
-            raise SystemExit("--to-hf runs in one process")
         to_hf(args.megatron, args.out)
     else:
         to_megatron(args.hf, args.out, bf16=args.bf16, vocab_multiple=args.vocab_multiple, cpu=args.cpu)

@@ -141,12 +141,13 @@ def read_dcp_metadata(checkpoint_dir: str | Path) -> dcp_metadata.Metadata:
 class _SafeReader(FileSystemReader):
     """DCP's file reader with the restricted metadata unpickler; counts the stored bytes it reads."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, metadata: dcp_metadata.Metadata) -> None:
         super().__init__(path)
+        self._metadata = metadata  # read (and vetted) before DCP starts, so a refusal is a plain exception
         self.bytes_read = 0
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
-        metadata = read_dcp_metadata(self.path)
+        metadata = self._metadata
         if metadata.storage_meta is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -291,7 +292,7 @@ class SafeTorchDistLoadStrategy(LoadShardedStrategy):
             if sh.data is None:
                 sh.init_data(torch.device("cpu"))
             sh.data = sh.data.detach()
-        reader = _SafeReader(checkpoint_dir)
+        reader = _SafeReader(checkpoint_dir, read_dcp_metadata(checkpoint_dir))
         dcp.load({}, storage_reader=reader, planner=_LoadPlanner(tensors))
         self.bytes_read += reader.bytes_read
         return _replace_values(sharded_state_dict)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import dist_checkpoint, llama_convert, opt_convert
+from .gpt_common import padded_vocab_size
 from .hf_weights import HFWeights, read_hf_config
 from .llama_model import LLAMA_MODEL_TYPES, LlamaShape, build_llama_gpt_model, llama_shape
 from .opt_model import OPTShape, build_opt_gpt_model, opt_shape
@@ -145,6 +146,13 @@ def _build_uninitialised(family: Family, shape: OPTShape | LlamaShape, kwargs: d
 def write_model_info(directory: str | Path, model: torch.nn.Module, config: Mapping[str, Any], *,
                      vocab_multiple: int) -> None:
     """Rank 0 writes ``dpkd_model.json`` (architecture config, vocabulary padding, query groups, dtype)."""
+    from megatron.core import parallel_state
+
+    want = padded_vocab_size(int(config["vocab_size"]), parallel_state.get_tensor_model_parallel_world_size(),
+                             vocab_multiple)
+    if model.vocab_size != want:
+        raise ValueError(f"the model's padded vocabulary is {model.vocab_size}, not {want} "
+                         f"(vocab_multiple={vocab_multiple}): it was built with another vocab_multiple")
     if torch.distributed.get_rank() == 0:
         groups = model.config.num_query_groups if family_of(config).name == "llama" else None
         info = {"config": dict(config), "vocab_multiple": vocab_multiple, "query_groups": groups,
