@@ -209,7 +209,6 @@ def _convert(gguf_path: Path, fingerprint: str, out: Path) -> None:
     import transformers
 
     model, tokenizer = load_gguf_with_transformers(gguf_path)
-    model.config.name_or_path = gguf_path.stem
     # GGUF tokenizers come without a length limit; the model's context is the natural one
     tokenizer.model_max_length = model.config.max_position_embeddings
     out.mkdir(parents=True)
@@ -234,7 +233,11 @@ def _publish(tmp: Path, final: Path, fingerprint: str) -> None:
         stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
         os.replace(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process renamed its own conversion into place first
+        if not folder_is_complete(final, fingerprint):
+            raise
     _fsync_dir(final.parent)
 
 
