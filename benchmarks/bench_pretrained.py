@@ -7,8 +7,9 @@ Measured in one process at ``--threads`` torch threads (default 2, the whole mac
    embedded task, at batch 1, 8 and 32 in float32, and at batch 8 with the teacher cast to bfloat16;
 3. one training step (forward + backward of the token-mean cross entropy, no optimizer) of the teacher and of
    layer-dropped / narrowed students, and the teacher's forward alone (what distillation needs from it), at a
-   few (batch, length) sizes; median of ``--repeats`` after one warm-up, and each as a ratio to the teacher's
-   step at the same size, measured in the same run;
+   few (batch, length) sizes: process CPU seconds at ONE thread (robust to other tenants' load, unlike wall
+   time at 2 threads), median of ``--repeats`` rounds after a warm-up round, each round timing every variant
+   in turn, and as a ratio to the teacher's step in the same round;
 4. the perplexity of a plain English paragraph under students keeping different layer sets (the evidence for
    ``every_kth_layer`` keeping layer 0);
 5. the teacher's greedy answer to "Give three tips for staying healthy." (sanity).
@@ -97,38 +98,45 @@ def throughput(model, tok, prompts: list[list[int]], batch_size: int, max_new_to
             "prompt_len": statistics.mean(len(p) for p in prompts), "dtype": str(model.dtype).removeprefix("torch.")}
 
 
-def step_seconds(model, ids: torch.Tensor, repeats: int, backward: bool) -> float:
-    def step() -> None:
-        if backward:
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-        else:
-            with torch.no_grad():
-                model(ids)
-
+def _step(model, ids: torch.Tensor, backward: bool) -> float:
+    """CPU seconds of one forward (+ backward) of ``model`` on ``ids`` (this process, all its threads)."""
     model.train(backward)
-    step()  # warm-up
-    median, _ = timed(step, repeats)
     model.zero_grad(set_to_none=True)
-    return median
+    t = time.process_time()
+    if backward:
+        model(ids, labels=ids).loss.backward()
+    else:
+        with torch.no_grad():
+            model(ids)
+    seconds = time.process_time() - t
+    model.zero_grad(set_to_none=True)
+    return seconds
 
 
 def steps(teacher, students: dict, repeats: int) -> list[dict]:
+    """Per size: one warm-up round, then ``repeats`` rounds, each timing every variant once in turn (so a
+    load change hits all of them); CPU time at one thread (see the report), ratio = median over rounds of
+    (variant / the teacher's forward + backward in the same round)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    variants = [("teacher (30 layers)", "forward + backward", teacher, True),
+                ("teacher (30 layers)", "forward, no grad", teacher, False)]
+    variants += [(f"student {name}", "forward + backward", s, True) for name, s in students.items()]
     rows = []
     gen = torch.Generator().manual_seed(0)
     for b, t in SIZES:
         ids = torch.randint(0, teacher.config.vocab_size, (b, t), generator=gen)
-        ref = step_seconds(teacher, ids, repeats, backward=True)
-        rows.append({"size": (b, t), "model": "teacher (30 layers)", "what": "forward + backward", "s": ref,
-                     "ratio": 1.0})
-        fwd = step_seconds(teacher, ids, repeats, backward=False)
-        rows.append({"size": (b, t), "model": "teacher (30 layers)", "what": "forward, no grad", "s": fwd,
-                     "ratio": fwd / ref})
-        for name, student in students.items():
-            s = step_seconds(student, ids, repeats, backward=True)
-            rows.append({"size": (b, t), "model": f"student {name}", "what": "forward + backward", "s": s,
-                         "ratio": s / ref})
-        print(rows[-1], flush=True)
+        times = [[] for _ in variants]
+        for r in range(repeats + 1):
+            for i, (_, _, model, backward) in enumerate(variants):
+                seconds = _step(model, ids, backward)
+                if r:  # round 0 is the warm-up
+                    times[i].append(seconds)
+        for (name, what, _, _), ts in zip(variants, times):
+            rows.append({"size": (b, t), "model": name, "what": what, "s": statistics.median(ts),
+                         "ratio": statistics.median(x / y for x, y in zip(ts, times[0]))})
+        print(rows[-len(variants):], flush=True)
+    torch.set_num_threads(old)
     teacher.eval()
     return rows
 
@@ -226,10 +234,12 @@ def report(args, conv, gens, answer, ppl, params, rows, rates) -> str:
     for g in gens:
         lines.append(f"| {g['dtype']} | {g['batch']} | {g['prompts']} | {g['prompt_len']:.0f} | {g['tokens']} | "
                      f"{g['seconds']:.1f} | {g['tok_s']:.1f} |")
-    lines += ["", "One training step (forward + backward of the token-mean cross entropy, no optimizer; median of "
-              f"{args.repeats} after a warm-up), and the teacher's no-grad forward; ratio = to the teacher's "
-              "forward + backward at the same (batch, length):", "",
-              "| batch × length | model | parameters | step | seconds | ratio to teacher |",
+    lines += ["", "One training step (forward + backward of the token-mean cross entropy, no optimizer), and the "
+              "teacher's no-grad forward: process CPU seconds at 1 thread, median of "
+              f"{args.repeats} rounds after a warm-up round (each round times every row of a size in turn); "
+              "ratio = median over rounds of (row / the teacher's forward + backward in the same round); wall "
+              "time at 2 threads was not measured for this table:", "",
+              "| batch × length | model | parameters | step | CPU seconds | ratio to teacher |",
               "|---|---|---|---|---|---|"]
     for r in rows:
         b, t = r["size"]

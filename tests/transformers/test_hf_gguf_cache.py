@@ -1,7 +1,7 @@
 """The GGUF → safetensors cache on real, tiny GGUF files written here (llama.cpp's layout, quantised MLP and
 query weights): the conversion recovers the original model, a changed file gets its own folder, damaged
-folders are rebuilt, a conversion killed with SIGKILL leaves nothing that counts, concurrent conversions
-agree."""
+folders are rebuilt, a conversion killed with SIGKILL leaves nothing that counts, a concurrent conversion's
+finished folder wins."""
 
 import json
 import os
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dpkd.integrations.transformers import pretrained
 from dpkd.integrations.transformers.models import tiny_causal_lm
 from dpkd.integrations.transformers.pretrained import (
     MANIFEST,
@@ -119,41 +120,12 @@ pretrained._publish = killed
 pretrained.pretrained_folder(sys.argv[1], sys.argv[2])
 """
 
-_CONVERSION = """
-import sys
-from dpkd.integrations.transformers.pretrained import pretrained_folder
-print(pretrained_folder(sys.argv[1], sys.argv[2]))
-"""
-
-
-def _python(code, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-@pytest.fixture(scope="module")
-def subprocess_runs(tmp_path_factory):
-    """At once (their start-up dominates): one conversion SIGKILLed before its rename, into cache ``killed``,
-    and two concurrent conversions into cache ``shared``."""
-    tmp = tmp_path_factory.mktemp("subprocess-conversions")
-    gguf = write_tiny_llama_gguf(_tiny_llama(), tmp / "Tiny-Llama.Q8_0.gguf")
-    procs = {"killed": [_python(_KILLED_CONVERSION, gguf, tmp / "killed")],
-             "shared": [_python(_CONVERSION, gguf, tmp / "shared") for _ in range(2)]}
-    outs = {}
-    for key, ps in procs.items():
-        outs[key] = []
-        for p in ps:
-            out, err = p.communicate(timeout=300)
-            outs[key].append((p.returncode, out, err))
-    return gguf, tmp, outs
-
-
-def test_a_conversion_killed_before_its_rename_leaves_nothing_that_counts(subprocess_runs):
-    gguf, tmp, outs = subprocess_runs
-    cache = tmp / "killed"
-    [(code, _, err)] = outs["killed"]
-    assert code == -9, err
+def test_a_conversion_killed_before_its_rename_leaves_nothing_that_counts(tiny_gguf, tmp_path):
+    _, gguf = tiny_gguf
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_CONVERSION, str(gguf), str(cache)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr
     leftovers = list((cache / "pretrained").iterdir())
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".")  # only the temporary folder
     final = cache / "pretrained" / leftovers[0].name.split(".tmp-")[0][1:]
@@ -162,12 +134,16 @@ def test_a_conversion_killed_before_its_rename_leaves_nothing_that_counts(subpro
     assert [p.name for p in (cache / "pretrained").iterdir()] == [final.name]  # the dead one's folder is gone
 
 
-def test_concurrent_conversions_agree(subprocess_runs):
-    _, tmp, outs = subprocess_runs
-    assert [code for code, _, _ in outs["shared"]] == [0, 0], [err for _, _, err in outs["shared"]]
-    folders = {Path(out.strip()) for _, out, _ in outs["shared"]}
-    assert len(folders) == 1 and folder_is_complete(folders.pop())
-    assert len(list((tmp / "shared" / "pretrained").iterdir())) == 1
+def test_a_folder_another_process_finished_first_wins(tiny_gguf, tmp_path):
+    """Two conversions of one file at once: the later rename finds the earlier one's complete folder, keeps
+    it and drops its own (what ``_publish`` does when ``final`` appeared meanwhile)."""
+    _, gguf = tiny_gguf
+    final = pretrained_folder(gguf, tmp_path / "cache")
+    first = {p.name: p.stat().st_mtime_ns for p in final.iterdir()}
+    mine = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    pretrained._convert(gguf, gguf_fingerprint(gguf), mine)
+    pretrained._publish(mine, final, gguf_fingerprint(gguf))
+    assert {p.name: p.stat().st_mtime_ns for p in final.iterdir()} == first and folder_is_complete(final)
 
 
 def test_bad_path_is_named(tmp_path):
