@@ -4,7 +4,8 @@ Measured in one process at ``--threads`` torch threads (default 2, the whole mac
 
 1. GGUF → cached folder conversion (into a fresh temporary cache), and the cached load (best of 3);
 2. greedy generation throughput (``batching.generate``, the job's generator) on chat-templated prompts of the
-   embedded task, at batch 1, 8 and 32 in float32, and at batch 8 with the teacher cast to bfloat16;
+   embedded task, at batch 1, 8 and 32 in float32 at ``--threads`` (wall and CPU seconds), and at batch 8 and
+   32 at one thread in float32 and with the teacher cast to bfloat16 (CPU seconds: robust to other load);
 3. one training step (forward + backward of the token-mean cross entropy, no optimizer) of the teacher and of
    layer-dropped / narrowed students, and the teacher's forward alone (what distillation needs from it), at a
    few (batch, length) sizes: process CPU seconds at ONE thread (robust to other tenants' load, unlike wall
@@ -86,15 +87,19 @@ def conversion(gguf: Path) -> dict:
     return {"sha_s": sha_s, "convert_s": convert_s, "lookup_s": lookup_s, "load_s": load_s, "folder_mb": mb}
 
 
-def throughput(model, tok, prompts: list[list[int]], batch_size: int, max_new_tokens: int) -> dict:
+def throughput(model, tok, prompts: list[list[int]], batch_size: int, max_new_tokens: int, threads: int) -> dict:
+    """Greedy generation of ``prompts`` at ``threads``: wall seconds and this process's CPU seconds."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
     generate(model, prompts[:1], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=2,
              do_sample=False)  # warm-up (first-call allocations)
-    t = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     outs = generate(model, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
                     max_new_tokens=max_new_tokens, do_sample=False, batch_size=batch_size)
-    seconds = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    torch.set_num_threads(old)
     n = sum(len(o) for o in outs)
-    return {"batch": batch_size, "prompts": len(prompts), "tokens": n, "seconds": seconds, "tok_s": n / seconds,
+    return {"batch": batch_size, "prompts": len(prompts), "tokens": n, "wall": wall, "cpu": cpu, "threads": threads,
             "prompt_len": statistics.mean(len(p) for p in prompts), "dtype": str(model.dtype).removeprefix("torch.")}
 
 
@@ -171,10 +176,15 @@ def main() -> None:
     teacher, tok = pretrained.load_smollm2()
     records = make_task(8, 0, 32, seed=0)["test"]
     prompts = [pretrained.chat_prompt_ids(tok, f"{r.instruction}\n\n{r.context}".strip()) for r in records]
-    gens = [throughput(teacher, tok, prompts[:4], 1, args.gen_tokens),
-            throughput(teacher, tok, prompts[:8], 8, args.gen_tokens),
-            throughput(teacher, tok, prompts, 32, args.gen_tokens),
-            throughput(copy.deepcopy(teacher).to(torch.bfloat16), tok, prompts[:8], 8, args.gen_tokens)]
+    bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+    gens = [throughput(teacher, tok, prompts[:4], 1, args.gen_tokens, args.threads),
+            throughput(teacher, tok, prompts[:8], 8, args.gen_tokens, args.threads),
+            throughput(teacher, tok, prompts, 32, args.gen_tokens, args.threads),
+            throughput(teacher, tok, prompts[:8], 8, args.gen_tokens, 1),
+            throughput(teacher, tok, prompts, 32, args.gen_tokens, 1),
+            throughput(bf16, tok, prompts[:8], 8, args.gen_tokens, 1),
+            throughput(bf16, tok, prompts, 32, args.gen_tokens, 1)]
+    del bf16
     print(gens, flush=True)
     answer_ids = generate(teacher, [pretrained.chat_prompt_ids(tok, "Give three tips for staying healthy.")],
                           pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=160, do_sample=False)[0]
@@ -228,12 +238,16 @@ def report(args, conv, gens, answer, ppl, params, rows, rates) -> str:
         f"Greedy generation (`batching.generate`, at most {args.gen_tokens} new tokens, chat-templated prompts "
         "of the embedded task):",
         "",
-        "| dtype | batch | prompts | mean prompt tokens | generated tokens | seconds | tokens / s |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype | threads | batch | prompts | mean prompt tokens | generated tokens | wall s | tokens / s "
+        "(wall) | CPU s | tokens / CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in gens:
-        lines.append(f"| {g['dtype']} | {g['batch']} | {g['prompts']} | {g['prompt_len']:.0f} | {g['tokens']} | "
-                     f"{g['seconds']:.1f} | {g['tok_s']:.1f} |")
+        lines.append(f"| {g['dtype']} | {g['threads']} | {g['batch']} | {g['prompts']} | {g['prompt_len']:.0f} | "
+                     f"{g['tokens']} | {g['wall']:.1f} | {g['tokens'] / g['wall']:.1f} | {g['cpu']:.1f} | "
+                     f"{g['tokens'] / g['cpu']:.1f} |")
+    lines += ["", "Wall time is what this shared machine gave; CPU seconds are this process's own (at 1 thread "
+              "they are the time a quiet core would take)."]
     lines += ["", "One training step (forward + backward of the token-mean cross entropy, no optimizer), and the "
               "teacher's no-grad forward: process CPU seconds at 1 thread, median of "
               f"{args.repeats} rounds after a warm-up round (each round times every row of a size in turn); "
