@@ -17,7 +17,7 @@ import importlib.util
 import os
 
 import pytest
-from dpkd.spec.adapters import BackendAdapter, JaxAdapter, NumpyAdapter, TorchAdapter, adapter_for_module
+from dpkd.conformance.adapters import BackendAdapter, JaxAdapter, NumpyAdapter, TorchAdapter, adapter_for_module
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

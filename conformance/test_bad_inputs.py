@@ -5,8 +5,8 @@ labels outside the vocabulary, vocabulary mismatch, empty means, one-sided lengt
 
 import numpy as np
 import pytest
+from dpkd.conformance import testing as t
 from dpkd.spec import registry
-from dpkd.spec import testing as t
 from dpkd.spec.validation import DPKDInputError
 
 

@@ -4,8 +4,8 @@ on every backend, in float64."""
 
 import numpy as np
 import pytest
+from dpkd.conformance import testing as t
 from dpkd.spec import registry
-from dpkd.spec import testing as t
 
 CLOSED_FORMS = [(s, cf) for s in registry.REGISTRY for cf in s.closed_forms]
 

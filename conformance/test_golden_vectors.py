@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dpkd.conformance import testing as t
 from dpkd.spec import registry
-from dpkd.spec import testing as t
 
 GOLDEN = Path(__file__).parent / "golden" / "golden_vectors.json"
 ENTRIES = json.loads(GOLDEN.read_text())["entries"]
@@ -18,7 +18,7 @@ def _decode(x):
     if isinstance(x, dict) and "__array__" in x:
         return np.asarray(x["__array__"], dtype=x["dtype"]).reshape(x["shape"])
     if isinstance(x, dict) and "__preset__" in x:
-        return registry._objective_config(x["__preset__"])
+        return registry.objective_config(x["__preset__"])
     if isinstance(x, dict):
         return {k: _decode(v) for k, v in x.items()}
     if isinstance(x, list):

@@ -2,8 +2,8 @@
 every float array argument, in every dtype the backend takes."""
 
 import pytest
+from dpkd.conformance import testing as t
 from dpkd.spec import registry
-from dpkd.spec import testing as t
 from hypothesis import assume, given
 from hypothesis import strategies as st
 

@@ -4,8 +4,8 @@ accumulation 1 equals batch 1 × accumulation 8 with the global ``normalizer``."
 
 import numpy as np
 import pytest
+from dpkd.conformance import testing as t
 from dpkd.spec import registry
-from dpkd.spec import testing as t
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 

@@ -6,8 +6,8 @@ so its finite differences are taken of the registry's frozen-weight surrogate.""
 
 import numpy as np
 import pytest
+from dpkd.conformance import testing as t
 from dpkd.spec import registry
-from dpkd.spec import testing as t
 from hypothesis import assume, given
 from hypothesis import strategies as st
 

@@ -1,8 +1,8 @@
 """Backend values equal the float64 spec evaluated on the inputs as the backend saw them (every dtype the
-backend takes, the tolerance table of ``dpkd.spec.testing``)."""
+backend takes, the tolerance table of ``dpkd.conformance.testing``)."""
 
 import pytest
-from dpkd.spec import testing as t
+from dpkd.conformance import testing as t
 from hypothesis import assume, given
 from hypothesis import strategies as st
 

@@ -8,92 +8,26 @@ reference = the teacher p, chosen = the teacher's output y_t, rejected = the stu
 The mathematics is in ``spec/README.md``; the exact calling contract in ``spec/CONVENTIONS.md``.
 """
 
-from .distill import (
-    akl,
-    akl_grad,
-    cross_entropy,
-    cross_entropy_grad,
-    first_token_divergence,
-    forward_kl,
-    forward_kl_grad,
-    generalized_jsd,
-    generalized_jsd_grad,
-    reverse_kl,
-    reverse_kl_grad,
-)
-from .logps import (
-    sequence_logps,
-    sequence_logps_grad,
-    shift_for_causal_lm,
-    token_logps,
-    token_logps_grad,
-)
-from .metrics import implicit_reward, preference_metrics
-from .objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig, objective, objective_grad
-from .results import PreferenceLoss, TokenPreferenceLoss
-from .sequence import (
-    cpo_loss,
-    cpo_loss_grad,
-    dpkd_loss,
-    dpkd_loss_grad,
-    dpop_loss,
-    dpop_loss_grad,
-    ipo_loss,
-    ipo_loss_grad,
-    simpo_loss,
-    simpo_loss_grad,
-)
-from .token import dpkd_token_loss, dpkd_token_loss_grad
+# Every module exports what its ``__all__`` names; this package re-exports those names (so a function added
+# to a module, with its name in that module's ``__all__``, is public without an edit here).
+from . import distill as _distill
+from . import logps as _logps
+from . import metrics as _metrics
+from . import objective as _objective
+from . import results as _results
+from . import sequence as _sequence
+from . import token as _token
+from .distill import *  # noqa: F403
+from .logps import *  # noqa: F403
+from .metrics import *  # noqa: F403
+from .objective import *  # noqa: F403
+from .results import *  # noqa: F403
+from .sequence import *  # noqa: F403
+from .token import *  # noqa: F403
 from .validation import DPKDInputError
 
 # The array library the functions of this module take (read by the conformance suite's adapters).
 DPKD_FRAMEWORK = "numpy"
 
-__all__ = [
-    "DPKD_FRAMEWORK",
-    "DPKDInputError",
-    "PreferenceLoss",
-    "TokenPreferenceLoss",
-    # log-probabilities
-    "token_logps",
-    "sequence_logps",
-    "shift_for_causal_lm",
-    # sequence-level preference losses
-    "dpkd_loss",
-    "ipo_loss",
-    "cpo_loss",
-    "simpo_loss",
-    "dpop_loss",
-    # token-level
-    "dpkd_token_loss",
-    "cross_entropy",
-    "forward_kl",
-    "reverse_kl",
-    "generalized_jsd",
-    "akl",
-    # metrics
-    "implicit_reward",
-    "preference_metrics",
-    "first_token_divergence",
-    # objective
-    "ObjectiveConfig",
-    "objective",
-    "PAPER_OBJECTIVE",
-    "RELEASED_OBJECTIVE",
-    "DISTIL_ONLY",
-    # analytic gradients (spec only)
-    "token_logps_grad",
-    "sequence_logps_grad",
-    "dpkd_loss_grad",
-    "ipo_loss_grad",
-    "cpo_loss_grad",
-    "simpo_loss_grad",
-    "dpop_loss_grad",
-    "dpkd_token_loss_grad",
-    "cross_entropy_grad",
-    "forward_kl_grad",
-    "reverse_kl_grad",
-    "generalized_jsd_grad",
-    "akl_grad",
-    "objective_grad",
-]
+__all__ = ["DPKD_FRAMEWORK", "DPKDInputError",
+           *(name for m in (_results, _logps, _sequence, _token, _distill, _metrics, _objective) for name in m.__all__)]

@@ -4,6 +4,7 @@ and reductions. Every loss module builds on these; none re-implements them."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -28,8 +29,16 @@ __all__ = [
     "token_denominator",
     "only_arrays",
     "as_float_arrays",
-    "LogitPair",
-    "logit_pair",
+    "TokenInputs",
+    "token_inputs",
+    "A",
+    "B",
+    "C",
+    "D",
+    "LT",
+    "LS",
+    "sequence_inputs",
+    "Margin",
 ]
 
 
@@ -166,18 +175,18 @@ def as_float_arrays(func: str, arrays: Mapping[str, object]) -> list[np.ndarray]
     return out
 
 
-class LogitPair(NamedTuple):
-    """What every student/teacher token loss consumes (float64)."""
+class TokenInputs(NamedTuple):
+    """The validated inputs of a student/teacher token loss (the same bundle in every backend)."""
 
-    student: np.ndarray  # log_softmax(S / τ)  [..., T, V]
-    teacher: np.ndarray  # log_softmax(T / τ)  [..., T, V]
-    mask: np.ndarray  # 0/1                   [..., T]
+    student: np.ndarray  # S / τ, float64  [..., T, V]
+    teacher: np.ndarray  # T / τ, float64  [..., T, V]
+    mask: np.ndarray  # 0/1               [..., T]
     denominator: float  # the mean's denominator (1 for "sum" and "none")
 
 
-def logit_pair(func: str, student_logits: object, teacher_logits: object, mask: object, *,
-               normalizer: float | None, reduction: str, temperature: float = 1.0) -> LogitPair:
-    """Shape, dtype and value checks of a student/teacher token loss, then both log-softmaxes.
+def token_inputs(func: str, student_logits: object, teacher_logits: object, mask: object, *,
+                 normalizer: float | None, reduction: str, temperature: float = 1.0) -> TokenInputs:
+    """Shape, dtype and value checks of a student/teacher token loss, then the temperature.
 
     The caller has already checked its options (reduction, form, scalars, normalizer): that order is the
     contract. Here: shapes (incl. a vocabulary mismatch), dtypes, finiteness, mask binary, non-empty mean.
@@ -186,4 +195,76 @@ def logit_pair(func: str, student_logits: object, teacher_logits: object, mask: 
     s, t = as_float_arrays(func, {"student_logits": student_logits, "teacher_logits": teacher_logits})
     m = as_mask(func, "mask", mask)
     denominator = token_denominator(func, m, normalizer, reduction)
-    return LogitPair(log_softmax(s / temperature), log_softmax(t / temperature), m, denominator)
+    return TokenInputs(s / temperature, t / temperature, m, denominator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence-level losses (and the metrics) share one validation and one margin.
+
+A, B = "policy_chosen_logps", "policy_rejected_logps"
+C, D = "reference_chosen_logps", "reference_rejected_logps"
+LT, LS = "chosen_lengths", "rejected_lengths"
+
+
+def sequence_inputs(
+    func: str,
+    arrays: dict[str, object],
+    *,
+    optional: tuple[str, ...] = (),
+    lengths: tuple[str, ...] = (),
+    reduction: str | None = None,
+) -> dict[str, np.ndarray | None]:
+    """Presence, shapes, dtypes, then values, for the arrays of one call (given in signature order).
+
+    ``optional`` names may be None (they stay None); ``lengths`` names are checked > 0 after finiteness;
+    ``reduction="mean"`` refuses an empty input (a mean over nothing is 0/0).
+    """
+    for name, x in arrays.items():
+        if name not in optional:
+            v.require(func, name, x)
+    given = {name: x for name, x in arrays.items() if x is not None}
+    v.check_same_shape(func, {name: np.shape(x) for name, x in given.items()})
+    out: dict[str, np.ndarray | None] = {name: None for name in arrays}
+    for name, x in given.items():
+        out[name] = float64_array(func, name, x)
+    for name, x in out.items():
+        if x is not None:
+            v.check_finite(func, name, bool(np.all(np.isfinite(x))))
+    for name in lengths:
+        if out[name] is not None:
+            v.check_positive_lengths(func, name, bool(np.all(out[name] > 0)))
+    if reduction == "mean":
+        first = next(iter(given))
+        v.check_nonempty_elements(func, first, int(np.size(out[first])))
+    return out
+
+
+@dataclass(frozen=True)
+class Margin:
+    """r_t = (a − c)/L_t, r_s = (b − d)/L_s, h = r_t − r_s; ``dh[name]`` = ∂h/∂name (elementwise).
+
+    Without a reference (c, d None) the reference terms are 0 and get no partial; without lengths the
+    divisors are 1.
+    """
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    dh: dict[str, np.ndarray]
+
+    @property
+    def h(self) -> np.ndarray:
+        return self.chosen - self.rejected
+
+    @staticmethod
+    def of(x: dict[str, np.ndarray | None], *, reference: bool = True, normalize: bool = False) -> Margin:
+        a, b = x[A], x[B]
+        c = x[C] if reference else None
+        d = x[D] if reference else None
+        lt = x[LT] if normalize else np.ones_like(a)
+        ls = x[LS] if normalize else np.ones_like(b)
+        chosen = (a - c if c is not None else a) / lt
+        rejected = (b - d if d is not None else b) / ls
+        dh = {A: 1.0 / lt, B: -1.0 / ls}
+        if reference:
+            dh[C], dh[D] = -1.0 / lt, 1.0 / ls
+        return Margin(chosen, rejected, dh)

@@ -8,7 +8,7 @@ Symbols (SPEC-MATH §1, §6). At each position i of a ``[..., T, V]`` logits arr
 * KL(p‖q) = Σ_v p(v)[log p(v) − log q(v)] — always the true KL, never the cross-entropy form.
 
 One mechanism serves every loss here and the token-level DPKD loss: both log-softmaxes come from
-``_common.logit_pair`` (validation in the contract's order, float64, max-shifted so logits of magnitude 1e4
+``_common.token_inputs`` (validation in the contract's order, float64, max-shifted so logits of magnitude 1e4
 are exact to rounding), each loss is a small per-position piece ``ℓ_i = f(log q_i, log p_i)``, and the masked
 reduction is ``_common.reduce_tokens``: mean = Σ m_i ℓ_i / (normalizer or Σ m_i), sum = Σ m_i ℓ_i,
 none = m_i ℓ_i. No τ² factor (the TRL GKD convention).
@@ -26,6 +26,7 @@ Language Models" (AKL, 2024); microsoft/LMOps ``dpkd/main.py`` ``get_distil_loss
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,10 +36,10 @@ from ._common import (
     as_int,
     float64_array,
     log_softmax,
-    logit_pair,
     reduce_tokens,
     reduce_tokens_grad,
     token_denominator,
+    token_inputs,
 )
 
 __all__ = [
@@ -159,32 +160,44 @@ def _akl_grad(log_q: np.ndarray, log_p: np.ndarray, mu: float) -> Grads:
 
 
 # --------------------------------------------------------------------------------------------------
-# Shared drivers: options → logit_pair → per-position piece → masked reduction (or its chain rule).
+# Shared drivers: options → token_inputs → per-position piece → masked reduction (or its chain rule).
 
 
 _SHARED = ("temperature", "normalizer", "reduction")
 
 
-def _prepare(func, student_logits, teacher_logits, mask, options):
+class _LogProbs(NamedTuple):
+    """log q = log_softmax(S/τ), log p = log_softmax(T/τ), the mask, the mean's denominator, τ, and the
+    loss's own options (JSD β, AKL μ)."""
+
+    log_q: np.ndarray
+    log_p: np.ndarray
+    mask: np.ndarray
+    denominator: float
+    temperature: float
+    own: dict
+
+
+def _prepare(func: str, student_logits: object, teacher_logits: object, mask: object, options: dict) -> _LogProbs:
     """The options (the function's own, then temperature, normalizer, reduction: signature order), then the
-    log-softmax pair; returns (pair, temperature, the function's own options)."""
+    validated inputs and both log-softmaxes."""
     o = v.check_options(func, **options)
-    pair = logit_pair(func, student_logits, teacher_logits, mask, normalizer=o["normalizer"],
-                      reduction=o["reduction"], temperature=o["temperature"])
-    return pair, o["temperature"], {k: x for k, x in o.items() if k not in _SHARED}
+    x = token_inputs(func, student_logits, teacher_logits, mask, normalizer=o["normalizer"], reduction=o["reduction"],
+                     temperature=o["temperature"])
+    return _LogProbs(log_softmax(x.student), log_softmax(x.teacher), x.mask, x.denominator, o["temperature"],
+                     {k: val for k, val in o.items() if k not in _SHARED})
 
 
 def _value(func, piece, student_logits, teacher_logits, mask, **options):
-    pair, _, own = _prepare(func, student_logits, teacher_logits, mask, options)
-    return reduce_tokens(piece(pair.student, pair.teacher, **own), pair.mask, options["reduction"], pair.denominator)
+    lp = _prepare(func, student_logits, teacher_logits, mask, options)
+    return reduce_tokens(piece(lp.log_q, lp.log_p, **lp.own), lp.mask, options["reduction"], lp.denominator)
 
 
 def _grad(func, piece_grad, student_logits, teacher_logits, mask, **options) -> dict[str, np.ndarray]:
-    pair, tau, own = _prepare(func, student_logits, teacher_logits, mask, options)
-    reduction = options["reduction"]
-    g_s, g_t = piece_grad(pair.student, pair.teacher, **own)
+    lp = _prepare(func, student_logits, teacher_logits, mask, options)
+    g_s, g_t = piece_grad(lp.log_q, lp.log_p, **lp.own)
     # d S / d ℓ_i per position, times d z / d logits = 1/τ.
-    scale = reduce_tokens_grad(pair.mask, reduction, pair.denominator)[..., None] / tau
+    scale = reduce_tokens_grad(lp.mask, options["reduction"], lp.denominator)[..., None] / lp.temperature
     return {"student_logits": scale * g_s, "teacher_logits": scale * g_t}
 
 
@@ -232,9 +245,8 @@ def cross_entropy(
     See also: ``cross_entropy_grad``, ``forward_kl``, ``dpkd.spec.token_logps``.
     """
     func = "cross_entropy"
-    per_token, mask, denominator, _ = _cross_entropy_parts(func, logits, labels, ignore_index, normalizer,
-                                                           reduction)
-    return reduce_tokens(per_token, mask, reduction, denominator)
+    ce = _cross_entropy_parts(func, logits, labels, ignore_index, normalizer, reduction)
+    return reduce_tokens(ce.per_token, ce.mask, reduction, ce.denominator)
 
 
 def cross_entropy_grad(
@@ -257,15 +269,23 @@ def cross_entropy_grad(
     See also: ``cross_entropy``.
     """
     func = "cross_entropy"
-    _, mask, denominator, (log_q, safe_labels) = _cross_entropy_parts(func, logits, labels, ignore_index,
-                                                                      normalizer, reduction)
+    ce = _cross_entropy_parts(func, logits, labels, ignore_index, normalizer, reduction)
+    log_q, safe_labels, mask, denominator = ce.log_q, ce.safe_labels, ce.mask, ce.denominator
     one_hot = np.zeros_like(log_q)
     np.put_along_axis(one_hot, safe_labels[..., None], 1.0, axis=-1)
     scale = reduce_tokens_grad(mask, reduction, denominator)[..., None]
     return {"logits": scale * (np.exp(log_q) - one_hot)}
 
 
-def _cross_entropy_parts(func, logits, labels, ignore_index, normalizer, reduction):
+class _CrossEntropyParts(NamedTuple):
+    per_token: np.ndarray  # −log q[label], [..., T] (any value where ignored: multiplied by m = 0)
+    mask: np.ndarray  # m = 1[label ≠ ignore_index]
+    denominator: float  # the mean's denominator
+    log_q: np.ndarray  # log_softmax(logits)
+    safe_labels: np.ndarray  # labels with the ignored ones replaced by 0
+
+
+def _cross_entropy_parts(func, logits, labels, ignore_index, normalizer, reduction) -> _CrossEntropyParts:
     o = v.check_options(func, ignore_index=ignore_index, normalizer=normalizer, reduction=reduction)
     ignore_index, normalizer = o["ignore_index"], o["normalizer"]
     v.check_logits_labels_shapes(func, np.shape(logits), np.shape(labels))
@@ -281,7 +301,7 @@ def _cross_entropy_parts(func, logits, labels, ignore_index, normalizer, reducti
     safe_labels = np.where(ignored, 0, y)  # any valid index: these positions are multiplied by m = 0
     log_q = log_softmax(x)
     per_token = -np.take_along_axis(log_q, safe_labels[..., None], axis=-1)[..., 0]
-    return per_token, mask, denominator, (log_q, safe_labels)
+    return _CrossEntropyParts(per_token, mask, denominator, log_q, safe_labels)
 
 
 @v.options(v.TEMPERATURE, v.NORMALIZER, v.REDUCTION)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import validation as v
-from .sequence import LS, LT, A, B, C, D, _Margin, _validate
+from ._common import LS, LT, A, B, C, D, Margin, sequence_inputs
 
 __all__ = ["implicit_reward", "preference_metrics"]
 
@@ -53,7 +53,7 @@ def implicit_reward(
     func = "implicit_reward"
     beta = v.check_options(func, beta=beta)["beta"]
     arrays = {"policy_logps": policy_logps, "reference_logps": reference_logps, "lengths": lengths}
-    x = _validate(func, arrays, optional=("lengths",), lengths=("lengths",))
+    x = sequence_inputs(func, arrays, optional=("lengths",), lengths=("lengths",))
     ratio = x["policy_logps"] - x["reference_logps"]
     return beta * (ratio / x["lengths"] if x["lengths"] is not None else ratio)
 
@@ -106,10 +106,10 @@ def preference_metrics(
     func = "preference_metrics"
     beta = v.check_options(func, beta=beta)["beta"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
-                         D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
-                  optional=(LT, LS), lengths=(LT, LS), reduction="mean")
-    m = _Margin.of(x, normalize=normalize)
+    x = sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                        D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
+                        optional=(LT, LS), lengths=(LT, LS), reduction="mean")
+    m = Margin.of(x, normalize=normalize)
     chosen, rejected = beta * m.chosen, beta * m.rejected
     return {
         "rewards/chosen": float(np.mean(chosen)),

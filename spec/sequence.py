@@ -10,7 +10,7 @@ output y_t, rejected = the student's output y_s. Per example
 One mechanism serves every loss (SPEC-MATH §3A, §5): each loss is a function of the two per-side
 log-ratios  r_t = (a − c)/L_t  and  r_s = (b − d)/L_s  (reference terms 0 for the reference-free
 losses, lengths 1 when not normalising), of the margin  h = r_t − r_s, and of a few extra terms.
-``_validate`` checks the inputs once, ``_Margin`` builds r_t, r_s, h and their partial derivatives, and
+``_validate`` checks the inputs once, ``Margin`` builds r_t, r_s, h and their partial derivatives, and
 ``_Core`` turns a per-element loss and its per-element partials into the reduced result or the gradient
 dict. Each public loss is then a few lines on top.
 
@@ -30,7 +30,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import validation as v
-from ._common import float64_array, reduce_elements, reduce_elements_grad, sigmoid, softplus
+from ._common import (
+    LS,
+    LT,
+    A,
+    B,
+    C,
+    D,
+    Margin,
+    reduce_elements,
+    reduce_elements_grad,
+    sequence_inputs,
+    sigmoid,
+    softplus,
+)
 from .results import PreferenceLoss
 
 __all__ = [
@@ -58,77 +71,10 @@ SIMPO_BETA = replace(v.BETA, default=2.0, draw=(0.5, 4.0))
 GAMMA = v.Option("gamma", 1.0, draw=(-2.0, 2.0))
 DPOP_FORM = v.Option("form", "smaug", kind="choice", choices=DPOP_FORMS)
 
-A, B = "policy_chosen_logps", "policy_rejected_logps"
-C, D = "reference_chosen_logps", "reference_rejected_logps"
-LT, LS = "chosen_lengths", "rejected_lengths"
 
 
 # --------------------------------------------------------------------------------------------------
 # The shared mechanism
-
-
-def _validate(
-    func: str,
-    arrays: dict[str, object],
-    *,
-    optional: tuple[str, ...] = (),
-    lengths: tuple[str, ...] = (),
-    reduction: str | None = None,
-) -> dict[str, np.ndarray | None]:
-    """Presence, shapes, dtypes, then values, for the arrays of one call (given in signature order).
-
-    ``optional`` names may be None (they stay None); ``lengths`` names are checked > 0 after finiteness;
-    ``reduction="mean"`` refuses an empty input (a mean over nothing is 0/0).
-    """
-    for name, x in arrays.items():
-        if name not in optional:
-            v.require(func, name, x)
-    given = {name: x for name, x in arrays.items() if x is not None}
-    v.check_same_shape(func, {name: np.shape(x) for name, x in given.items()})
-    out: dict[str, np.ndarray | None] = {name: None for name in arrays}
-    for name, x in given.items():
-        out[name] = float64_array(func, name, x)
-    for name, x in out.items():
-        if x is not None:
-            v.check_finite(func, name, bool(np.all(np.isfinite(x))))
-    for name in lengths:
-        if out[name] is not None:
-            v.check_positive_lengths(func, name, bool(np.all(out[name] > 0)))
-    if reduction == "mean":
-        first = next(iter(given))
-        v.check_nonempty_elements(func, first, int(np.size(out[first])))
-    return out
-
-
-@dataclass(frozen=True)
-class _Margin:
-    """r_t = (a − c)/L_t, r_s = (b − d)/L_s, h = r_t − r_s; ``dh[name]`` = ∂h/∂name (elementwise).
-
-    Without a reference (c, d None) the reference terms are 0 and get no partial; without lengths the
-    divisors are 1.
-    """
-
-    chosen: np.ndarray
-    rejected: np.ndarray
-    dh: dict[str, np.ndarray]
-
-    @property
-    def h(self) -> np.ndarray:
-        return self.chosen - self.rejected
-
-    @staticmethod
-    def of(x: dict[str, np.ndarray | None], *, reference: bool = True, normalize: bool = False) -> _Margin:
-        a, b = x[A], x[B]
-        c = x[C] if reference else None
-        d = x[D] if reference else None
-        lt = x[LT] if normalize else np.ones_like(a)
-        ls = x[LS] if normalize else np.ones_like(b)
-        chosen = (a - c if c is not None else a) / lt
-        rejected = (b - d if d is not None else b) / ls
-        dh = {A: 1.0 / lt, B: -1.0 / ls}
-        if reference:
-            dh[C], dh[D] = -1.0 / lt, 1.0 / ls
-        return _Margin(chosen, rejected, dh)
 
 
 @dataclass(frozen=True)
@@ -158,7 +104,7 @@ def _logistic(z: np.ndarray, label_smoothing: float) -> tuple[np.ndarray, np.nda
     return (1.0 - eps) * softplus(-z) + eps * softplus(z), eps - sigmoid(-z)
 
 
-def _chain(dl_dh: np.ndarray, margin: _Margin) -> dict[str, np.ndarray]:
+def _chain(dl_dh: np.ndarray, margin: Margin) -> dict[str, np.ndarray]:
     return {name: dl_dh * dh for name, dh in margin.dh.items()}
 
 
@@ -174,10 +120,10 @@ def _dpkd(func, a, b, c, d, chosen_lengths, rejected_lengths, beta, label_smooth
                         reduction=reduction)
     beta, eps, reference_free, reduction = o["beta"], o["label_smoothing"], o["reference_free"], o["reduction"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    x = _validate(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
-                  optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
-                  reduction=reduction)
-    m = _Margin.of(x, reference=not reference_free, normalize=normalize)
+    x = sequence_inputs(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
+                        optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
+                        reduction=reduction)
+    m = Margin.of(x, reference=not reference_free, normalize=normalize)
     losses, dl_dz = _logistic(beta * m.h, eps)
     partials = _chain(beta * dl_dz, m)
     if reference_free:
@@ -298,9 +244,9 @@ def _ipo(func, a, b, c, d, tau, chosen_lengths, rejected_lengths, length_normali
     o = v.check_options(func, tau=tau, length_normalize=length_normalize, reduction=reduction)
     tau, length_normalize, reduction = o["tau"], o["length_normalize"], o["reduction"]
     v.check_length_normalize(func, length_normalize, chosen_lengths, rejected_lengths)
-    x = _validate(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
-                  optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
-    m = _Margin.of(x, normalize=bool(length_normalize))
+    x = sequence_inputs(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
+                        optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
+    m = Margin.of(x, normalize=bool(length_normalize))
     gap = m.h - 1.0 / (2.0 * tau)
     return _Core(gap**2, _chain(2.0 * gap, m), tau * m.chosen, tau * m.rejected, reduction)
 
@@ -398,8 +344,8 @@ def ipo_loss_grad(
 def _cpo(func, a, b, beta, nll_weight, chosen_lengths, label_smoothing, reduction) -> _Core:
     o = v.check_options(func, beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
     beta, w, eps, reduction = o["beta"], o["nll_weight"], o["label_smoothing"], o["reduction"]
-    x = _validate(func, {A: a, B: b, LT: chosen_lengths}, optional=(LT,), lengths=(LT,), reduction=reduction)
-    m = _Margin.of(x, reference=False)  # h = a − b: no reference, no length inside σ
+    x = sequence_inputs(func, {A: a, B: b, LT: chosen_lengths}, optional=(LT,), lengths=(LT,), reduction=reduction)
+    m = Margin.of(x, reference=False)  # h = a − b: no reference, no length inside σ
     pref, dl_dz = _logistic(beta * m.h, eps)
     lt = x[LT] if x[LT] is not None else np.ones_like(x[A])
     partials = _chain(beta * dl_dz, m)
@@ -486,9 +432,9 @@ def cpo_loss_grad(
 def _simpo(func, a, b, chosen_lengths, rejected_lengths, beta, gamma, label_smoothing, reduction) -> _Core:
     o = v.check_options(func, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
     beta, gamma, eps, reduction = o["beta"], o["gamma"], o["label_smoothing"], o["reduction"]
-    x = _validate(func, {A: a, B: b, LT: chosen_lengths, LS: rejected_lengths}, lengths=(LT, LS),
-                  reduction=reduction)
-    m = _Margin.of(x, reference=False, normalize=True)  # h = a/L_t − b/L_s
+    x = sequence_inputs(func, {A: a, B: b, LT: chosen_lengths, LS: rejected_lengths}, lengths=(LT, LS),
+                        reduction=reduction)
+    m = Margin.of(x, reference=False, normalize=True)  # h = a/L_t − b/L_s
     losses, dl_dz = _logistic(beta * m.h - gamma, eps)
     return _Core(losses, _chain(beta * dl_dz, m), beta * m.chosen, beta * m.rejected, reduction)
 
@@ -573,8 +519,8 @@ def simpo_loss_grad(
 def _dpop(func, a, b, c, d, beta, lambda_, form, reduction) -> _Core:
     o = v.check_options(func, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
     beta, lam, form, reduction = o["beta"], o["lambda_"], o["form"], o["reduction"]
-    x = _validate(func, {A: a, B: b, C: c, D: d}, reduction=reduction)
-    m = _Margin.of(x)  # summed margin (Eq. 8)
+    x = sequence_inputs(func, {A: a, B: b, C: c, D: d}, reduction=reduction)
+    m = Margin.of(x)  # summed margin (Eq. 8)
     penalty = np.maximum(0.0, x[C] - x[A])  # P = max(0, c − a): the chosen log-ratio fell below 0
     k = (x[C] > x[A]).astype(np.float64)  # dP/dc = k, dP/da = −k (strict: no subgradient at c = a)
     if form == "smaug":

@@ -16,17 +16,18 @@ agree (SPEC-MATH §3B fact 1): the loss is an argmax-matching margin loss, minim
 1/(4β²) for "ipo") and with zero gradient wherever the student's greedy token already equals the teacher's.
 
 It uses the same mechanism as the distillation baselines (``dpkd.spec.distill``): both log-softmaxes from
-``_common.logit_pair``, a small per-position piece, and the masked reduction ``_common.reduce_tokens``.
+``_common.token_inputs``, a small per-position piece, and the masked reduction ``_common.reduce_tokens``.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 
 from . import validation as v
-from ._common import first_argmax, logit_pair, reduce_tokens, reduce_tokens_grad, sigmoid, softplus
+from ._common import first_argmax, log_softmax, reduce_tokens, reduce_tokens_grad, sigmoid, softplus, token_inputs
 from .results import TokenPreferenceLoss
 
 __all__ = ["FORMS", "dpkd_token_loss", "dpkd_token_loss_grad"]
@@ -40,38 +41,56 @@ FORM = v.Option("form", "sigmoid", kind="choice", choices=FORMS)
 TOKEN_LABEL_SMOOTHING = replace(v.LABEL_SMOOTHING, requires=("form", "sigmoid"))
 
 
-def _prepare(func, student_logits, teacher_logits, mask, beta, form, label_smoothing, reference_free,
-             lambda_, normalizer, reduction):
-    """Options (in signature order), then shapes, dtypes and values."""
-    o = v.check_options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,
-                        lambda_=lambda_, normalizer=normalizer, reduction=reduction)
-    beta, form, eps, lam, normalizer = o["beta"], o["form"], o["label_smoothing"], o["lambda_"], o["normalizer"]
-    pair = logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction)
+class _Terms(NamedTuple):
+    """One call's validated per-position quantities (the symbols of the module docstring)."""
+
+    log_q: np.ndarray  # Q = log_softmax(S)  [..., T, V]
+    log_p: np.ndarray  # P = log_softmax(T)  [..., T, V]
+    mask: np.ndarray  # m (0/1)              [..., T]
+    denominator: float  # the mean's denominator
+    y_t: np.ndarray  # argmax P             [..., T]
+    y_s: np.ndarray  # argmax Q             [..., T]
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+    d: np.ndarray
+    h: np.ndarray
+    options: dict  # the checked options
+
+
+def _terms(func: str, student_logits: object, teacher_logits: object, mask: object, **options: object) -> _Terms:
+    """Options (in signature order), then shapes, dtypes and values, then a, b, c, d and h."""
+    o = v.check_options(func, **options)
+    x = token_inputs(func, student_logits, teacher_logits, mask, normalizer=o["normalizer"], reduction=o["reduction"])
+    log_q, log_p = log_softmax(x.student), log_softmax(x.teacher)
 
     def at(logp: np.ndarray, index: np.ndarray) -> np.ndarray:
         return np.take_along_axis(logp, index[..., None], axis=-1)[..., 0]
 
-    y_t, y_s = first_argmax(pair.teacher), first_argmax(pair.student)
-    a, b = at(pair.student, y_t), at(pair.student, y_s)
-    c, d = at(pair.teacher, y_t), at(pair.teacher, y_s)
-    h = (a - b) if reference_free else (a - b) - (c - d)
-    return pair, (y_t, y_s), (a, b, c, d), h, (beta, eps, lam, bool(reference_free))
+    y_t, y_s = first_argmax(log_p), first_argmax(log_q)
+    a, b = at(log_q, y_t), at(log_q, y_s)
+    c, d = at(log_p, y_t), at(log_p, y_s)
+    h = (a - b) if o["reference_free"] else (a - b) - (c - d)
+    return _Terms(log_q, log_p, x.mask, x.denominator, y_t, y_s, a, b, c, d, h, o)
 
 
-def _per_token(form: str, h, a, c, beta: float, eps: float, lam: float) -> np.ndarray:
+def _per_token(t: _Terms) -> np.ndarray:
+    beta, eps, lam, form = t.options["beta"], t.options["label_smoothing"], t.options["lambda_"], t.options["form"]
     if form == "ipo":
-        return (h - 1.0 / (2.0 * beta)) ** 2
+        return (t.h - 1.0 / (2.0 * beta)) ** 2
     if form == "dpop":
-        return softplus(-beta * h) + lam * np.maximum(0.0, c - a)
-    return (1.0 - eps) * softplus(-beta * h) + eps * softplus(beta * h)
+        return softplus(-beta * t.h) + lam * np.maximum(0.0, t.c - t.a)
+    return (1.0 - eps) * softplus(-beta * t.h) + eps * softplus(beta * t.h)
 
 
-def _per_token_derivatives(form: str, h, a, c, beta: float, eps: float, lam: float):
+def _per_token_derivatives(t: _Terms) -> tuple[np.ndarray, np.ndarray]:
     """(dℓ/dh, dℓ/dc) per position; for DPOP dℓ/da = −dℓ/dc = −λ·1[c > a] (strict, CONVENTIONS.md)."""
+    beta, eps, lam, form = t.options["beta"], t.options["label_smoothing"], t.options["lambda_"], t.options["form"]
+    h = t.h
     if form == "ipo":
         return 2.0 * (h - 1.0 / (2.0 * beta)), np.zeros_like(h)
     if form == "dpop":
-        return -beta * sigmoid(-beta * h), lam * (c > a).astype(np.float64)
+        return -beta * sigmoid(-beta * h), lam * (t.c > t.a).astype(np.float64)
     # σ(βh) − (1−ε) as ε − σ(−βh): no cancellation when βh is large
     return beta * (eps - sigmoid(-beta * h)), np.zeros_like(h)
 
@@ -146,14 +165,13 @@ def dpkd_token_loss(
 
     See also: ``dpkd_token_loss_grad``, ``dpkd_loss`` (sequence level), ``forward_kl``, ``cross_entropy``.
     """
-    func = "dpkd_token_loss"
-    pair, (y_t, y_s), (a, b, c, d), h, (beta, eps, lam, _) = _prepare(
-        func, student_logits, teacher_logits, mask, beta, form, label_smoothing, reference_free, lambda_,
-        normalizer, reduction)
-    m = pair.mask
-    loss = reduce_tokens(_per_token(form, h, a, c, beta, eps, lam), m, reduction, pair.denominator)
-    agreement_rate = np.sum(m * (y_t == y_s)) / max(float(np.sum(m)), 1.0)
-    return TokenPreferenceLoss(loss, agreement_rate, beta * (a - c) * m, beta * (b - d) * m)
+    t = _terms("dpkd_token_loss", student_logits, teacher_logits, mask, beta=beta, form=form,
+               label_smoothing=label_smoothing, reference_free=reference_free, lambda_=lambda_, normalizer=normalizer,
+               reduction=reduction)
+    m, beta = t.mask, t.options["beta"]
+    loss = reduce_tokens(_per_token(t), m, reduction, t.denominator)
+    agreement_rate = np.sum(m * (t.y_t == t.y_s)) / max(float(np.sum(m)), 1.0)
+    return TokenPreferenceLoss(loss, agreement_rate, beta * (t.a - t.c) * m, beta * (t.b - t.d) * m)
 
 
 def dpkd_token_loss_grad(
@@ -199,18 +217,17 @@ def dpkd_token_loss_grad(
 
     See also: ``dpkd_token_loss``, ``dpkd_loss_grad``.
     """
-    func = "dpkd_token_loss"
-    pair, (y_t, y_s), (a, _b, c, _d), h, (beta, eps, lam, ref_free) = _prepare(
-        func, student_logits, teacher_logits, mask, beta, form, label_smoothing, reference_free, lambda_,
-        normalizer, reduction)
-    dl_dh, dl_dc = _per_token_derivatives(form, h, a, c, beta, eps, lam)
-    w = reduce_tokens_grad(pair.mask, reduction, pair.denominator)[..., None]
-    e_t, e_s = _one_hot(y_t, pair.student.shape), _one_hot(y_s, pair.student.shape)
+    t = _terms("dpkd_token_loss", student_logits, teacher_logits, mask, beta=beta, form=form,
+               label_smoothing=label_smoothing, reference_free=reference_free, lambda_=lambda_, normalizer=normalizer,
+               reduction=reduction)
+    dl_dh, dl_dc = _per_token_derivatives(t)
+    w = reduce_tokens_grad(t.mask, reduction, t.denominator)[..., None]
+    e_t, e_s = _one_hot(t.y_t, t.log_q.shape), _one_hot(t.y_s, t.log_q.shape)
     dh_ds = e_t - e_s  # ∂h/∂S_i; also −∂h/∂T_i unless reference-free
     dl_dh, dl_dc = dl_dh[..., None], dl_dc[..., None]
     # a = Q[y^t] gives ∂a/∂S = e_{y^t} − q;  c = P[y^t] gives ∂c/∂T = e_{y^t} − p;  dℓ/da = −dℓ/dc.
-    g_student = dl_dh * dh_ds - dl_dc * (e_t - np.exp(pair.student))
-    g_teacher = dl_dc * (e_t - np.exp(pair.teacher))
-    if not ref_free:
+    g_student = dl_dh * dh_ds - dl_dc * (e_t - np.exp(t.log_q))
+    g_teacher = dl_dc * (e_t - np.exp(t.log_p))
+    if not t.options["reference_free"]:
         g_teacher = g_teacher - dl_dh * dh_ds
     return {"student_logits": w * g_student, "teacher_logits": w * g_teacher}

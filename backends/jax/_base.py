@@ -63,8 +63,17 @@ __all__ = [
     "token_denominator",
     "reduce_tokens",
     "scalar_out",
-    "LogitPair",
-    "logit_pair",
+    "TokenInputs",
+    "token_inputs",
+    "A",
+    "B",
+    "C",
+    "D",
+    "LT",
+    "LS",
+    "Arrays",
+    "sequence_inputs",
+    "margin",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -330,8 +339,9 @@ def scalar_out(x: jax.Array) -> float | jax.Array:
 # Student/teacher token losses (token DPKD and the distillation baselines) share one preparation.
 
 
-class LogitPair(NamedTuple):
-    """What every student/teacher token loss consumes, in the compute dtype."""
+class TokenInputs(NamedTuple):
+    """The validated inputs of a student/teacher token loss (the same bundle in every backend), in the
+    compute dtype."""
 
     student: jax.Array  # S / τ  [..., T, V]
     teacher: jax.Array  # T / τ  [..., T, V]
@@ -339,8 +349,8 @@ class LogitPair(NamedTuple):
     denominator: jax.Array | float  # the mean's denominator (1 for "sum" and "none")
 
 
-def logit_pair(func: str, student_logits: Any, teacher_logits: Any, mask: Any, *, normalizer: float | None,
-               reduction: str, temperature: float = 1.0) -> LogitPair:
+def token_inputs(func: str, student_logits: Any, teacher_logits: Any, mask: Any, *, normalizer: float | None,
+                 reduction: str, temperature: float = 1.0) -> TokenInputs:
     """Shape, dtype and value checks of a student/teacher token loss, then the cast and the temperature.
 
     The caller has already checked its options (reduction, form, scalars, normalizer): that order is the
@@ -358,4 +368,52 @@ def logit_pair(func: str, student_logits: Any, teacher_logits: Any, mask: Any, *
     s, t = s.astype(dt), t.astype(dt)
     if temperature != 1.0:
         s, t = s / temperature, t / temperature
-    return LogitPair(s, t, m.astype(dt), denominator)
+    return TokenInputs(s, t, m.astype(dt), denominator)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence-level losses (and the metrics) share one validation and one margin.
+
+A, B = "policy_chosen_logps", "policy_rejected_logps"
+C, D = "reference_chosen_logps", "reference_rejected_logps"
+LT, LS = "chosen_lengths", "rejected_lengths"
+
+Arrays = dict[str, jax.Array | None]
+
+
+def sequence_inputs(func: str, arrays: dict[str, Any], *, optional: tuple[str, ...] = (),
+              lengths: tuple[str, ...] = (), reduction: str | None = None) -> Arrays:
+    """Presence, shapes, dtypes, then values, for the arrays of one call (given in signature order);
+    returns them cast to the compute dtype (None stays None).
+
+    ``optional`` names may be None; ``lengths`` names are checked > 0 after finiteness; under
+    ``reduction="mean"`` an empty input is refused (a shape fact, so it holds under jit too)."""
+    for name, x in arrays.items():
+        if name not in optional:
+            v.require(func, name, x)
+    given = {name: x for name, x in arrays.items() if x is not None}
+    shape = v.check_same_shape(func, {name: shape_of(x) for name, x in given.items()})
+    out: Arrays = {name: None for name in arrays}
+    for name, x in given.items():
+        out[name] = float_arg(func, name, x)
+    for name, x in out.items():
+        check_finite(func, name, x)
+    for name in lengths:
+        check_positive(func, name, out[name])
+    if reduction == "mean":
+        size = 1
+        for n in shape:
+            size *= n
+        v.check_nonempty(func, next(iter(given)), float(size))
+    dt = compute_dtype(*out.values())
+    return {name: None if x is None else x.astype(dt) for name, x in out.items()}
+
+
+def margin(x: Arrays, *, reference: bool = True, normalize: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(r_t, r_s): r_t = (a − c)/L_t, r_s = (b − d)/L_s; the margin is h = r_t − r_s (Eq. 8 / Eq. 9)."""
+    chosen, rejected = x[A], x[B]
+    if reference:
+        chosen, rejected = chosen - x[C], rejected - x[D]
+    if normalize:
+        chosen, rejected = chosen / x[LT], rejected / x[LS]
+    return chosen, rejected

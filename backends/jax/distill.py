@@ -79,7 +79,7 @@ def _akl_piece(*, mu: float) -> Piece:
 
 
 # --------------------------------------------------------------------------------------------------
-# The shared driver: options → logit_pair → per-position piece → masked reduction
+# The shared driver: options → token_inputs → per-position piece → masked reduction
 
 
 _SHARED = ("temperature", "normalizer", "reduction")
@@ -89,7 +89,7 @@ def _divergence(func: str, piece_of: Callable[..., Piece], student_logits: jax.A
                 mask: jax.Array, **options: Any) -> jax.Array:
     """The options (signature order), the log-softmax pair, then ``piece_of(**own options)`` per position."""
     o = _base.options(func, **options)
-    pair = _base.logit_pair(func, student_logits, teacher_logits, mask, normalizer=o["normalizer"],
+    pair = _base.token_inputs(func, student_logits, teacher_logits, mask, normalizer=o["normalizer"],
                             reduction=o["reduction"], temperature=o["temperature"])
     piece = piece_of(**{k: x for k, x in o.items() if k not in _SHARED})
     per_position = piece(_base.log_softmax(pair.student), _base.log_softmax(pair.teacher))

@@ -15,8 +15,7 @@ from dpkd.spec import validation as v
 
 from . import _base
 
-__all__ = ["token_logps", "sequence_logps", "shift_for_causal_lm", "LabelInputs", "label_inputs",
-           "picked_logps"]
+__all__ = ["token_logps", "sequence_logps", "shift_for_causal_lm"]
 
 
 class LabelInputs(NamedTuple):

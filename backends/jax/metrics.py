@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from dpkd.spec import validation as v
 
 from . import _base
-from .sequence import LS, LT, A, B, C, D, _margin, _validate
+from ._base import LS, LT, A, B, C, D
 
 __all__ = ["implicit_reward", "preference_metrics"]
 
@@ -39,8 +39,8 @@ def implicit_reward(
     """
     func = "implicit_reward"
     beta = _base.options(func, beta=beta)["beta"]
-    x = _validate(func, {"policy_logps": policy_logps, "reference_logps": reference_logps, "lengths": lengths},
-                  optional=("lengths",), lengths=("lengths",))
+    arrays = {"policy_logps": policy_logps, "reference_logps": reference_logps, "lengths": lengths}
+    x = _base.sequence_inputs(func, arrays, optional=("lengths",), lengths=("lengths",))
     ratio = x["policy_logps"] - x["reference_logps"]
     return beta * (ratio if x["lengths"] is None else ratio / x["lengths"])
 
@@ -82,10 +82,10 @@ def preference_metrics(
     func = "preference_metrics"
     beta = _base.options(func, beta=beta)["beta"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
-                         D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
-                  optional=(LT, LS), lengths=(LT, LS), reduction="mean")
-    chosen, rejected = _margin(x, normalize=normalize)
+    x = _base.sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                              D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
+                              optional=(LT, LS), lengths=(LT, LS), reduction="mean")
+    chosen, rejected = _base.margin(x, normalize=normalize)
     chosen, rejected = beta * chosen, beta * rejected
     dt = chosen.dtype
     values = {

@@ -7,8 +7,8 @@ output y_t, rejected = the student's output y_s. Per example
     b = log q_θ(y_s|x)  (policy_rejected_logps)    d = log p(y_s|x)  (reference_rejected_logps)
     L_t = |y_t|  (chosen_lengths)                  L_s = |y_s|  (rejected_lengths)
 
-One mechanism serves every loss (SPEC-MATH §3A, §5): ``_validate`` checks and casts the inputs once,
-``_margin`` builds the two per-side log-ratios r_t = (a − c)/L_t and r_s = (b − d)/L_s (reference terms
+One mechanism serves every loss (SPEC-MATH §3A, §5): ``_base.sequence_inputs`` checks and casts the inputs once,
+``_base.margin`` builds the two per-side log-ratios r_t = (a − c)/L_t and r_s = (b − d)/L_s (reference terms
 absent for the reference-free losses, lengths absent when not normalising), and ``_result`` reduces the
 per-element losses and attaches the detached rewards. Each public loss is a few lines on top. Gradients are
 ``jax.grad``'s; they equal the spec's ``*_grad`` (conformance/).
@@ -18,8 +18,6 @@ Every function is pure and composes with ``jax.jit`` (options static: ``dpkd.bac
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,52 +29,11 @@ from . import _base
 
 __all__ = ["dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss", "DPOP_FORMS"]
 
-A, B, C, D = "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps"
-LT, LS = "chosen_lengths", "rejected_lengths"
-
-Arrays = dict[str, jax.Array | None]
+A, B, C, D, LT, LS = _base.A, _base.B, _base.C, _base.D, _base.LT, _base.LS
 
 
 # --------------------------------------------------------------------------------------------------
 # The shared mechanism
-
-
-def _validate(func: str, arrays: dict[str, Any], *, optional: tuple[str, ...] = (),
-              lengths: tuple[str, ...] = (), reduction: str | None = None) -> Arrays:
-    """Presence, shapes, dtypes, then values, for the arrays of one call (given in signature order);
-    returns them cast to the compute dtype (None stays None).
-
-    ``optional`` names may be None; ``lengths`` names are checked > 0 after finiteness; under
-    ``reduction="mean"`` an empty input is refused (a shape fact, so it holds under jit too)."""
-    for name, x in arrays.items():
-        if name not in optional:
-            v.require(func, name, x)
-    given = {name: x for name, x in arrays.items() if x is not None}
-    shape = v.check_same_shape(func, {name: _base.shape_of(x) for name, x in given.items()})
-    out: Arrays = {name: None for name in arrays}
-    for name, x in given.items():
-        out[name] = _base.float_arg(func, name, x)
-    for name, x in out.items():
-        _base.check_finite(func, name, x)
-    for name in lengths:
-        _base.check_positive(func, name, out[name])
-    if reduction == "mean":
-        size = 1
-        for n in shape:
-            size *= n
-        v.check_nonempty(func, next(iter(given)), float(size))
-    dt = _base.compute_dtype(*out.values())
-    return {name: None if x is None else x.astype(dt) for name, x in out.items()}
-
-
-def _margin(x: Arrays, *, reference: bool = True, normalize: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(r_t, r_s): r_t = (a − c)/L_t, r_s = (b − d)/L_s; the margin is h = r_t − r_s (Eq. 8 / Eq. 9)."""
-    chosen, rejected = x[A], x[B]
-    if reference:
-        chosen, rejected = chosen - x[C], rejected - x[D]
-    if normalize:
-        chosen, rejected = chosen / x[LT], rejected / x[LS]
-    return chosen, rejected
 
 
 def _result(losses: jax.Array, chosen: jax.Array, rejected: jax.Array, scale: float,
@@ -145,11 +102,11 @@ def dpkd_loss(
                       reduction=reduction)
     beta, eps, reference_free, reduction = o["beta"], o["label_smoothing"], o["reference_free"], o["reduction"]
     normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
-                         D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
-                  optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
-                  reduction=reduction)
-    chosen, rejected = _margin(x, reference=not reference_free, normalize=normalize)
+    x = _base.sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                              D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
+                              optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
+                              reduction=reduction)
+    chosen, rejected = _base.margin(x, reference=not reference_free, normalize=normalize)
     losses = _base.smoothed_sigmoid_loss(beta * (chosen - rejected), eps)
     return _result(losses, chosen, rejected, beta, reduction)
 
@@ -201,10 +158,10 @@ def ipo_loss(
     o = _base.options(func, tau=tau, length_normalize=length_normalize, reduction=reduction)
     tau, normalize, reduction = o["tau"], o["length_normalize"], o["reduction"]
     v.check_length_normalize(func, normalize, chosen_lengths, rejected_lengths)
-    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
-                         D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
-                  optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
-    chosen, rejected = _margin(x, normalize=normalize)
+    x = _base.sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                              D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
+                              optional=(LT, LS), lengths=(LT, LS), reduction=reduction)
+    chosen, rejected = _base.margin(x, normalize=normalize)
     losses = jnp.square(chosen - rejected - 1.0 / (2.0 * tau))
     return _result(losses, chosen, rejected, tau, reduction)
 
@@ -249,8 +206,8 @@ def cpo_loss(
     func = "cpo_loss"
     o = _base.options(func, beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
     beta, w, eps, reduction = o["beta"], o["nll_weight"], o["label_smoothing"], o["reduction"]
-    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths},
-                  optional=(LT,), lengths=(LT,), reduction=reduction)
+    x = _base.sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths},
+                              optional=(LT,), lengths=(LT,), reduction=reduction)
     a, rejected = x[A], x[B]
     nll = -a if x[LT] is None else -a / x[LT]
     losses = _base.smoothed_sigmoid_loss(beta * (a - rejected), eps) + w * nll
@@ -299,9 +256,9 @@ def simpo_loss(
     func = "simpo_loss"
     o = _base.options(func, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
     beta, gamma, eps, reduction = o["beta"], o["gamma"], o["label_smoothing"], o["reduction"]
-    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths,
-                         LS: rejected_lengths}, lengths=(LT, LS), reduction=reduction)
-    chosen, rejected = _margin(x, reference=False, normalize=True)
+    x = _base.sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, LT: chosen_lengths,
+                              LS: rejected_lengths}, lengths=(LT, LS), reduction=reduction)
+    chosen, rejected = _base.margin(x, reference=False, normalize=True)
     losses = _base.smoothed_sigmoid_loss(beta * (chosen - rejected) - gamma, eps)
     return _result(losses, chosen, rejected, beta, reduction)
 
@@ -350,9 +307,9 @@ def dpop_loss(
     func = "dpop_loss"
     o = _base.options(func, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
     beta, lam, form, reduction = o["beta"], o["lambda_"], o["form"], o["reduction"]
-    x = _validate(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
-                         D: reference_rejected_logps}, reduction=reduction)
-    chosen, rejected = _margin(x)
+    x = _base.sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
+                              D: reference_rejected_logps}, reduction=reduction)
+    chosen, rejected = _base.margin(x)
     a, c = x[A], x[C]
     penalty = jnp.where(c > a, c - a, jnp.zeros((), a.dtype))
     h = chosen - rejected

@@ -72,7 +72,7 @@ def dpkd_token_loss(
                       lambda_=lambda_, normalizer=normalizer, reduction=reduction)
     beta, form, eps, reference_free = o["beta"], o["form"], o["label_smoothing"], o["reference_free"]
     lam, normalizer, reduction = o["lambda_"], o["normalizer"], o["reduction"]
-    pair = _base.logit_pair(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction)
+    pair = _base.token_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction)
     s, t, m = pair.student, pair.teacher, pair.mask
 
     # argmax is piecewise constant: no gradient flows through the choice of tokens

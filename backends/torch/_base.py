@@ -38,18 +38,17 @@ __all__ = [
     "float_arg",
     "softplus",
     "smoothed_sigmoid_loss",
-    "hinge",
+    "positive_part",
     "kl_divergence",
     "shifted_logits",
     "gather_last",
     "reduce_elements",
-    "mask_as_float",
     "options",
     "token_denominator",
     "reduce_tokens",
     "sequence_inputs",
     "TokenInputs",
-    "student_teacher_inputs",
+    "token_inputs",
 ]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -215,7 +214,7 @@ def smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tens
     return (1.0 - label_smoothing) * loss + label_smoothing * softplus(z)
 
 
-def hinge(x: torch.Tensor) -> torch.Tensor:
+def positive_part(x: torch.Tensor) -> torch.Tensor:
     """max(0, x) with gradient 1[x > 0] (strict), the spec's k = 1[c > a]; ``clamp`` would pass 1 at x = 0."""
     return torch.where(x > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -252,10 +251,6 @@ def reduce_elements(losses: torch.Tensor, reduction: str) -> torch.Tensor:
         return losses.sum()
     return losses.mean()
 
-
-def mask_as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A validated 0/1 (or bool) mask as ``dtype`` numbers."""
-    return mask.to(dtype)
 
 
 def options(func: str, **values: Any) -> dict[str, Any]:
@@ -294,17 +289,18 @@ def reduce_tokens(per_token: torch.Tensor, mask: torch.Tensor, reduction: str,
 
 
 class TokenInputs(NamedTuple):
-    """Validated token-level inputs, cast to the compute dtype."""
+    """The validated inputs of a student/teacher token loss (the same bundle in every backend), cast to the
+    compute dtype."""
 
-    student: torch.Tensor  # [..., T, V]
-    teacher: torch.Tensor  # [..., T, V]
+    student: torch.Tensor  # S / τ  [..., T, V]
+    teacher: torch.Tensor  # T / τ  [..., T, V]
     mask: torch.Tensor  # [..., T], 0/1 numbers in the compute dtype
     denominator: torch.Tensor | float  # the mean's denominator (1.0 unless reduction == "mean")
 
 
-def student_teacher_inputs(
+def token_inputs(
     func: str, student_logits: Any, teacher_logits: Any, mask: Any, *, normalizer: float | None,
-    reduction: str,
+    reduction: str, temperature: float = 1.0,
 ) -> TokenInputs:
     """Shapes (a vocabulary mismatch included), dtypes, devices, then values (finite logits, binary mask,
     non-empty mean) — the spec's order; the caller has checked its options already.
@@ -326,7 +322,10 @@ def student_teacher_inputs(
     dtype = compute_dtype(s.dtype)
     denominator = token_denominator(m, normalizer, reduction, dtype, checks)
     checks.run()
-    return TokenInputs(s.to(dtype), t.to(dtype), m.to(dtype), denominator)
+    s, t = s.to(dtype), t.to(dtype)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    return TokenInputs(s, t, m.to(dtype), denominator)
 
 
 def sequence_inputs(

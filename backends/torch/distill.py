@@ -9,23 +9,33 @@ sum = Σ mℓ, none = m·ℓ [..., T].
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from ._base import kl_divergence, options, reduce_tokens, student_teacher_inputs
+from ._base import kl_divergence, options, reduce_tokens, token_inputs
 from .logps import _token_logps
 
 __all__ = ["cross_entropy", "forward_kl", "reverse_kl", "generalized_jsd", "akl"]
 
 
-def _tempered(func: str, student_logits, teacher_logits, mask, temperature, normalizer, reduction, **own):
-    """Options (signature order), then validated inputs and log q, log p at temperature τ."""
+class _LogProbs(NamedTuple):
+    """log q = log_softmax(S/τ), log p = log_softmax(T/τ), the mask and the mean's denominator."""
+
+    log_q: torch.Tensor
+    log_p: torch.Tensor
+    mask: torch.Tensor
+    denominator: torch.Tensor | float
+
+
+def _tempered(func: str, student_logits, teacher_logits, mask, temperature, normalizer, reduction, **own
+              ) -> _LogProbs:
+    """Options (signature order), then the validated inputs and their log-softmaxes at temperature τ."""
     normalizer = options(func, **own, temperature=temperature, normalizer=normalizer, reduction=reduction)["normalizer"]
-    x = student_teacher_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer,
-                               reduction=reduction)
-    log_q = torch.log_softmax(x.student / temperature, dim=-1)
-    log_p = torch.log_softmax(x.teacher / temperature, dim=-1)
-    return x, log_q, log_p
+    x = token_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer, reduction=reduction,
+                     temperature=temperature)
+    return _LogProbs(torch.log_softmax(x.student, dim=-1), torch.log_softmax(x.teacher, dim=-1), x.mask,
+                     x.denominator)
 
 
 def cross_entropy(
@@ -85,9 +95,8 @@ def forward_kl(
 
     See also: ``reverse_kl``, ``generalized_jsd``, ``ForwardKL``, ``dpkd.spec.forward_kl``.
     """
-    x, log_q, log_p = _tempered("forward_kl", student_logits, teacher_logits, mask, temperature, normalizer,
-                                reduction)
-    return reduce_tokens(kl_divergence(log_p, log_q), x.mask, reduction, x.denominator)
+    lp = _tempered("forward_kl", student_logits, teacher_logits, mask, temperature, normalizer, reduction)
+    return reduce_tokens(kl_divergence(lp.log_p, lp.log_q), lp.mask, reduction, lp.denominator)
 
 
 def reverse_kl(
@@ -105,9 +114,8 @@ def reverse_kl(
 
     See also: ``forward_kl``, ``ReverseKL``, ``dpkd.spec.reverse_kl``.
     """
-    x, log_q, log_p = _tempered("reverse_kl", student_logits, teacher_logits, mask, temperature, normalizer,
-                                reduction)
-    return reduce_tokens(kl_divergence(log_q, log_p), x.mask, reduction, x.denominator)
+    lp = _tempered("reverse_kl", student_logits, teacher_logits, mask, temperature, normalizer, reduction)
+    return reduce_tokens(kl_divergence(lp.log_q, lp.log_p), lp.mask, reduction, lp.denominator)
 
 
 def generalized_jsd(
@@ -129,8 +137,9 @@ def generalized_jsd(
 
     See also: ``forward_kl``, ``reverse_kl``, ``GeneralizedJSD``, ``dpkd.spec.generalized_jsd``.
     """
-    x, log_q, log_p = _tempered("generalized_jsd", student_logits, teacher_logits, mask, temperature, normalizer,
-                                reduction, beta=beta)
+    lp = _tempered("generalized_jsd", student_logits, teacher_logits, mask, temperature, normalizer, reduction,
+                   beta=beta)
+    log_q, log_p = lp.log_q, lp.log_p
     if beta == 0.0:
         per_token = kl_divergence(log_p, log_q)
     elif beta == 1.0:
@@ -138,7 +147,7 @@ def generalized_jsd(
     else:
         log_m = torch.logaddexp(log_q + math.log(1.0 - beta), log_p + math.log(beta))
         per_token = beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m)
-    return reduce_tokens(per_token, x.mask, reduction, x.denominator)
+    return reduce_tokens(per_token, lp.mask, reduction, lp.denominator)
 
 
 def akl(
@@ -162,8 +171,8 @@ def akl(
 
     See also: ``forward_kl``, ``reverse_kl``, ``AKL``, ``dpkd.spec.akl``.
     """
-    x, log_q, log_p = _tempered("akl", student_logits, teacher_logits, mask, temperature, normalizer, reduction,
-                                mu=mu)
+    lp = _tempered("akl", student_logits, teacher_logits, mask, temperature, normalizer, reduction, mu=mu)
+    log_q, log_p = lp.log_q, lp.log_p
     with torch.no_grad():
         p, q = log_p.exp(), log_q.exp()
         p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
@@ -175,4 +184,4 @@ def akl(
         total = g_head + g_tail
         w_head = torch.where(total > 0, g_head / torch.where(total > 0, total, 1.0), 0.5)
     per_token = w_head * kl_divergence(log_p, log_q) + (1.0 - w_head) * kl_divergence(log_q, log_p)
-    return reduce_tokens(per_token, x.mask, reduction, x.denominator)
+    return reduce_tokens(per_token, lp.mask, reduction, lp.denominator)

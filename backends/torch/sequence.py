@@ -21,8 +21,8 @@ from dpkd.spec.results import PreferenceLoss
 from dpkd.spec.sequence import DPOP_FORMS
 
 from ._base import (
-    hinge,
     options,
+    positive_part,
     reduce_elements,
     sequence_inputs,
     smoothed_sigmoid_loss,
@@ -272,7 +272,7 @@ def dpop_loss(
     a, c = t[_LOGPS[0]], t[_LOGPS[2]]
     chosen, rejected = _ratio(a, c, None), _ratio(t[_LOGPS[1]], t[_LOGPS[3]], None)
     h = chosen - rejected
-    penalty = hinge(c - a)
+    penalty = positive_part(c - a)
     if form == "smaug":
         losses = softplus(-beta * (h - lambda_ * penalty))
     else:

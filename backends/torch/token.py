@@ -15,13 +15,13 @@ from dpkd.spec.token import FORMS
 
 from ._base import (
     gather_last,
-    hinge,
     options,
+    positive_part,
     reduce_tokens,
     shifted_logits,
     smoothed_sigmoid_loss,
     softplus,
-    student_teacher_inputs,
+    token_inputs,
 )
 
 __all__ = ["FORMS", "dpkd_token_loss"]
@@ -79,7 +79,7 @@ def dpkd_token_loss(
     func = "dpkd_token_loss"
     normalizer = options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,
                          lambda_=lambda_, normalizer=normalizer, reduction=reduction)["normalizer"]
-    x = student_teacher_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer,
+    x = token_inputs(func, student_logits, teacher_logits, mask, normalizer=normalizer,
                                reduction=reduction)
     S, T, m = x.student, x.teacher, x.mask
 
@@ -99,7 +99,7 @@ def dpkd_token_loss(
     else:
         a = gather_last(S_shift, y_t) - lse_s
         c = gather_last(T_shift, y_t) - lse_t
-        per_token = softplus(-beta * h) + lambda_ * hinge(c - a)
+        per_token = softplus(-beta * h) + lambda_ * positive_part(c - a)
     loss = reduce_tokens(per_token, m, reduction, x.denominator)
 
     with torch.no_grad():

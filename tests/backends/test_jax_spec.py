@@ -7,8 +7,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from dpkd.conformance.adapters import JaxAdapter, NumpyAdapter, scalar_of
 from dpkd.spec import registry as R
-from dpkd.spec.adapters import JaxAdapter, NumpyAdapter, scalar_of
 
 RTOL = 1e-10
 

@@ -9,8 +9,8 @@ import importlib
 import jax
 import numpy as np
 import pytest
+from dpkd.conformance.adapters import JaxAdapter, NumpyAdapter, TorchAdapter
 from dpkd.spec import registry as R
-from dpkd.spec.adapters import JaxAdapter, NumpyAdapter, TorchAdapter
 
 torch = pytest.importorskip("torch")
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 
 fused = pytest.importorskip("dpkd.backends.jax.fused")
 fused_token = pytest.importorskip("dpkd.backends.jax.fused_token")
-from dpkd.spec.testing import assert_close  # noqa: E402
+from dpkd.conformance.testing import assert_close  # noqa: E402
 from dpkd.spec.validation import DPKDInputError  # noqa: E402
 
 ODD = (3, 47, 31, 123)  # (B, T, H, V)

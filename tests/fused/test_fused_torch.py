@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 fused = pytest.importorskip("dpkd.backends.torch.fused")
 fused_token = pytest.importorskip("dpkd.backends.torch.fused_token")
-from dpkd.spec.testing import assert_close  # noqa: E402
+from dpkd.conformance.testing import assert_close  # noqa: E402
 from dpkd.spec.validation import DPKDInputError  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

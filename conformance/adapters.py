@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BackendAdapter", "NumpyAdapter", "TorchAdapter", "JaxAdapter", "adapter_for_module", "scalar_of"]
+__all__ = ["BackendAdapter", "NumpyAdapter", "TorchAdapter", "JaxAdapter", "adapter_for_module", "scalar_of", "map_out"]
 
 
 def scalar_of(out: Any) -> Any:
@@ -55,7 +55,7 @@ class BackendAdapter:
 
     def call(self, fn_name: str, args: Sequence[Any], kwargs: dict[str, Any], dtype: str | None = None) -> Any:
         out = self.function(fn_name)(*self.convert_args(args, dtype), **self.convert_kwargs(kwargs, dtype))
-        return _map_out(out, self.to_numpy)
+        return map_out(out, self.to_numpy)
 
     def value_and_grad(
         self, fn_name: str, args: Sequence[Any], kwargs: dict[str, Any], wrt: Sequence[int],
@@ -65,13 +65,13 @@ class BackendAdapter:
         raise NotImplementedError
 
 
-def _map_out(out: Any, f: Callable[[Any], Any]) -> Any:
+def map_out(out: Any, f: Callable[[Any], Any]) -> Any:
     if isinstance(out, tuple) and hasattr(out, "_fields"):
-        return type(out)(*(_map_out(o, f) for o in out))
+        return type(out)(*(map_out(o, f) for o in out))
     if isinstance(out, tuple):
-        return tuple(_map_out(o, f) for o in out)
+        return tuple(map_out(o, f) for o in out)
     if isinstance(out, dict):
-        return {k: _map_out(o, f) for k, o in out.items()}
+        return {k: map_out(o, f) for k, o in out.items()}
     if isinstance(out, (float, int, bool)) or out is None:
         return out
     return f(out)
@@ -101,7 +101,7 @@ class NumpyAdapter(BackendAdapter):
         grad_fn = self.function(fn_name + "_grad")
         conv = self.convert_args(args, dtype)
         kwargs = self.convert_kwargs(kwargs, dtype)
-        value = _map_out(fn(*conv, **kwargs), self.to_numpy)
+        value = map_out(fn(*conv, **kwargs), self.to_numpy)
         grads = grad_fn(*conv, **kwargs)
         names = list(inspect.signature(fn).parameters)
         return value, [np.asarray(grads.get(names[i], np.zeros_like(args[i])), dtype=np.float64) for i in wrt]
@@ -143,7 +143,7 @@ class TorchAdapter(BackendAdapter):
         s = scalar_of(out)
         s = s.sum() if s.ndim else s
         grads = torch.autograd.grad(s, [conv[i] for i in wrt], allow_unused=True)
-        return _map_out(out, self.to_numpy), [
+        return map_out(out, self.to_numpy), [
             np.zeros(np.shape(args[i])) if g is None else self.to_numpy(g) for i, g in zip(wrt, grads)
         ]
 
@@ -187,7 +187,7 @@ class JaxAdapter(BackendAdapter):
 
         grads = jax.grad(scalar, argnums=tuple(range(len(wrt))))(*[conv[i] for i in wrt])
         out = fn(*conv, **kwargs)
-        return _map_out(out, self.to_numpy), [self.to_numpy(g) for g in grads]
+        return map_out(out, self.to_numpy), [self.to_numpy(g) for g in grads]
 
 
 _ADAPTERS = {"numpy": NumpyAdapter, "torch": TorchAdapter, "jax": JaxAdapter}

@@ -4,7 +4,8 @@ Third parties testing their own backend (``pytest conformance/ --dpkd-backend=my
 code on top of dpkd, import these::
 
     from hypothesis import given
-    from dpkd.spec import registry, testing
+    from dpkd.spec import registry
+    from dpkd.conformance import testing
 
     spec = registry.get("dpkd_loss")
     @given(testing.calls(spec, spec.variant("eq9")))
@@ -51,9 +52,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from . import registry as reg
-from .registry import Call, Draw, FunctionSpec, Variant
+from dpkd.spec import registry as reg
+from dpkd.spec.registry import Call, Draw, FunctionSpec, Variant
 
 __all__ = [
     "Tolerance",
@@ -294,22 +294,22 @@ def _from_seed(make: Callable[[np.random.Generator], np.ndarray]) -> Any:
 
 def masks(shape: tuple[int, ...]) -> Any:
     """Boolean loss masks of ``shape`` with at least one loss token."""
-    return _from_seed(lambda rng: reg._mask(rng, shape))
+    return _from_seed(lambda rng: reg.random_mask(rng, shape))
 
 
 def lengths(shape: tuple[int, ...]) -> Any:
     """Integer token counts ≥ 1."""
-    return _from_seed(lambda rng: reg._lengths(rng, shape))
+    return _from_seed(lambda rng: reg.random_lengths(rng, shape))
 
 
 def logits(shape: tuple[int, ...], margin: float = 0.5, scale: float = 2.0) -> Any:
     """Float64 logits whose top entry beats the runner-up by ≥ ``margin`` in every row (no argmax ties)."""
-    return _from_seed(lambda rng: reg._logits(rng, shape, scale, margin))
+    return _from_seed(lambda rng: reg.random_logits(rng, shape, scale, margin))
 
 
 def labels(shape: tuple[int, ...], vocab: int, ignore_index: int = -100) -> Any:
     """Integer labels in [0, vocab), some equal to ``ignore_index``, at least one not ignored."""
-    return _from_seed(lambda rng: reg._labels(rng, shape, vocab, ignore_index))
+    return _from_seed(lambda rng: reg.random_labels(rng, shape, vocab, ignore_index))
 
 
 # The shapes backend tests draw from: (leading batch shape, T, V). Few on purpose — JAX (and torch.compile)
@@ -362,7 +362,7 @@ def calls(spec: FunctionSpec, variant: Variant, **kwargs: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Running a call on a backend adapter (``dpkd.spec.adapters``)
+# Running a call on a backend adapter (``dpkd.conformance.adapters``)
 
 
 def require(adapter: Any, name: str) -> None:
@@ -387,6 +387,6 @@ def run_backend(adapter: Any, call: Call, dtype: str) -> tuple[Any, list[str]]:
     fn = adapter.function(call.function)
     raw = fn(*adapter.convert_args(call.args, dtype), **adapter.convert_kwargs(dict(call.kwargs), dtype))
     bf16 = [name for name, x in _fields(raw) if "bfloat16" in str(getattr(x, "dtype", ""))]
-    from .adapters import _map_out
+    from .adapters import map_out
 
-    return _map_out(raw, adapter.to_numpy), bf16
+    return map_out(raw, adapter.to_numpy), bf16
