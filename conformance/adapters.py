@@ -32,6 +32,8 @@ class BackendAdapter:
     module: ModuleType
     dtypes: tuple[str, ...] = ("float64", "float32")
     framework: str = field(default="numpy", init=False)
+    #: functions this run accepts as missing (``--dpkd-allow-missing``): skipped, and listed in the summary
+    allow_missing: frozenset[str] = field(default=frozenset(), init=False)
 
     def function(self, fn_name: str) -> Callable[..., Any]:
         return getattr(self.module, fn_name)
@@ -46,12 +48,20 @@ class BackendAdapter:
         """What the backend sees of ``x`` after the cast to ``dtype``, back in float64."""
         return self.to_numpy(self.asarray(x, dtype))
 
+    def convert(self, x: Any, dtype: str | None) -> Any:
+        """A NumPy array as a backend array; the arrays inside a named tuple (a fused path's teacher) too."""
+        if isinstance(x, np.ndarray):
+            return self.asarray(x, dtype)
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)(*(self.convert(f, dtype) for f in x))
+        return x
+
     def convert_args(self, args: Sequence[Any], dtype: str | None) -> list[Any]:
-        return [self.asarray(a, dtype) if isinstance(a, np.ndarray) else a for a in args]
+        return [self.convert(a, dtype) for a in args]
 
     def convert_kwargs(self, kwargs: dict[str, Any], dtype: str | None) -> dict[str, Any]:
-        """Array-valued options (the keyword-only lengths) become backend arrays too."""
-        return {k: self.asarray(v, dtype) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+        """Array-valued keyword arguments (lengths, a fused path's bias and teacher) become backend arrays."""
+        return {k: self.convert(v, dtype) for k, v in kwargs.items()}
 
     def call(self, fn_name: str, args: Sequence[Any], kwargs: dict[str, Any], dtype: str | None = None) -> Any:
         out = self.function(fn_name)(*self.convert_args(args, dtype), **self.convert_kwargs(kwargs, dtype))
@@ -59,9 +69,10 @@ class BackendAdapter:
 
     def value_and_grad(
         self, fn_name: str, args: Sequence[Any], kwargs: dict[str, Any], wrt: Sequence[int],
-        dtype: str | None = None,
+        dtype: str | None = None, wrt_kwargs: Sequence[str] = (),
     ) -> tuple[Any, list[np.ndarray]]:
-        """Value of the call, and the gradient of sum(scalar_of(out)) w.r.t. the positional args ``wrt``."""
+        """Value of the call, and the gradient of sum(scalar_of(out)) w.r.t. the positional args ``wrt``, then
+        the keyword args ``wrt_kwargs`` (a fused path's bias)."""
         raise NotImplementedError
 
 
@@ -96,7 +107,7 @@ class NumpyAdapter(BackendAdapter):
         x = np.asarray(x)
         return x.astype(np.float64) if np.issubdtype(x.dtype, np.floating) else x
 
-    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None):
+    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None, wrt_kwargs=()):
         fn = self.function(fn_name)
         grad_fn = self.function(fn_name + "_grad")
         conv = self.convert_args(args, dtype)
@@ -132,19 +143,22 @@ class TorchAdapter(BackendAdapter):
             return (x.double() if x.is_floating_point() else x).cpu().numpy()
         return np.asarray(x)
 
-    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None):
+    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None, wrt_kwargs=()):
         import torch
 
         conv = self.convert_args(args, dtype)
         kwargs = self.convert_kwargs(kwargs, dtype)
         for i in wrt:
             conv[i] = conv[i].detach().clone().requires_grad_(True)
+        for k in wrt_kwargs:
+            kwargs[k] = kwargs[k].detach().clone().requires_grad_(True)
         out = self.function(fn_name)(*conv, **kwargs)
         s = scalar_of(out)
         s = s.sum() if s.ndim else s
-        grads = torch.autograd.grad(s, [conv[i] for i in wrt], allow_unused=True)
+        leaves = [conv[i] for i in wrt] + [kwargs[k] for k in wrt_kwargs]
+        grads = torch.autograd.grad(s, leaves, allow_unused=True)
         return map_out(out, self.to_numpy), [
-            np.zeros(np.shape(args[i])) if g is None else self.to_numpy(g) for i, g in zip(wrt, grads)
+            np.zeros(tuple(x.shape)) if g is None else self.to_numpy(g) for x, g in zip(leaves, grads)
         ]
 
 
@@ -172,7 +186,7 @@ class JaxAdapter(BackendAdapter):
         x = np.asarray(x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x)
         return x
 
-    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None):
+    def value_and_grad(self, fn_name, args, kwargs, wrt, dtype=None, wrt_kwargs=()):
         import jax
 
         conv = self.convert_args(args, dtype)
@@ -180,12 +194,15 @@ class JaxAdapter(BackendAdapter):
         fn = self.function(fn_name)
 
         def scalar(*diff):
-            full = list(conv)
+            full, kw = list(conv), dict(kwargs)
             for i, d in zip(wrt, diff):
                 full[i] = d
-            return scalar_of(fn(*full, **kwargs)).sum()
+            for k, d in zip(wrt_kwargs, diff[len(wrt):]):
+                kw[k] = d
+            return scalar_of(fn(*full, **kw)).sum()
 
-        grads = jax.grad(scalar, argnums=tuple(range(len(wrt))))(*[conv[i] for i in wrt])
+        leaves = [conv[i] for i in wrt] + [kwargs[k] for k in wrt_kwargs]
+        grads = jax.grad(scalar, argnums=tuple(range(len(leaves))))(*leaves)
         out = fn(*conv, **kwargs)
         return map_out(out, self.to_numpy), [self.to_numpy(g) for g in grads]
 

@@ -6,8 +6,13 @@ A third party names its own module instead, one that exports the dpkd API and
 
     pytest conformance/ --dpkd-backend=my.module        # or: DPKD_BACKEND=my.module pytest conformance/
 
-Hypothesis profiles: ``ci`` (chosen when the environment variable CI is set: few examples, derandomized,
-no deadline) and ``dev`` (more examples); ``HYPOTHESIS_PROFILE`` overrides.
+A function the backend does not export FAILS every test of it (and ``test_api_surface.py``). A partial
+backend is an explicit opt-in: ``--dpkd-allow-missing=name,...`` skips those functions instead, and the
+summary at the end lists what was not run.
+
+Hypothesis profiles: ``ci``, the default (4 examples per property, derandomized: the same verdict on every
+run, no deadline), and ``dev`` (30 fresh examples per property: a random search); the environment variable
+``HYPOTHESIS_PROFILE`` chooses.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from typing import Any
 
 import pytest
 from dpkd.conformance.adapters import BackendAdapter, JaxAdapter, NumpyAdapter, TorchAdapter, adapter_for_module
+from dpkd.conformance.testing import NOT_RUN
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -28,8 +35,6 @@ settings.register_profile(
     "dev", max_examples=30, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-# The default is the derandomized "ci" profile: the suite gives the same verdict on every run, and its time
-# fits CI. HYPOTHESIS_PROFILE=dev draws 30 fresh examples per property (a random search; run it locally).
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # name -> (framework to import, backend module, adapter class)
@@ -46,6 +51,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--dpkd-backend", action="append", default=None, metavar="MODULE",
         help="run the conformance suite on this backend module (repeatable; env DPKD_BACKEND, comma-separated)",
     )
+    parser.addoption(
+        "--dpkd-allow-missing", action="append", default=None, metavar="NAME,...",
+        help="accept a partial backend: skip these functions instead of failing (repeatable, comma-separated); "
+             "the summary lists them",
+    )
+
+
+def _allowed_missing(config: pytest.Config) -> frozenset[str]:
+    return frozenset(n.strip() for arg in config.getoption("--dpkd-allow-missing") or () for n in arg.split(",")
+                     if n.strip())
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for backend, names in sorted(NOT_RUN.items()):
+        terminalreporter.write_line(f"not run (allowed by --dpkd-allow-missing): {backend}: {', '.join(sorted(names))}")
 
 
 def _backend_names(config: pytest.Config) -> list[str]:
@@ -79,6 +99,8 @@ def _load(name: str) -> BackendAdapter | str:
 def backend(request: pytest.FixtureRequest) -> BackendAdapter:
     if request.param not in _LOADED:
         _LOADED[request.param] = _load(request.param)
+        if not isinstance(_LOADED[request.param], str):
+            _LOADED[request.param].allow_missing = _allowed_missing(request.config)
     loaded = _LOADED[request.param]
     if isinstance(loaded, str):
         pytest.skip(loaded)

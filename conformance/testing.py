@@ -47,6 +47,8 @@ float64 arithmetic.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,8 @@ from typing import Any
 import numpy as np
 from dpkd.spec import registry as reg
 from dpkd.spec.registry import Call, Draw, FunctionSpec, Variant
+
+from .adapters import map_out, scalar_of
 
 __all__ = [
     "Tolerance",
@@ -70,6 +74,15 @@ __all__ = [
     "BACKEND_SHAPES",
     "round_call",
     "require",
+    "NOT_RUN",
+    "FUSED_BACKENDS",
+    "spec_functions",
+    "spec_function",
+    "fused_functions",
+    "has_fused_path",
+    "fused_reference",
+    "signature_problems",
+    "scalar_of",
     "is_reference",
     "spec_output",
     "run_backend",
@@ -215,7 +228,7 @@ def _fields(out: Any) -> list[tuple[str, Any]]:
 
 def assert_outputs_close(
     actual: Any, expected: Any, *, dtype: str, call: Call, backend: str = "", bf16_fields: Sequence[str] = (),
-    extra_atol: float = 0.0,
+    extra_atol: float = 0.0, scale: float | None = None,
 ) -> None:
     """Compare every field of a dpkd result (named tuple, tuple, dict or array) with the spec's."""
     fa, fe = _fields(actual), _fields(expected)
@@ -230,7 +243,7 @@ def assert_outputs_close(
             continue
         assert_close(a, e, dtype=dtype, quantity="values", what=f"{call.function}.{name}", call=call,
                      backend=backend, extra_rtol=BF16_UNIT_ROUNDOFF if name in bf16_fields else 0.0,
-                     extra_atol=extra_atol)
+                     extra_atol=extra_atol, scale=scale)
 
 
 def central_difference(f: Callable[..., float], arrays: Sequence[np.ndarray], index: int,
@@ -366,11 +379,19 @@ def calls(spec: FunctionSpec, variant: Variant, **kwargs: Any) -> Any:
 
 
 def require(adapter: Any, name: str) -> None:
-    """Skip (with the reason) when the backend module does not export ``name`` yet."""
-    if not hasattr(adapter.module, name):
-        import pytest
+    """Fail, naming the function, when the backend does not export ``name``.
 
-        pytest.skip(f"backend {adapter.name} does not export {name}")
+    A partial backend is an explicit opt-in: the functions the run allows (``--dpkd-allow-missing``, kept in
+    ``adapter.allow_missing``) are skipped instead and recorded in ``NOT_RUN`` for the summary."""
+    if hasattr(adapter.module, name):
+        return
+    import pytest
+
+    if name in getattr(adapter, "allow_missing", ()):
+        NOT_RUN.setdefault(adapter.name, set()).add(name)
+        pytest.skip(f"backend {adapter.name} does not export {name} (allowed by --dpkd-allow-missing)")
+    pytest.fail(f"backend {adapter.name} does not export {name}: every public function of dpkd.spec is required "
+                f"(a partial backend runs with --dpkd-allow-missing={name})", pytrace=False)
 
 
 def is_reference(adapter: Any) -> bool:
@@ -387,6 +408,80 @@ def run_backend(adapter: Any, call: Call, dtype: str) -> tuple[Any, list[str]]:
     fn = adapter.function(call.function)
     raw = fn(*adapter.convert_args(call.args, dtype), **adapter.convert_kwargs(dict(call.kwargs), dtype))
     bf16 = [name for name, x in _fields(raw) if "bfloat16" in str(getattr(x, "dtype", ""))]
-    from .adapters import map_out
-
     return map_out(raw, adapter.to_numpy), bf16
+
+
+# --------------------------------------------------------------------------------------------------
+# The API surface (conformance/test_api_surface.py) and the missing-function rule
+
+#: The built-in backends that have a fused lm_head path; a backend's fused functions are compared with the
+#: first of these (other than itself) that imports here.
+FUSED_BACKENDS = ("dpkd.backends.torch", "dpkd.backends.jax")
+
+#: backend name -> the functions ``require`` skipped because the run allowed them (the summary lists them)
+NOT_RUN: dict[str, set[str]] = {}
+
+
+def spec_functions() -> list[str]:
+    """Every public function of ``dpkd.spec`` a backend must export (the analytic ``*_grad`` are spec-only)."""
+    spec = importlib.import_module("dpkd.spec")
+    return [n for n in spec.__all__ if n[0].islower() and callable(getattr(spec, n)) and not n.endswith("_grad")]
+
+
+def spec_function(name: str) -> Callable[..., Any]:
+    return getattr(importlib.import_module("dpkd.spec"), name)
+
+
+def fused_functions() -> list[str]:
+    """The fused lm_head functions the registry describes: the generic ones and each function's named one."""
+    return [*reg.GENERIC_FUSED, *(s.fused for s in reg.REGISTRY if s.fused)]
+
+
+def has_fused_path(module: Any) -> bool:
+    return any(hasattr(module, name) for name in fused_functions())
+
+
+def fused_reference(module: Any) -> Any:
+    """The built-in backend whose fused functions ``module``'s are compared with (None: none imports)."""
+    for name in FUSED_BACKENDS:
+        if name == getattr(module, "__name__", ""):
+            continue
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def _same_default(expected: Any, actual: Any) -> bool:
+    if expected is inspect.Parameter.empty or actual is inspect.Parameter.empty:
+        return expected is actual
+    return expected == actual and isinstance(expected, bool) == isinstance(actual, bool)
+
+
+def signature_problems(expected: Callable[..., Any], actual: Callable[..., Any]) -> list[str]:
+    """How ``actual``'s parameters differ from ``expected``'s: names, kinds (positional or keyword-only),
+    defaults and order (annotations are the frameworks' own and are not compared); [] when they agree."""
+    want = list(inspect.signature(expected).parameters.values())
+    have = {p.name: p for p in inspect.signature(actual).parameters.values()}
+    names = [p.name for p in want]
+    problems = []
+    missing = [n for n in names if n not in have]
+    extra = [n for n in have if n not in names]
+    if missing:
+        problems.append(f"missing parameter(s) {missing}")
+    if extra:
+        problems.append(f"unexpected parameter(s) {extra}")
+    for p in want:
+        q = have.get(p.name)
+        if q is None:
+            continue
+        if q.kind is not p.kind:
+            problems.append(f"`{p.name}` is {q.kind.description}, expected {p.kind.description}")
+        if not _same_default(p.default, q.default):
+            got = "no default" if q.default is inspect.Parameter.empty else f"defaults to {q.default!r}"
+            problems.append(f"`{p.name}` {got}, expected " + (
+                "no default" if p.default is inspect.Parameter.empty else f"{p.default!r}"))
+    if not problems and names != list(have):
+        problems.append(f"parameters in the order {list(have)}, expected {names}")
+    return problems

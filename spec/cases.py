@@ -263,6 +263,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                        lambda rng: _uniform_logits_call("token_logps", rng),
                        lambda call: np.where(call.args[1] != -100, -math.log(7), 0.0)),
         ),
+        fused="linear_token_logps", vocab_parallel="vocab_parallel_token_logps",
     ),
     FunctionSpec(
         "sequence_logps", "logps", "SPEC-MATH §3A: a = Σ_j m_j log q(y_j); (sum, token count)",
@@ -278,6 +279,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                        lambda rng: _uniform_logits_call("sequence_logps", rng),
                        lambda call: np.sum(call.args[1] != -100, axis=-1), output=1),
         ),
+        vocab_parallel="vocab_parallel_sequence_logps",
     ),
     FunctionSpec(
         "dpkd_loss", "sequence", "paper Eq. 8 / Eq. 9; SPEC-MATH §3A; cDPO smoothing",
@@ -331,6 +333,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
             BadInput("reference None without reference_free", "reference_chosen_logps",
                      lambda c: c.with_args(reference_chosen_logps=None, reference_free=False), "eq8"),
         ),
+        fused="fused_dpkd_loss",
     ),
     FunctionSpec(
         "ipo_loss", "sequence", "paper Table 2 / Azar 2024 Eq. 17: (h − 1/(2τ))²",
@@ -359,6 +362,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
             BadInput("lengths with length_normalize=False", "chosen_lengths",
                      lambda c: c.with_args(length_normalize=False), "length_averaged"),
         ),
+        fused="fused_ipo_loss",
     ),
     FunctionSpec(
         "cpo_loss", "sequence", "Xu 2024 / paper Table 2 (typo D13 corrected): softplus(−β(a − b)) − w·a",
@@ -374,6 +378,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                                              nll_weight=0.75),
                        lambda call: LOG2 - 0.75 * call.args[0]),
         ),
+        fused="fused_cpo_loss",
     ),
     FunctionSpec(
         "simpo_loss", "sequence", "Meng 2024 / paper Table 2: softplus(−(βa/L_t − βb/L_s − γ))",
@@ -393,6 +398,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
             BadInput("chosen_lengths None", "chosen_lengths", lambda c: c.with_args(chosen_lengths=None)),
             BadInput("rejected_lengths None", "rejected_lengths", lambda c: c.with_args(rejected_lengths=None)),
         ),
+        fused="fused_simpo_loss",
     ),
     FunctionSpec(
         "dpop_loss", "sequence", "Pal 2024 Eq. 3 (smaug) and the released code (released); P = max(0, c − a)",
@@ -415,6 +421,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                        lambda rng: _penalised_dpop(rng, "released"),
                        lambda call: _softplus(-0.3 * _h(call)) + 2.0 * (call.args[2] - call.args[0])),
         ),
+        fused="fused_dpop_loss",
     ),
     FunctionSpec(
         "dpkd_token_loss", "token", "released code get_distil_loss; SPEC-MATH §3B (argmax preference per token)",
@@ -457,6 +464,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
             BadInput("label_smoothing with form='dpop'", "label_smoothing",
                      lambda c: c.with_args(form="dpop", label_smoothing=0.1)),
         ),
+        fused="fused_dpkd_token_loss", vocab_parallel="vocab_parallel_dpkd_token_loss",
     ),
     FunctionSpec(
         "cross_entropy", "token", "SFT: −log q[label] over non-ignored tokens (SPEC-MATH §6)",
@@ -470,18 +478,21 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                        lambda rng: _uniform_logits_call("cross_entropy", rng, reduction="mean"),
                        lambda call: math.log(7)),
         ),
+        fused="fused_cross_entropy", vocab_parallel="vocab_parallel_cross_entropy",
     ),
     FunctionSpec(
         "forward_kl", "token", "KL(p‖q) = Σ p (log p − log q) (SPEC-MATH §6, word-level KD)",
         _TOKEN, _DIVERGENCE_VARIANTS, "array", gradient="forward_kl_grad",
         closed_forms=(_p_equals_q("forward_kl"),
                       _kl_closed_form("forward_kl", "= sum p (log p - log q)", True, temperature=1.5)),
+        fused="fused_forward_kl", vocab_parallel="vocab_parallel_forward_kl",
     ),
     FunctionSpec(
         "reverse_kl", "token", "KL(q‖p) = Σ q (log q − log p) (SPEC-MATH §6)",
         _TOKEN, _DIVERGENCE_VARIANTS, "array", gradient="reverse_kl_grad",
         closed_forms=(_p_equals_q("reverse_kl"),
                       _kl_closed_form("reverse_kl", "= sum q (log q - log p)", False, temperature=1.5)),
+        fused="fused_reverse_kl", vocab_parallel="vocab_parallel_reverse_kl",
     ),
     FunctionSpec(
         "generalized_jsd", "token", "TRL GKD: β KL(p‖M) + (1−β) KL(q‖M), M = (1−β)q + βp; end points KLs",
@@ -498,6 +509,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
             _kl_closed_form("generalized_jsd", "beta = 1 => KL(q || p)", False, beta=1.0),
             _p_equals_q("generalized_jsd", beta=0.3),
         ),
+        fused="fused_generalized_jsd", vocab_parallel="vocab_parallel_generalized_jsd",
     ),
     FunctionSpec(
         "akl", "token", "Wu 2024 AKL: w_head KL(p‖q) + w_tail KL(q‖p), weights stop-gradient (SPEC-MATH §6)",
@@ -508,6 +520,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                  options={"reduction": "mean"}, draw=("mu", "normalizer"))),
         "array", gradient="akl_grad", conditioning=_akl_conditioning, fd_surrogate=_akl_surrogate,
         closed_forms=(_p_equals_q("akl", mu=0.5),),
+        fused="fused_akl",
     ),
     FunctionSpec(
         "implicit_reward", "metric", "paper Eq. 29: β (log q − log p) [/ length]",

@@ -42,6 +42,7 @@ __all__ = [
     "ClosedForm",
     "BadInput",
     "FunctionSpec",
+    "GENERIC_FUSED",
     "REGISTRY",  # noqa: F822  (module __getattr__: the data of dpkd.spec.cases)
     "get",
     "build_call",
@@ -57,6 +58,11 @@ __all__ = [
     "random_lengths",
     "objective_config",
 ]
+
+#: The generic functions of a backend's fused lm_head path: every sequence-level loss of the registry is fused
+#: by ``fused_sequence_loss(NamedSequenceLoss(name, options), ...)``, every token-level one by
+#: ``fused_token_loss(NamedTokenLoss(name, options), ...)``.
+GENERIC_FUSED = ("fused_sequence_loss", "fused_token_loss")
 
 # --------------------------------------------------------------------------------------------------
 # The data types
@@ -192,6 +198,11 @@ class FunctionSpec:
     # For a loss with internal stop-gradients (AKL weights), the function whose finite differences equal
     # the analytic gradient: ``fd_surrogate(call)(*float arrays) -> scalar``; None: sum of the loss itself.
     fd_surrogate: Callable[[Call], Callable[..., float]] | None = None
+    # The backends' named function of the fused lm_head path that computes this one from hidden states
+    # (``fused_dpkd_loss``; every sequence / token loss is also fused by the generic GENERIC_FUSED), and
+    # Megatron's vocab-parallel one (``vocab_parallel_forward_kl``); None: there is none.
+    fused: str | None = None
+    vocab_parallel: str | None = None
 
     @property
     def reference(self) -> str:

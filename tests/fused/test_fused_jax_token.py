@@ -106,8 +106,10 @@ def check_pair(name, pair):
         assert_close(g, e)
 
 
+# Every token loss of the registry, every variant, is checked against the spec through the fused path by
+# conformance/test_fused_vs_spec.py (the default chunk); here chunk-size invariance, on two losses.
 @pytest.mark.parametrize("chunk_size", [1, 4, N])
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", ["dpkd_sigmoid", "forward_kl"])
 def test_fused_token_loss_equals_unfused_mean(name, chunk_size):
     check_pair(name, run_pair(name, make_case(0), chunk_size=chunk_size, reduction="mean"))
 

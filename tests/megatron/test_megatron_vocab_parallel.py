@@ -1,100 +1,33 @@
-"""Every vocab-parallel primitive at TP=2 equals the single-process Torch computation, in values and in the
-gradient of every rank's shard (student and teacher), including vocabularies not divisible by TP and a rank
-whose whole shard is padding.
+"""Every vocab-parallel primitive at TP=2 equals the float64 spec, in values and in the gradient of every
+rank's shard (student and teacher), including vocabularies not divisible by TP and a rank whose whole shard
+is padding.
 
-Bodies are module-level functions run on both ranks of the persistent gloo pool (conftest.py). Each rank
-builds the same full float64 tensors from one seed, takes its shard (padded columns filled with LARGE
-values, so a padded column that leaked into a softmax or an argmax would change the result), runs the
-vocab-parallel function and the single-process reference on the full tensors, and returns both.
-The reference is ``dpkd.backends.torch`` when it exports the function, else the plain-torch formula below.
+The losses' cases are the registry's (``dpkd.spec.cases``: every variant of every function with a
+``vocab_parallel`` counterpart, drawn as the conformance suite draws them); the reference is the spec
+function and its analytic gradient on the full float64 arrays, computed in the pytest process. Bodies are
+module-level functions run on both ranks of the persistent gloo pool (conftest.py): each rank takes its
+shard of the same arrays (padded columns filled with LARGE values, so a padded column that leaked into a
+softmax or an argmax would change the result), runs the vocab-parallel function and returns its value and
+its shards' gradients. The lower-level primitives (logsumexp, argmax, sampling, the fused logps) are
+checked against the Torch backend on materialised logits.
 """
 
-import math
 
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (the `megatron` extra)")
+from dpkd.conformance import testing as t  # noqa: E402
+from dpkd.spec import registry  # noqa: E402
 
 PAD_VALUE = 40.0  # would dominate every softmax and argmax if padding were not masked
 
 
-# --------------------------------------------------------------------------------------------------
-# single-process references
-
-
-def _ref_token_logps(logits, labels, *, ignore_index=-100):
-    keep = labels != ignore_index
-    lp = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(keep, lp, torch.zeros_like(lp))
-
-
-def _ref_reduce(per_token, m, normalizer, reduction):
-    if reduction == "none":
-        return per_token * m
-    total = (per_token * m).sum()
-    return total if reduction == "sum" else total / (normalizer if normalizer is not None else m.sum())
-
-
-def _ref_cross_entropy(logits, labels, *, ignore_index=-100, normalizer=None, reduction="mean"):
-    keep = (labels != ignore_index).double()
-    return _ref_reduce(-_ref_token_logps(logits, labels, ignore_index=ignore_index), keep, normalizer, reduction)
-
-
-def _kl(logp, logq):
-    return (logp.exp() * (logp - logq)).sum(-1)
-
-
-def _ref_forward_kl(s, t, mask, *, temperature=1.0, normalizer=None, reduction="mean"):
-    lq, lp = torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1)
-    return _ref_reduce(_kl(lp, lq), mask.double(), normalizer, reduction)
-
-
-def _ref_reverse_kl(s, t, mask, *, temperature=1.0, normalizer=None, reduction="mean"):
-    lq, lp = torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1)
-    return _ref_reduce(_kl(lq, lp), mask.double(), normalizer, reduction)
-
-
-def _ref_generalized_jsd(s, t, mask, *, beta=0.5, temperature=1.0, normalizer=None, reduction="mean"):
-    lq, lp = torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1)
-    if beta == 0:
-        per = _kl(lp, lq)
-    elif beta == 1:
-        per = _kl(lq, lp)
-    else:
-        lm = torch.logsumexp(torch.stack([lq + math.log(1 - beta), lp + math.log(beta)]), 0)
-        per = beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
-    return _ref_reduce(per, mask.double(), normalizer, reduction)
-
-
-def _ref_dpkd_token_loss(s, t, mask, *, beta=0.1, form="sigmoid", label_smoothing=0.0, reference_free=False,
-                         lambda_=50.0, normalizer=None, reduction="mean"):
-    q, p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
-    yt, ys = t.argmax(-1, keepdim=True), s.argmax(-1, keepdim=True)
-    a, b = q.gather(-1, yt).squeeze(-1), q.gather(-1, ys).squeeze(-1)
-    c, d = p.gather(-1, yt).squeeze(-1), p.gather(-1, ys).squeeze(-1)
-    h = (a - b) if reference_free else (a - b) - (c - d)
-    sp = torch.nn.functional.softplus
-    if form == "sigmoid":
-        per = (1 - label_smoothing) * sp(-beta * h) + label_smoothing * sp(beta * h)
-    elif form == "ipo":
-        per = (h - 1 / (2 * beta)) ** 2
-    else:
-        per = sp(-beta * h) + lambda_ * torch.relu(c - a)
-    m = mask.double()
-    agree = (m * (yt == ys).squeeze(-1).double()).sum() / m.sum().clamp(min=1)
-    return _ref_reduce(per, m, normalizer, reduction), agree, beta * (a - c) * m, beta * (b - d) * m
-
-
 def _reference(name):
-    """The Torch backend's function when it exists, else the plain-torch reference above."""
-    try:
-        import dpkd.backends.torch as backend
+    """The Torch backend's function (the lower-level primitives' reference on materialised logits)."""
+    import dpkd.backends.torch as backend
 
-        fn = getattr(backend, name, None)
-    except ImportError:
-        fn = None
-    return fn if fn is not None else globals()[f"_ref_{name}"]
+    return getattr(backend, name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,62 +63,25 @@ def _inputs(vocab, seed=0, batch=(2, 5)):
     return s, t, labels, mask, weights
 
 
-def _grad(x):
-    """x.grad, or zeros when x did not reach the loss (e.g. the teacher under reference_free)."""
-    return torch.zeros_like(x) if x.grad is None else x.grad
-
-
-def _scalar(out, weights):
-    """A scalar with a non-uniform upstream gradient: Σ w·out for per-token outputs."""
-    x = out[0] if isinstance(out, tuple) else out
-    return (x * weights).sum() if x.ndim == weights.ndim else x.sum()
-
-
-def body_pair(name, vocab, local, kwargs):
-    """A student/teacher loss (KL family, token DPKD): value and both shards' gradients vs the reference."""
+def body_registry(function, args, kwargs, logit_names, vocab, local):
+    """One registry call of the vocab-parallel ``function``: its logits arguments sharded, the backward of
+    the sum of its first output; returns that output (all fields) and each logits shard's gradient."""
     import dpkd.integrations.megatron as mp
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    s, t, _, mask, w = _inputs(vocab)
-    s_sh = _shard_of(s, rank, world, local).requires_grad_()
-    t_sh = _shard_of(t, rank, world, local).requires_grad_()
-    out = getattr(mp, f"vocab_parallel_{name}")(s_sh, t_sh, mask, vocab_size=vocab, **kwargs)
-    _scalar(out, w).backward()
-    s_full, t_full = s.clone().requires_grad_(), t.clone().requires_grad_()
-    ref = _reference(name)(s_full, t_full, mask, **kwargs)
-    _scalar(ref, w).backward()
-    as_list = (lambda o: [x.detach() if torch.is_tensor(x) else torch.tensor(x) for x in o]) if isinstance(
-        out, tuple) else (lambda o: [o.detach()])
-    return {
-        "value": as_list(out), "ref": as_list(ref),
-        "grad_s": _grad(s_sh), "ref_grad_s": _grad_shard(_grad(s_full), rank, world, local),
-        "grad_t": _grad(t_sh), "ref_grad_t": _grad_shard(_grad(t_full), rank, world, local),
-    }
-
-
-def body_labels(name, vocab, local, kwargs):
-    """A logits/labels function (token logps, sequence logps, cross-entropy)."""
-    import dpkd.integrations.megatron as mp
-    import torch.distributed as dist
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    s, _, labels, _, w = _inputs(vocab, seed=1)
-    s_sh = _shard_of(s, rank, world, local).requires_grad_()
-    out = getattr(mp, f"vocab_parallel_{name}")(s_sh, labels, vocab_size=vocab, **kwargs)
-    s_full = s.clone().requires_grad_()
-    if name == "sequence_logps":
-        ref = (_reference("token_logps")(s_full, labels).sum(-1), (labels != -100).sum(-1))
-        (out[0] * w[:, 0]).sum().backward()
-        (ref[0] * w[:, 0]).sum().backward()
-        value, ref_value = list(out), list(ref)
-    else:
-        ref = _reference(name)(s_full, labels, **kwargs)
-        _scalar(out, w).backward()
-        _scalar(ref, w).backward()
-        value, ref_value = [out.detach()], [ref.detach()]
-    return {"value": value, "ref": ref_value, "grad_s": s_sh.grad,
-            "ref_grad_s": _grad_shard(s_full.grad, rank, world, local)}
+    converted, shards = [], {}
+    for name, x in zip(logit_names, args):
+        t = torch.from_numpy(x)
+        if name is not None:  # a logits argument: this rank's shard, a leaf
+            t = _shard_of(t, rank, world, local).requires_grad_()
+            shards[name] = t
+        converted.append(t)
+    out = getattr(mp, function)(*converted, vocab_size=vocab, **kwargs)
+    first = out[0] if isinstance(out, tuple) else out
+    first.sum().backward()
+    values = [x.detach() if torch.is_tensor(x) else torch.tensor(x) for x in (out if isinstance(out, tuple) else [out])]
+    return {"value": values, "grads": {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in shards.items()}}
 
 
 def body_logsumexp(vocab, local):
@@ -311,21 +207,6 @@ def body_bad_input():
 VOCABS = [(12, 6), (11, 6), (5, 6)]
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
-PAIR_CASES = [
-    ("forward_kl", {}),
-    ("forward_kl", {"temperature": 2.0, "reduction": "none"}),
-    ("reverse_kl", {"normalizer": 7.0}),
-    ("generalized_jsd", {"beta": 0.3}),
-    ("generalized_jsd", {"beta": 0.0, "reduction": "sum"}),
-    ("generalized_jsd", {"beta": 1.0}),
-    ("dpkd_token_loss", {}),
-    ("dpkd_token_loss", {"beta": 0.5, "label_smoothing": 0.2, "reduction": "none"}),
-    ("dpkd_token_loss", {"form": "ipo", "beta": 0.3}),
-    ("dpkd_token_loss", {"form": "dpop", "lambda_": 2.0, "reduction": "sum"}),
-    ("dpkd_token_loss", {"reference_free": True, "normalizer": 3.0}),
-]
-
-
 def _assert_all(results, keys=("grad_s", "grad_t", "grad_b")):
     for rank, r in enumerate(results):
         assert len(r["value"]) == len(r["ref"])
@@ -338,24 +219,37 @@ def _assert_all(results, keys=("grad_s", "grad_t", "grad_b")):
                                            f"rank {rank} {k}: {m}")
 
 
-# Every case on the non-divisible vocabulary; the plain forms on every vocabulary layout (time budget).
-PAIR_RUNS = [(n, k, 11, 6) for n, k in PAIR_CASES] + [
-    (n, k, v, loc) for n, k in (PAIR_CASES[0], PAIR_CASES[3], PAIR_CASES[6]) for v, loc in VOCABS if v != 11]
-LABEL_CASES = [("token_logps", {}), ("sequence_logps", {}), ("cross_entropy", {}),
-               ("cross_entropy", {"reduction": "none"}), ("cross_entropy", {"normalizer": 4.0})]
-LABEL_RUNS = [(n, k, 11, 6) for n, k in LABEL_CASES] + [
-    (n, k, v, loc) for n, k in LABEL_CASES[:1] for v, loc in VOCABS if v != 11]
+# The registry's cases of every function that has a vocab-parallel counterpart: each variant on the
+# non-divisible vocabulary; each function's first variant on the other layouts too.
+VP = [c for c in t.cases(lambda s: s.vocab_parallel is not None)]
+REGISTRY_RUNS = [(c, 11, 6) for c in VP] + [
+    (c, v, loc) for c in VP if c.variant == c.spec.variants[0] and c.spec.kind == "token" for v, loc in VOCABS
+    if v != 11]
 
 
-@pytest.mark.parametrize("name,kwargs,vocab,local", PAIR_RUNS, ids=[f"{n}-{k}-V{v}/{lo}" for n, k, v, lo in PAIR_RUNS])
-def test_pair_losses_equal_single_process(gloo_pool, name, kwargs, vocab, local):
-    _assert_all(gloo_pool.run(body_pair, name, vocab, local, kwargs))
+def _registry_call(case, vocab):
+    draw = registry.default_draw(case.spec, case.variant, seed=7, batch=(2,), tokens=5, vocab=vocab)
+    return registry.build_call(case.spec, case.variant, draw)
 
 
-@pytest.mark.parametrize("name,kwargs,vocab,local", LABEL_RUNS,
-                         ids=[f"{n}-{k}-V{v}/{lo}" for n, k, v, lo in LABEL_RUNS])
-def test_label_functions_equal_single_process(gloo_pool, name, kwargs, vocab, local):
-    _assert_all(gloo_pool.run(body_labels, name, vocab, local, kwargs))
+@pytest.mark.parametrize("case,vocab,local", REGISTRY_RUNS, ids=[f"{c}-V{v}/{lo}" for c, v, lo in REGISTRY_RUNS])
+def test_vocab_parallel_function_equals_the_spec(gloo_pool, case, vocab, local):
+    call = _registry_call(case, vocab)
+    logit_names = [a.name if a.role == "logits" else None for a in case.spec.positional]
+    results = gloo_pool.run(body_registry, case.spec.vocab_parallel, call.args, dict(call.kwargs), logit_names,
+                            vocab, local)
+    expected = case.spec.reference_function()(*call.args, **call.kwargs)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    grads = case.spec.gradient_function()(*call.args, **call.kwargs)
+    for rank, r in enumerate(results):
+        assert len(r["value"]) == len(expected)
+        for i, (got, want) in enumerate(zip(r["value"], expected, strict=True)):
+            torch.testing.assert_close(got.double(), torch.as_tensor(want).double(), **TOL,
+                                       msg=lambda m, i=i, rank=rank: f"{case} rank {rank} output {i}: {m}\n{call}")
+        for name, g in r["grads"].items():
+            want = _grad_shard(torch.from_numpy(grads[name]), rank, 2, local)
+            torch.testing.assert_close(g, want, **TOL, msg=lambda m, name=name, rank=rank:
+                                       f"{case} rank {rank} d/d {name}: {m}\n{call}")
 
 
 @pytest.mark.parametrize("vocab,local", VOCABS, ids=lambda x: str(x))
