@@ -90,7 +90,9 @@ def _distill_parser(sub: Any) -> None:
     a("--test-data", help="Dolly-style JSONL/Parquet for evaluation (required with --train-data)")
     a("--max-new-tokens", type=_positive(int), help=f"generation length, ≥ 1 (default: {dflt.max_new_tokens})")
     a("--batch-size", type=_positive(int), help=f"examples per optimizer step, ≥ 1 (default: {dflt.batch_size})")
-    a("--threads", type=_positive(int), help=f"torch CPU threads, ≥ 1 (default: {dflt.threads})")
+    a("--threads", type=_positive(int), help=f"torch CPU threads per process, ≥ 1 (default: {dflt.threads})")
+    a("--workers", type=_positive(int),
+      help=f"seeds trained at once in forked processes, ≥ 1 (results do not depend on it; default: {dflt.workers})")
     a("--fused", action="store_true",
       help="fused token-chunked lm_head path: log-probs from hidden states, no [B, T, V] logits (default: off)")
     a("--verbose", action="store_true", help="per-run progress bars and per-step logs (default: one overall display)")
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 _OVERRIDES = {"objective": "objective", "method_steps": "method_steps", "init_steps": "init_steps",
               "lr": "student_lr", "teacher_temperature": "teacher_temperature",
               "sample_temperature": "sample_temperature", "eval_temperature": "eval_temperature",
-              "max_new_tokens": "max_new_tokens", "batch_size": "batch_size", "threads": "threads"}
+              "max_new_tokens": "max_new_tokens", "batch_size": "batch_size", "threads": "threads",
+              "workers": "workers"}
 
 
 def job_config(args: argparse.Namespace) -> Any:

@@ -3,7 +3,6 @@ evaluation, the validation grid, the SFT start of a seed, one method run, and th
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -40,7 +39,7 @@ class Experiment:
         self.grid_scores: list[dict[str, Any]] = []
         self.runs: dict[str, list[dict[str, Any]]] = {}
         self.histories: dict[str, list[list[dict[str, float]]]] = {}
-        self.init_ckpt: dict[int, tuple[Any, Path]] = {}
+        self.init_ckpt: dict[int, Path] = {}
         n_runs = len(planned_runs(cfg))
         per_seed = cfg.init_steps + n_runs * (cfg.method_steps + _EVAL_UNITS)
         grid_runs = sum(len(METHODS[r.method].grid()) for r in planned_runs(cfg)) if cfg.grid else 0
@@ -233,9 +232,9 @@ class Experiment:
              f"{te['sampled']['overall']['rougeL']:.2f}; y_t (T = {cfg.teacher_temperature}) on train prompts "
              f"Rouge-L {te['y_t_train']['overall']['rougeL']:.2f} EM {te['y_t_train']['overall']['exact_match']:.2f}")
 
-    def init_student(self, seed: int, student_path: str | None) -> None:
+    def init_student(self, seed: int, student_path: str | None) -> Path:
         """The seed's SFT start: trained for ``init_steps`` (or the user's checkpoint), saved with its AdamW
-        state so that every method continues from it."""
+        state so that every method continues from it; returns that checkpoint's folder."""
         from .models import load_causal_lm, tiny_causal_lm
 
         cfg = self.cfg
@@ -254,8 +253,8 @@ class Experiment:
                     objective="distil-only", teacher_outputs="dataset", warmup=min(steps, 20))
         from .checkpoint import latest_checkpoint
 
-        self.init_ckpt[seed] = (init, latest_checkpoint(out))
         self.timings[f"seed{seed}_init_s"] = time.perf_counter() - t0
+        return latest_checkpoint(out)
 
     def _evaluate(self, student: Any, examples: list, *, full: bool) -> dict[str, Any]:
         """Greedy decoding scored against the golden answers (and, ``full``, against the teacher's greedy
@@ -278,54 +277,107 @@ class Experiment:
         return {"greedy": greedy, "sampled": score_predictions(sampled, refs, golden),
                 "vs_teacher": score_predictions(preds, self.teacher_refs, golden)}
 
-    def run_method(self, seed: int, run: Run) -> dict[str, Any]:
-        """One method continuing the seed's SFT start; evaluated on the test split."""
+    def run_method(self, seed: int, run: Run, init_ckpt: Path) -> dict[str, Any]:
+        """One method continuing the seed's SFT start (``init_ckpt``); evaluated on the test split."""
+        from .models import load_causal_lm
+
         t0 = time.perf_counter()
         self.progress.stage("distil", method=run.name, seed=seed)
-        init, ckpt = self.init_ckpt[seed]
-        student = copy.deepcopy(init)
+        student = load_causal_lm(init_ckpt)
         res = self._train(student, self.train_ex, self.results_dir / "runs" / f"seed{seed}" / run.name,
                           method=run.method, method_args=run.method_args, steps=self.cfg.method_steps,
                           lr=self.cfg.student_lr, seed=seed, objective=self._objective(run.objective),
-                          init_from=ckpt, probe=self.probe_ex)
+                          init_from=init_ckpt, probe=self.probe_ex)
         ev = self._evaluate(student, self.test_ex, full=True)
         self.progress.advance(_EVAL_UNITS)
-        self.runs.setdefault(run.name, []).append(ev)
-        self.histories.setdefault(run.name, []).append(res.log_history)
         dt = time.perf_counter() - t0
-        self.timings[f"seed{seed}_{run.name}_s"] = dt
         g, s = ev["greedy"], ev["sampled"]
         _log(f"seed {seed} {run.name:>10}: greedy Rouge-L {g['overall']['rougeL']:.2f} EM "
              f"{g['overall']['exact_match']:.2f} | sampled Rouge-L {s['overall']['rougeL']:.2f} | rKLD1 "
              f"{g['first_token']['rkld']:.4f} ({dt:.0f}s)")
-        return ev
+        return {"ev": ev, "history": res.log_history, "timings": {f"seed{seed}_{run.name}_s": dt}}
+
+    def run_seeds(self, seeds: tuple[int, ...], student_path: str | None, runs: list[Run], workers: int) -> None:
+        """Every seed's SFT start, then every (seed, run) pair continuing it, spread over ``workers`` forked
+        processes (one torch thread each): the tasks are independent and seeded, so the results do not depend
+        on ``workers``."""
+        inits = self._parallel([("init", seed, student_path) for seed in seeds], workers)
+        for seed, init in zip(seeds, inits, strict=True):
+            self.timings.update(init["timings"])
+            self.init_ckpt[seed] = init["ckpt"]
+        tasks = [("run", seed, run, self.init_ckpt[seed]) for seed in seeds for run in runs]
+        for (_, _, run, _), out in zip(tasks, self._parallel(tasks, workers), strict=True):  # seed-major order
+            self.runs.setdefault(run.name, []).append(out["ev"])
+            self.histories.setdefault(run.name, []).append(out["history"])
+            self.timings.update(out["timings"])
+
+    def do_task(self, task: tuple) -> dict[str, Any]:
+        if task[0] == "init":
+            _, seed, student_path = task
+            ckpt = self.init_student(seed, student_path)
+            return {"ckpt": ckpt, "timings": {f"seed{seed}_init_s": self.timings[f"seed{seed}_init_s"]}}
+        if task[0] == "grid":
+            return self.grid_point(*task[1:])
+        _, seed, run, ckpt = task
+        return self.run_method(seed, run, ckpt)
+
+    def _parallel(self, tasks: list[tuple], workers: int) -> list[dict[str, Any]]:
+        if workers <= 1 or len(tasks) <= 1:
+            return [self.do_task(t) for t in tasks]
+        import multiprocessing as mp
+
+        global _WORKER_STATE
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        _WORKER_STATE = (self, queue)
+        try:
+            with ctx.Pool(min(workers, len(tasks))) as pool:
+                pending = pool.map_async(_task_worker, tasks, chunksize=1)
+                while not pending.ready() or not queue.empty():
+                    self._drain(queue, timeout=0.5)
+                return pending.get()
+        finally:
+            _WORKER_STATE = None
+
+    def _drain(self, queue: Any, timeout: float) -> None:
+        import queue as queue_mod
+
+        try:
+            kind, args, kwargs = queue.get(timeout=timeout)
+        except queue_mod.Empty:
+            return
+        getattr(self.progress, kind)(*args, **kwargs)
 
     def tune(self) -> None:
-        """The validation grid: every method's grid points from one SFT start (``grid_seed``), scored by greedy
-        Rouge-L on the validation split; the best point of each method is used for every seed."""
+        """The validation grid: every method's grid points continue one SFT start (``grid_seed``), scored by
+        greedy Rouge-L on the validation split; each method's best point is then used for every seed."""
         cfg = self.cfg
         if not self.valid_ex:
             raise ValueError("the validation grid needs a validation split (the embedded task has one)")
-        self.init_student(cfg.grid_seed, None)
-        init, ckpt = self.init_ckpt.pop(cfg.grid_seed)
-        for run in planned_runs(cfg):
-            if run.name != run.method:
-                continue  # ablations reuse their method's choice
-            best = None
-            for point in METHODS[run.method].grid():
-                self.progress.stage("grid", method=f"{run.method} {point}", seed=cfg.grid_seed)
-                student = copy.deepcopy(init)
-                name = run.method + "-" + "-".join(f"{k}{v}" for k, v in sorted(point.items()))
-                self._train(student, self.train_ex, self.results_dir / "grid" / name, method=run.method,
-                            method_args=point, steps=cfg.method_steps, lr=cfg.student_lr, seed=cfg.grid_seed,
-                            init_from=ckpt)
-                score = self._evaluate(student, self.valid_ex, full=False)["greedy"]["overall"]["rougeL"]
-                self.progress.advance(_EVAL_UNITS)
-                self.grid_scores.append({"method": run.method, "point": point, "valid_rougeL": score})
-                if best is None or score > best[0]:
-                    best = (score, point)
-            self.chosen[run.method] = best[1]
-            _log(f"grid {run.method}: chose {best[1]} (validation Rouge-L {best[0]:.2f})")
+        ckpt = self.init_student(cfg.grid_seed, None)
+        tasks = [("grid", run.method, point, ckpt) for run in planned_runs(cfg) if run.name == run.method
+                 for point in METHODS[run.method].grid()]  # ablations reuse their method's choice
+        for (_, method, point, _), score in zip(tasks, self._parallel(tasks, cfg.workers), strict=True):
+            self.grid_scores.append({"method": method, "point": point, "valid_rougeL": score["valid_rougeL"]})
+        for method in dict.fromkeys(t[1] for t in tasks):
+            rows = [g for g in self.grid_scores if g["method"] == method]
+            best = max(rows, key=lambda g: g["valid_rougeL"])  # the first (the defaults) on ties
+            self.chosen[method] = best["point"]
+            _log(f"grid {method}: chose {best['point']} (validation Rouge-L {best['valid_rougeL']:.2f} of "
+                 + ", ".join(f"{g['valid_rougeL']:.2f}" for g in rows) + ")")
+
+    def grid_point(self, method: str, point: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+        from .models import load_causal_lm
+
+        cfg = self.cfg
+        self.progress.stage("grid", method=f"{method} {point}", seed=cfg.grid_seed)
+        student = load_causal_lm(ckpt)
+        name = method + "-" + "-".join(f"{k}{v}" for k, v in sorted(point.items()))
+        self._train(student, self.train_ex, self.results_dir / "grid" / name, method=method, method_args=point,
+                    steps=cfg.method_steps, lr=cfg.student_lr, seed=cfg.grid_seed, init_from=ckpt)
+        score = self._evaluate(student, self.valid_ex, full=False)["greedy"]["overall"]["rougeL"]
+        self.progress.advance(_EVAL_UNITS)
+        return {"valid_rougeL": score}
 
     def finish(self) -> dict[str, Any]:
         """Aggregate over seeds, write results.md, metrics.json and the plots; print the table."""
@@ -348,6 +400,31 @@ class Experiment:
         print(table, flush=True)
         _log(f"results written to {self.results_dir.resolve()} (total {self.timings['total_s']:.0f}s)")
         return {"summary": summary, "timings_s": self.timings}
+
+
+_WORKER_STATE: Any = None  # (experiment, progress queue), inherited by forked workers
+
+
+class _QueueProgress:
+    """A worker's progress: forwarded to the parent's one display."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def stage(self, *args: Any, **kwargs: Any) -> None:
+        self.queue.put(("stage", args, kwargs))
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        self.queue.put(("advance", args, kwargs))
+
+
+def _task_worker(task: tuple) -> dict[str, Any]:
+    import torch
+
+    exp, queue = _WORKER_STATE
+    torch.set_num_threads(max(1, exp.cfg.threads))
+    exp.progress = _QueueProgress(queue)
+    return exp.do_task(task)
 
 
 def replace_objective(base: Any, overrides: dict[str, float]) -> Any:

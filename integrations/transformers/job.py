@@ -73,6 +73,7 @@ class JobConfig:
     eval_every: int = 10
     n_probe: int = 32
     threads: int = 1  # torch threads per process: tiny models gain nothing from intra-op threads
+    workers: int = 2  # seeds run in this many forked processes at once (the 2 cores of the target machine)
     use_fused: bool = False
 
 
@@ -173,10 +174,8 @@ def run_job(cfg: JobConfig, *, results_dir: str | Path, cache_dir: str | Path, t
     exp.evaluate_teacher()
     if cfg.grid:
         exp.tune()
-    for seed in cfg.seeds:
-        exp.init_student(seed, student_path)
-        for run in planned_runs(replace(cfg, method_args={**cfg.method_args, **exp.chosen})):
-            exp.run_method(seed, run)
+    runs = planned_runs(replace(cfg, method_args={**cfg.method_args, **exp.chosen}))
+    exp.run_seeds(cfg.seeds, student_path, runs, cfg.workers)
     return exp.finish()
 
 
