@@ -58,7 +58,8 @@ def _distill_parser(sub: Any) -> None:
     a = d.add_argument
     a("--preset", choices=sorted(PRESETS), default="default",
       help="sizes and budget: default (the embedded experiment), full (default + the validation grid), "
-           "ci (a reduced smoke run); default: default")
+           "smollm2 (the real teacher SmolLM2-135M-Instruct, needs the `real` extra), ci and smollm2-smoke "
+           "(reduced smoke runs); default: default")
     a("--results-dir", default="dpkd-results", help="output folder (default: dpkd-results)")
     a("--cache-dir", default=_default_cache(), help="teacher cache (default: $DPKD_CACHE or ~/.cache/dpkd)")
     a("--seeds", type=int, nargs="+", help=f"student seeds, any integers (default: {' '.join(map(str, dflt.seeds))})")
@@ -70,7 +71,8 @@ def _distill_parser(sub: Any) -> None:
     a("--grid", action="store_true",
       help="tune each method's hyper-parameters on the validation split first (default: off; on in --preset full)")
     a("--method-arg", type=_method_arg, action="append", default=[], metavar="METHOD.NAME=VALUE",
-      help="set one hyper-parameter of one method, e.g. dpkd.beta=0.5 (repeatable; ranges in the list below)")
+      help="set one hyper-parameter of one method, e.g. dpkd.beta=0.5 (repeatable; ranges in the list below; "
+           "default: the values the validation grid chose, else the table's defaults)")
     a("--objective", choices=OBJECTIVE_PRESETS,
       help=f"objective for every method: paper = L_method + 0.5·L_PT (Algorithm 1), released = LMOps runner "
            f"mix, half = 0.5·CE + 0.5·L_method, distil-only (default: {dflt.objective})")
@@ -87,7 +89,8 @@ def _distill_parser(sub: Any) -> None:
     a("--teacher", help="local teacher checkpoint folder (skips teacher training; default: train the embedded one)")
     a("--student", help="local student checkpoint folder to start from (default: a new small GPT-2 per seed)")
     a("--train-data", help="Dolly-style JSONL/Parquet for training (default: the embedded task)")
-    a("--test-data", help="Dolly-style JSONL/Parquet for evaluation (required with --train-data)")
+    a("--test-data", help="Dolly-style JSONL/Parquet for evaluation (required with --train-data; default: the "
+                          "embedded task's test split)")
     a("--max-new-tokens", type=_positive(int), help=f"generation length, ≥ 1 (default: {dflt.max_new_tokens})")
     a("--batch-size", type=_positive(int), help=f"examples per optimizer step, ≥ 1 (default: {dflt.batch_size})")
     a("--threads", type=_positive(int), help=f"torch CPU threads per process, ≥ 1 (default: {dflt.threads})")

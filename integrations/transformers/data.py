@@ -36,6 +36,7 @@ __all__ = [
     "records_from_rows",
     "filter_records",
     "tokenize_records",
+    "chat_message",
     "word_count",
 ]
 
@@ -236,15 +237,26 @@ def filter_records(
     return kept, report
 
 
-def tokenize_records(records: Sequence[Record], tokenizer: Any) -> list[Example]:
+def chat_message(record: Record) -> str:
+    """The user turn of a record for a chat model: the instruction, then the context after a blank line."""
+    return record.instruction + (f"\n\n{record.context}" if record.context.strip() else "")
+
+
+def tokenize_records(records: Sequence[Record], tokenizer: Any, *, chat: bool = False) -> list[Example]:
     """Token ids of each record's prompt and response (and pre-generated teacher output, if any); responses
-    end with ``tokenizer.eos_token_id``."""
+    end with ``tokenizer.eos_token_id``. The prompt is the paper's template (:func:`format_prompt`), or with
+    ``chat`` the record's :func:`chat_message` through the tokenizer's chat template."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer has no eos_token_id; the response must end with EOS")
     out = []
     for rec in records:
-        prompt = tokenizer(format_prompt(rec), add_special_tokens=False)["input_ids"]
+        if chat:
+            from .pretrained import chat_prompt_ids
+
+            prompt = chat_prompt_ids(tokenizer, chat_message(rec))
+        else:
+            prompt = tokenizer(format_prompt(rec), add_special_tokens=False)["input_ids"]
         response = tokenizer(rec.response, add_special_tokens=False)["input_ids"]
         ex = Example(record=rec, prompt_ids=list(prompt), response_ids=[*response, eos])
         if rec.teacher_response is not None:

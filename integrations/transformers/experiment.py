@@ -113,7 +113,13 @@ class Experiment:
                                   "L": cfg.teacher_layers, "steps": cfg.teacher_steps, "lr": cfg.teacher_lr,
                                   "bs": cfg.batch_size})
         self.progress.stage("teacher")
-        if teacher_path is not None:
+        if cfg.teacher_model == "smollm2":
+            from .pretrained import gguf_fingerprint, load_smollm2, smollm2_gguf_path
+
+            self.teacher_key = _hash({"smollm2": gguf_fingerprint(smollm2_gguf_path())})
+            self.teacher, self.tok = load_smollm2(self.cache_dir)
+            self.progress.advance(cfg.teacher_steps)
+        elif teacher_path is not None:
             self.tok, self.teacher = load_tokenizer(teacher_path), load_causal_lm(teacher_path)
             self.progress.advance(cfg.teacher_steps)
         else:
@@ -132,9 +138,10 @@ class Experiment:
                                                      min_response_words=0, max_prompt_tokens=256, max_length=512,
                                                      count_tokens=count)
         _log(f"data: train {self.train_report.summary()}; test {self.test_report.summary()}")
-        self.train_ex = tokenize_records(train_kept, self.tok)
-        self.test_ex = tokenize_records(test_kept, self.tok)
-        self.valid_ex = tokenize_records(self.valid_records, self.tok)
+        chat = cfg.teacher_model == "smollm2"
+        self.train_ex = tokenize_records(train_kept, self.tok, chat=chat)
+        self.test_ex = tokenize_records(test_kept, self.tok, chat=chat)
+        self.valid_ex = tokenize_records(self.valid_records, self.tok, chat=chat)
         self.probe_ex = self.valid_ex[: cfg.n_probe] if self.valid_ex else self.test_ex[: cfg.n_probe]
         texts = self.pt_texts or [self.format_prompt(ex.record) + ex.record.response for ex in self.train_ex]
         self.pt_seqs = [[*self.tok(t, add_special_tokens=False)["input_ids"], self.tok.eos_token_id] for t in texts]
@@ -168,38 +175,52 @@ class Experiment:
         _atomic_dir(folder, build)
         self.timings["teacher_training_s"] = time.perf_counter() - t0
 
+    def _teacher_responses(self, examples: list, *, tag: str, do_sample: bool) -> list[list[int]]:
+        """The teacher's response token ids (EOS included) to ``examples``' prompts, generated once and cached
+        with the teacher (ids, not text: a decode/encode round trip could re-tokenise them)."""
+        from .batching import generate
+
+        cfg = self.cfg
+        key = _hash({"teacher": self.teacher_key, "tag": tag, "T": cfg.teacher_temperature if do_sample else 0,
+                     "tokens": cfg.max_new_tokens, "prompts": _hash([ex.prompt_ids for ex in examples])})
+        path = self.cache_dir / f"teacher-{tag}-{key}.jsonl"
+        if path.is_file():
+            return [json.loads(line)["ids"] for line in path.read_text().splitlines()]
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(4321)
+            ids = generate(self.teacher, [ex.prompt_ids for ex in examples], pad_id=self.tok.pad_token_id,
+                           eos_id=self.tok.eos_token_id, max_new_tokens=cfg.max_new_tokens, do_sample=do_sample,
+                           temperature=cfg.teacher_temperature, batch_size=16)
+        _write_lines(path, [{"ids": r, "text": self.tok.decode(r, skip_special_tokens=True)} for r in ids])
+        return ids
+
     def teacher_outputs(self) -> None:
-        """y_t for every training prompt and its log-probability c (pre-generated once, cached)."""
+        """y_t for every training (and validation) prompt, sampled at ``teacher_temperature``, with its
+        log-probability c (pre-generated once, cached); with ``dataset_responses="teacher"`` the dataset
+        responses become the teacher's greedy outputs."""
         import torch
 
         from .batching import pad_pairs
         from .heads import model_head, sequence_logps
 
-        cfg = self.cfg
         t0 = time.perf_counter()
         self.progress.stage("teacher outputs")
-        key = _hash({"teacher": self.teacher_key, "T": cfg.teacher_temperature, "tokens": cfg.max_new_tokens})
-        gen_file = self.cache_dir / f"teacher-outputs-{key}.jsonl"
-        if all(ex.teacher_ids is not None for ex in self.train_ex):  # the data carries `dpkd generate` outputs
-            texts = [ex.record.teacher_response for ex in self.train_ex]
-        elif gen_file.is_file():
-            texts = [json.loads(line)["teacher_response"] for line in gen_file.read_text().splitlines()]
-        else:
-            from .job import generate_teacher_outputs
-
-            texts = generate_teacher_outputs(self.teacher, self.tok, self.train_ex + self.valid_ex,
-                                             max_new_tokens=cfg.max_new_tokens, seed=4321,
-                                             temperature=cfg.teacher_temperature)
-            _write_lines(gen_file, [{"teacher_response": t} for t in texts])
-        eos = self.tok.eos_token_id
-        for ex, t in zip(self.train_ex + self.valid_ex, texts, strict=False):
-            ex.teacher_ids = [*self.tok(t, add_special_tokens=False)["input_ids"], eos]
+        labelled = self.train_ex + self.valid_ex
+        if self.cfg.dataset_responses == "teacher":
+            for ex, ids in zip(labelled, self._teacher_responses(labelled, tag="greedy", do_sample=False),
+                               strict=True):
+                ex.response_ids = ids
+        if not all(ex.teacher_ids is not None for ex in self.train_ex):  # else: `dpkd generate` outputs in the data
+            for ex, ids in zip(labelled, self._teacher_responses(labelled, tag="y_t", do_sample=True), strict=True):
+                ex.teacher_ids = ids
         with torch.no_grad():
-            for i in range(0, len(self.train_ex), 64):
-                chunk = self.train_ex[i : i + 64]
+            for i in range(0, len(self.train_ex), 16):
+                chunk = self.train_ex[i : i + 16]
                 batch = pad_pairs([ex.prompt_ids for ex in chunk], [ex.teacher_ids for ex in chunk],
                                   self.tok.pad_token_id)
-                c, _ = sequence_logps(model_head(self.teacher, batch, fused=False))
+                c, _ = sequence_logps(model_head(self.teacher, batch, fused=self.cfg.use_fused))
                 for ex, v in zip(chunk, c.tolist(), strict=True):
                     ex.teacher_logp = float(v)
         self.timings["teacher_outputs_s"] = time.perf_counter() - t0
@@ -244,6 +265,13 @@ class Experiment:
         if student_path is not None:
             init = load_causal_lm(student_path)
             steps = 1  # one SFT step creates the optimizer state the methods continue
+        elif cfg.teacher_model == "smollm2":
+            from .llama_student import llama_student
+
+            init = llama_student(self.teacher, every=cfg.student_every, hidden_size=cfg.student_hidden,
+                                 num_attention_heads=cfg.student_heads, num_key_value_heads=cfg.student_kv_heads,
+                                 intermediate_size=cfg.student_intermediate)
+            steps = cfg.init_steps
         else:
             init = tiny_causal_lm(cfg.student_family, len(self.tok), d_model=cfg.student_d_model,
                                   n_layers=cfg.student_layers, pad_token_id=self.tok.pad_token_id,

@@ -43,6 +43,8 @@ CHOSEN_HPARAMS: dict[str, dict[str, Any]] = {}
 class JobConfig:
     """Sizes, budgets and the protocol of the main job (``PRESETS`` holds the named ones)."""
 
+    teacher_model: str = "embedded"  # embedded (trained here) | smollm2 (SmolLM2-135M-Instruct, the `real` extra)
+    dataset_responses: str = "golden"  # the responses of D: golden | teacher (the teacher's greedy outputs)
     n_train: int = 2000
     n_valid: int = 64
     n_test: int = 100
@@ -54,6 +56,12 @@ class JobConfig:
     student_family: str = "gpt2"
     student_d_model: int = 32
     student_layers: int = 2
+    # smollm2: the student keeps every k-th teacher layer and, if given, narrower widths (llama_student)
+    student_every: int = 3
+    student_hidden: int | None = None
+    student_heads: int | None = None
+    student_kv_heads: int | None = None
+    student_intermediate: int | None = None
     init_steps: int = 150
     method_steps: int = 40
     batch_size: int = 16
@@ -81,10 +89,21 @@ PRESETS: dict[str, JobConfig] = {
     "default": JobConfig(),
     "full": JobConfig(grid=True),
     # CI: the whole pipeline at toy size, one seed (a smoke test of the job, not a result)
+    # the real teacher: SmolLM2-135M-Instruct; student = every 3rd layer at width 384 (34.6 M parameters),
+    # SFT-initialised on the teacher's greedy responses, which are also the dataset responses D
+    "smollm2": JobConfig(teacher_model="smollm2", dataset_responses="teacher", n_train=96, n_valid=8, n_test=32,
+                         n_pretrain=96, teacher_steps=0, student_every=3, student_hidden=384, student_heads=6,
+                         student_kv_heads=2, student_intermediate=1024, init_steps=24, method_steps=12,
+                         batch_size=4, student_lr=2e-4, warmup_steps=2, max_new_tokens=48, seeds=(0, 1),
+                         eval_every=6, n_probe=8, use_fused=True),
     "ci": JobConfig(n_train=200, n_valid=8, n_test=24, n_pretrain=100, teacher_d_model=48, teacher_layers=2,
                     teacher_steps=80, student_d_model=32, student_layers=1, init_steps=20, method_steps=4,
                     batch_size=8, max_new_tokens=32, seeds=(0,), eval_every=2, n_probe=4, warmup_steps=1),
 }
+# CI smoke of the real-teacher preset: the whole pipeline, 2 steps per method, a few prompts
+PRESETS["smollm2-smoke"] = replace(PRESETS["smollm2"], n_train=4, n_valid=2, n_test=2, n_pretrain=4, init_steps=2,
+                                   method_steps=2, batch_size=2, max_new_tokens=8, seeds=(0,), eval_every=2,
+                                   n_probe=2, warmup_steps=1, methods=("sft", "minillm", "dpkd"), workers=1)
 
 
 @dataclass(frozen=True)
