@@ -277,8 +277,11 @@ class Experiment:
                                   n_layers=cfg.student_layers, pad_token_id=self.tok.pad_token_id,
                                   eos_token_id=self.tok.eos_token_id, seed=seed)
             steps = cfg.init_steps
+        # CE_D + λ·CE(D_p): the start is "pre-trained" on D_p like the paper's GPT-2 students, so the methods'
+        # λ·L_PT term does not begin with a shock
+        start_objective = replace_objective(self._objective({}), {"alpha": 1.0, "pt_kd_ratio": 0.0})
         self._train(init, self.train_ex, out, method="sft", steps=steps, lr=cfg.student_lr, seed=seed,
-                    objective="distil-only", teacher_outputs="dataset", warmup=min(steps, 20))
+                    objective=start_objective, teacher_outputs="dataset", warmup=min(steps, 20))
         from .checkpoint import latest_checkpoint
 
         self.timings[f"seed{seed}_init_s"] = time.perf_counter() - t0
@@ -413,13 +416,15 @@ class Experiment:
 
         self.progress.stage("report")
         summary = aggregate(self.runs, self.teacher_eval, self.histories)
-        table = summary_markdown(summary, self.cfg, self.train_report, self.test_report, runs=self.runs,
-                                 histories=self.histories, chosen=self.chosen, grid=self.grid_scores)
+        runs = planned_runs(replace_cfg(self.cfg, self.chosen))
+        runs_args = {r.name: r.method_args for r in runs}
+        table = summary_markdown(summary, self.cfg, self.train_report, self.test_report, runs_args=runs_args,
+                                 chosen=self.chosen, grid=self.grid_scores)
         self.timings["total_s"] = time.perf_counter() - self.t_start
         (self.results_dir / "results.md").write_text(table)
         metrics = {"config": config_dict(self.cfg), "summary": summary, "per_seed": self.runs,
                    "teacher": self.teacher_eval, "histories": self.histories, "chosen_hparams": self.chosen,
-                   "grid": self.grid_scores, "runs": [asdict_run(r) for r in planned_runs(self.cfg)],
+                   "grid": self.grid_scores, "runs": [asdict_run(r) for r in runs],
                    "filters": {"train": self.train_report.as_dict(), "test": self.test_report.as_dict()},
                    "timings_s": self.timings}
         (self.results_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
@@ -453,6 +458,12 @@ def _task_worker(task: tuple) -> dict[str, Any]:
     torch.set_num_threads(max(1, exp.cfg.threads))
     exp.progress = _QueueProgress(queue)
     return exp.do_task(task)
+
+
+def replace_cfg(cfg: JobConfig, chosen: dict[str, Any]) -> JobConfig:
+    from dataclasses import replace as dc_replace
+
+    return dc_replace(cfg, method_args={**cfg.method_args, **chosen})
 
 
 def replace_objective(base: Any, overrides: dict[str, float]) -> Any:

@@ -193,7 +193,9 @@ def run_job(cfg: JobConfig, *, results_dir: str | Path, cache_dir: str | Path, t
     exp.evaluate_teacher()
     if cfg.grid:
         exp.tune()
-    runs = planned_runs(replace(cfg, method_args={**cfg.method_args, **exp.chosen}))
+    from .experiment import replace_cfg
+
+    runs = planned_runs(replace_cfg(cfg, exp.chosen))
     exp.run_seeds(cfg.seeds, student_path, runs, cfg.workers)
     return exp.finish()
 

@@ -130,7 +130,7 @@ def _paired_lines(summary: dict[str, Any], names: list[str], ref: str, key: str,
 
 
 def summary_markdown(summary: dict[str, Any], cfg: Any, train_report: Any, test_report: Any, *,
-                     runs: Any = None, histories: Any = None, chosen: Any = None, grid: Any = None) -> str:
+                     runs_args: Any = None, chosen: Any = None, grid: Any = None) -> str:
     """The results document: protocol, teacher, Table 1, paired differences with DPKD, Tables 2–5."""
     names = [n for n in summary if n != "teacher"]
     t = summary["teacher"]
@@ -163,10 +163,20 @@ def summary_markdown(summary: dict[str, Any], cfg: Any, train_report: Any, test_
     for metric, label, num in (("exact_match", "EM", 4), ("rougeL", "Rouge-L", 5)):
         lines += ["", f"**Table {num}** ({label} by golden-response length, greedy)", ""]
         lines += _table(summary, ["teacher"] + names, [(b, f"greedy.{metric} {b}", 2) for b in BUCKETS])
-    if chosen or grid:
-        lines += ["", "Hyper-parameters chosen on the validation split: "
-                  + "; ".join(f"{m}: {v}" for m, v in (chosen or {}).items())]
+    lines += _hparam_lines(runs_args or {}, chosen or {}, grid or [])
     return "\n".join(lines) + "\n"
+
+
+def _hparam_lines(runs_args: dict[str, Any], chosen: dict[str, Any], grid: list[dict[str, Any]]) -> list[str]:
+    """The hyper-parameters every run used and, when the grid ran, its validation scores."""
+    lines = ["", "Hyper-parameters used: " + "; ".join(f"{_title(n)} {v}" for n, v in runs_args.items() if v)]
+    if grid:
+        lines += ["", "Validation grid (greedy Rouge-L on the validation split, one SFT start, same budget):", "",
+                  "| method | point | validation Rouge-L | chosen |", "|---|---|---|---|"]
+        for g in grid:
+            mark = "✓" if chosen.get(g["method"]) == g["point"] else ""
+            lines.append(f"| {_title(g['method'])} | {g['point']} | {g['valid_rougeL']:.2f} | {mark} |")
+    return lines
 
 
 def plot_curves(histories: dict[str, list[list[dict[str, float]]]], folder: str | Path) -> list[Path]:

@@ -124,3 +124,40 @@ def test_config_range_errors(tmp_path):
                       ({"method": "dpkd", "method_args": {"tau": 1.0}}, "no hyper-parameter 'tau'")):
         with pytest.raises(ValueError, match=match):
             DistillConfig(output_dir=str(tmp_path), **kw)
+
+
+def test_probe_frozen_pairs_against_spec(toy, tiny):
+    """Frozen pairs are fixed by the start student and the seed (not by later calls); their rewards are
+    β·(log q/p) of Eq. 29 recomputed from the spec; fresh pairs obey margin/β = −(kl_seq + rkl_seq)."""
+    import numpy as np
+    from dpkd import spec
+    from dpkd.integrations.transformers.batching import pad_pairs
+    from dpkd.integrations.transformers.probe import Probe, ProbeOptions
+
+    tok, _, probe_ex = toy
+    student, teacher = tiny("gpt2", tok, 0, torch.float64), tiny("opt", tok, 1, torch.float64)
+    opts = ProbeOptions(beta=0.3, max_new_tokens=8, seed=5)
+    p1 = Probe(probe_ex, teacher, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, options=opts)
+    p2 = Probe(probe_ex, teacher, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, options=opts)
+    p1.start(student)
+    torch.manual_seed(99)  # the caller's RNG does not matter
+    p2.start(student)
+    assert p1.frozen[0] == p2.frozen[0] and p1.y_t == p2.y_t
+
+    def logps(model, responses):
+        b = pad_pairs([e.prompt_ids for e in probe_ex], responses, tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.numpy()
+        return spec.sequence_logps(*spec.shift_for_causal_lm(logits, b.labels.numpy()))[0]
+
+    m = p1.metrics(student, step=3)
+    a, c = logps(student, p1.y_t), logps(teacher, p1.y_t)
+    b, d = logps(student, p1.frozen[0]), logps(teacher, p1.frozen[0])
+    margin = 0.3 * ((a - c) - (b - d))
+    assert m["eval/frozen/rewards/margins"] == pytest.approx(float(np.mean(margin)), rel=1e-10)
+    assert m["eval/frozen/rewards/accuracies"] == pytest.approx(float(np.mean(margin > 0)))
+    assert m["eval/fresh/rewards/margins"] / 0.3 == pytest.approx(-(m["eval/fresh/kl_seq"] + m["eval/fresh/rkl_seq"]),
+                                                                  rel=1e-9)
+    restored = Probe(probe_ex, teacher, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, options=opts)
+    restored.load_state(p1.state())
+    assert restored.metrics(student, step=3) == m
