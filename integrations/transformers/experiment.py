@@ -151,7 +151,7 @@ class Experiment:
         from .models import build_word_tokenizer, tiny_causal_lm
 
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.tok = build_word_tokenizer([self.format_prompt(r) + " " + r.response for r in self.train_records]
                                         + (self.pt_texts or []))
         kept, _ = filter_records(self.train_records)
@@ -174,6 +174,7 @@ class Experiment:
 
         _atomic_dir(folder, build)
         self.timings["teacher_training_s"] = time.perf_counter() - t0
+        self.timings["teacher_training_cpu_s"] = time.process_time() - c0
 
     def _teacher_responses(self, examples: list, *, tag: str, do_sample: bool) -> list[list[int]]:
         """The teacher's response token ids (EOS included) to ``examples``' prompts, generated once and cached
@@ -205,7 +206,7 @@ class Experiment:
         from .batching import pad_pairs
         from .heads import model_head, sequence_logps
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.progress.stage("teacher outputs")
         labelled = self.train_ex + self.valid_ex
         if self.cfg.dataset_responses == "teacher":
@@ -224,13 +225,14 @@ class Experiment:
                 for ex, v in zip(chunk, c.tolist(), strict=True):
                     ex.teacher_logp = float(v)
         self.timings["teacher_outputs_s"] = time.perf_counter() - t0
+        self.timings["teacher_outputs_cpu_s"] = time.process_time() - c0
 
     def evaluate_teacher(self) -> None:
         """The teacher's greedy and sampled scores on the test split, and the quality of y_t itself."""
         from .eval import predict, score_predictions
 
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.progress.stage("teacher evaluation")
         golden = [ex.record.response for ex in self.test_ex]
         greedy = predict(self.teacher, self.tok, self.test_ex, max_new_tokens=cfg.max_new_tokens)
@@ -247,6 +249,7 @@ class Experiment:
         }
         self.progress.advance(_EVAL_UNITS)
         self.timings["teacher_eval_s"] = time.perf_counter() - t0
+        self.timings["teacher_eval_cpu_s"] = time.process_time() - c0
         te = self.teacher_eval
         _log(f"teacher: greedy Rouge-L {te['greedy']['overall']['rougeL']:.2f} EM "
              f"{te['greedy']['overall']['exact_match']:.2f}; sampled (T = {cfg.eval_temperature}) Rouge-L "
@@ -259,7 +262,7 @@ class Experiment:
         from .models import load_causal_lm, tiny_causal_lm
 
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.progress.stage("SFT start", seed=seed)
         out = self.results_dir / "runs" / f"seed{seed}" / "init-sft"
         if student_path is not None:
@@ -285,6 +288,7 @@ class Experiment:
         from .checkpoint import latest_checkpoint
 
         self.timings[f"seed{seed}_init_s"] = time.perf_counter() - t0
+        self.timings[f"seed{seed}_init_cpu_s"] = time.process_time() - c0
         return latest_checkpoint(out)
 
     def _evaluate(self, student: Any, examples: list, *, full: bool) -> dict[str, Any]:
@@ -312,7 +316,7 @@ class Experiment:
         """One method continuing the seed's SFT start (``init_ckpt``); evaluated on the test split."""
         from .models import load_causal_lm
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.progress.stage("distil", method=run.name, seed=seed)
         student = load_causal_lm(init_ckpt)
         res = self._train(student, self.train_ex, self.results_dir / "runs" / f"seed{seed}" / run.name,
@@ -326,7 +330,8 @@ class Experiment:
         _log(f"seed {seed} {run.name:>10}: greedy Rouge-L {g['overall']['rougeL']:.2f} EM "
              f"{g['overall']['exact_match']:.2f} | sampled Rouge-L {s['overall']['rougeL']:.2f} | rKLD1 "
              f"{g['first_token']['rkld']:.4f} ({dt:.0f}s)")
-        return {"ev": ev, "history": res.log_history, "timings": {f"seed{seed}_{run.name}_s": dt}}
+        return {"ev": ev, "history": res.log_history,
+                "timings": {f"seed{seed}_{run.name}_s": dt, f"seed{seed}_{run.name}_cpu_s": time.process_time() - c0}}
 
     def run_seeds(self, seeds: tuple[int, ...], student_path: str | None, runs: list[Run], workers: int) -> None:
         """Every seed's SFT start, then every (seed, run) pair continuing it, spread over ``workers`` forked
@@ -346,7 +351,8 @@ class Experiment:
         if task[0] == "init":
             _, seed, student_path = task
             ckpt = self.init_student(seed, student_path)
-            return {"ckpt": ckpt, "timings": {f"seed{seed}_init_s": self.timings[f"seed{seed}_init_s"]}}
+            keys = (f"seed{seed}_init_s", f"seed{seed}_init_cpu_s")
+            return {"ckpt": ckpt, "timings": {k: self.timings[k] for k in keys}}
         if task[0] == "grid":
             return self.grid_point(*task[1:])
         _, seed, run, ckpt = task
