@@ -16,6 +16,7 @@ from .progress import Progress
 __all__ = ["Experiment"]
 
 _EVAL_UNITS = 10  # one evaluation of a student counts as this many training steps in the progress estimate
+START = "sft_start"  # the results row of the SFT start itself (the methods' common starting point)
 
 
 class Experiment:
@@ -40,6 +41,7 @@ class Experiment:
         self.runs: dict[str, list[dict[str, Any]]] = {}
         self.histories: dict[str, list[list[dict[str, float]]]] = {}
         self.init_ckpt: dict[int, Path] = {}
+        self.start_eval: dict[int, dict[str, Any]] = {}
         n_runs = len(planned_runs(cfg))
         per_seed = cfg.init_steps + n_runs * (cfg.method_steps + _EVAL_UNITS)
         grid_runs = sum(len(METHODS[r.method].grid()) for r in planned_runs(cfg)) if cfg.grid else 0
@@ -256,7 +258,7 @@ class Experiment:
              f"{te['sampled']['overall']['rougeL']:.2f}; y_t (T = {cfg.teacher_temperature}) on train prompts "
              f"Rouge-L {te['y_t_train']['overall']['rougeL']:.2f} EM {te['y_t_train']['overall']['exact_match']:.2f}")
 
-    def init_student(self, seed: int, student_path: str | None) -> Path:
+    def init_student(self, seed: int, student_path: str | None, *, evaluate: bool = False) -> Path:
         """The seed's SFT start: trained for ``init_steps`` (or the user's checkpoint), saved with its AdamW
         state so that every method continues from it; returns that checkpoint's folder."""
         from .models import load_causal_lm, tiny_causal_lm
@@ -287,6 +289,9 @@ class Experiment:
                     objective=start_objective, teacher_outputs="dataset", warmup=min(steps, 20))
         from .checkpoint import latest_checkpoint
 
+        if evaluate:  # the row every method starts from
+            self.start_eval[seed] = self._evaluate(init, self.test_ex, full=True)
+            self.progress.advance(_EVAL_UNITS)
         self.timings[f"seed{seed}_init_s"] = time.perf_counter() - t0
         self.timings[f"seed{seed}_init_cpu_s"] = time.process_time() - c0
         return latest_checkpoint(out)
@@ -341,6 +346,7 @@ class Experiment:
         for seed, init in zip(seeds, inits, strict=True):
             self.timings.update(init["timings"])
             self.init_ckpt[seed] = init["ckpt"]
+            self.runs.setdefault(START, []).append(init["ev"])
         tasks = [("run", seed, run, self.init_ckpt[seed]) for seed in seeds for run in runs]
         for (_, _, run, _), out in zip(tasks, self._parallel(tasks, workers), strict=True):  # seed-major order
             self.runs.setdefault(run.name, []).append(out["ev"])
@@ -350,9 +356,9 @@ class Experiment:
     def do_task(self, task: tuple) -> dict[str, Any]:
         if task[0] == "init":
             _, seed, student_path = task
-            ckpt = self.init_student(seed, student_path)
+            ckpt = self.init_student(seed, student_path, evaluate=True)
             keys = (f"seed{seed}_init_s", f"seed{seed}_init_cpu_s")
-            return {"ckpt": ckpt, "timings": {k: self.timings[k] for k in keys}}
+            return {"ckpt": ckpt, "ev": self.start_eval[seed], "timings": {k: self.timings[k] for k in keys}}
         if task[0] == "grid":
             return self.grid_point(*task[1:])
         _, seed, run, ckpt = task

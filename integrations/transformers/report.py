@@ -99,6 +99,8 @@ def _cell(v: list[float], digits: int = 2) -> str:
 
 
 def _title(name: str) -> str:
+    if name == "sft_start":
+        return "SFT start (before any method)"
     if name in METHODS:
         return METHODS[name].title
     return ABLATIONS[name].title if name in ABLATIONS else name

@@ -32,7 +32,7 @@ def test_distill_ci_preset_end_to_end(tmp_path):
     for name in TABLE1:
         assert f"| {METHODS[name].title} |" in table
     metrics = json.loads((res / "metrics.json").read_text())
-    assert set(metrics["summary"]) == {"teacher", *TABLE1}
+    assert set(metrics["summary"]) == {"teacher", "sft_start", *TABLE1}
     hist = metrics["histories"]["dpkd"][0]
     assert {"eval/frozen/rewards/accuracies", "eval/fresh/rewards/margins", "eval/rkld", "eval/rougeL"} <= set(hist[-1])
     assert hist[0]["step"] == metrics["config"]["init_steps"]  # the curves start where the SFT start ended

@@ -13,7 +13,7 @@ def test_smollm2_preset_smoke(tmp_path, smollm2_dir):
     out = tmp_path / "res"
     run_job(PRESETS["smollm2-smoke"], results_dir=out, cache_dir=cache, show_progress=False)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["summary"]) == {"teacher", "sft", "minillm", "dpkd"}
+    assert set(metrics["summary"]) == {"teacher", "sft_start", "sft", "minillm", "dpkd"}
     for name in ("sft", "minillm", "dpkd"):
         ev = metrics["per_seed"][name][0]
         assert {"greedy", "sampled", "vs_teacher"} <= set(ev)
