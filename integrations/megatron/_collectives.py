@@ -1,8 +1,8 @@
 """The tensor-parallel collectives the vocab-parallel primitives are built from, and their gradient rules.
 
-Convention (MEGATRON-CPU.md, "Vocab-parallel math that is exact under TP"): **replicated result**. Every
-rank of the tensor-parallel group ends with the full value of a loss and calls ``backward`` on it; the
-backward pass then hands each rank the gradient of its own vocabulary shard. For that to be exact:
+Convention: **replicated result**. Every rank of the tensor-parallel group ends with the full value of a loss
+and calls ``backward`` on it; the backward pass then hands each rank the gradient of its own vocabulary
+shard. For that to be exact:
 
 * a SUM reduction of per-shard partial terms into a replicated value has an IDENTITY backward
   (``reduce_sum``): the upstream gradient is the same on every rank, and each rank's partial term only

@@ -79,18 +79,22 @@ def check_float(func: str, name: str, x: torch.Tensor) -> None:
 
 def check_finite_shard(func: str, name: str, x: torch.Tensor, shard: Shard) -> None:
     """NaN/Inf anywhere in any rank's shard raises on every rank (never a hang, never a silent NaN)."""
+    if x.is_meta:  # value checks need values; meta tensors (memory planning) carry shapes only
+        return
     v.check_finite(func, name, all_true(bool(torch.isfinite(x).all()), shard.group, x.device))
 
 
 def check_mask(func: str, name: str, mask: torch.Tensor) -> torch.Tensor:
     """A replicated bool or 0/1 mask → float mask (the same verdict on every rank: masks are global)."""
-    if mask.dtype != torch.bool:
+    if mask.dtype != torch.bool and not mask.is_meta:
         v.check_binary_mask(func, name, bool(((mask == 0) | (mask == 1)).all()))
     return mask
 
 
 def check_labels(func: str, labels: torch.Tensor, shard: Shard, ignore_index: int, name: str = "labels") -> None:
     v.check_integer_dtype(func, name, not labels.is_floating_point() and labels.dtype != torch.bool, labels.dtype)
+    if labels.is_meta:
+        return
     keep = labels != ignore_index
     in_vocab = (labels >= 0) & (labels < shard.vocab)
     v.check_labels_in_vocab(func, name, bool((in_vocab | ~keep).all()), shard.vocab, ignore_index)

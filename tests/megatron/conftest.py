@@ -1,4 +1,4 @@
-"""A session-scoped pool of 2 gloo worker processes for the megatron tests (MEGATRON-CPU.md, test harness).
+"""A session-scoped pool of 2 gloo worker processes for the megatron tests.
 
 Starting the two processes (and importing megatron.core in each) costs ~5 s, so it happens once per
 session; each test then sends a module-level function to both ranks and gets both results back.

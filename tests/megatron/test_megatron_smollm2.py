@@ -10,6 +10,7 @@ groups) in the 2-process gloo world.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -123,3 +124,26 @@ def test_driver_step_tp2_equals_tp1_dp2(gloo_pool, smollm2_ckpt, mode, keys):
     for step, (a, b) in enumerate(zip(tp2[0], tp1[0], strict=True)):
         for k in keys:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), f"step {step + 1} {k}: {a[k]} vs {b[k]}"
+
+
+@pytest.mark.slow
+def test_llama_example_script_completes(smollm2_dir, tmp_path):
+    """examples/megatron_llama.sh end to end (teacher conversion, student cut from it, both modes), one step
+    per mode here to fit the suite's budget (its default runs 4 + 2 steps)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DPKD_CACHE=str(smollm2_dir.parents[1]))
+    result = subprocess.run(["bash", str(root / "examples" / "megatron_llama.sh"), "--steps", "1"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "done:" in result.stdout and "teacher=llama:134.52M" in result.stdout
+    assert json.loads((tmp_path / "teacher_megatron" / "dpkd_model.json").read_text())["query_groups"] == 4
+    for mode in ("token", "sequence"):
+        lines = [json.loads(line) for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines] == [1] and all(map(math.isfinite, lines[0].values()))
+        assert (tmp_path / mode / "latest").read_text() == "1"
+        assert (tmp_path / mode / "step_0000001" / "dpkd_model.json").is_file()
