@@ -13,6 +13,7 @@ Because every tensor is stored globally, a run saved at one TP × DP layout resu
 
 from __future__ import annotations
 
+import shutil
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ def save_training_state(save_dir: str | Path, step: int, student, optimizer, sch
                         config: dict[str, Any], vocab_multiple: int) -> Path:
     """Write ``save_dir/step_XXXXXXX`` (every rank calls this) and then ``save_dir/latest``."""
     path = step_dir(save_dir, step)
+    if torch.distributed.get_rank() == 0 and path.exists():
+        shutil.rmtree(path)  # a step written before (another layout may have left other ranks' files)
+    torch.distributed.barrier()
     dist_checkpoint.save(_sharded_training_state(student, optimizer, scheduler, step), path)
     write_model_info(path, student, config, vocab_multiple=vocab_multiple)
     if torch.distributed.get_rank() == 0:
