@@ -76,25 +76,41 @@ def generate(
     batch_size: int = 32,
     mix_teacher: Any = None,
     mix_alpha: float = 0.0,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Responses of ``model`` to ``prompts`` via ``model.generate`` (pure sampling at T = 1, top_k = 0,
     top_p = 1 by default, the MiniLLM/DPKD setting; ``do_sample=False``: greedy). Each response is cut after
     its first EOS (kept) and is never empty. Sampling draws from torch's global RNG (seed it for
-    reproducibility). With ``mix_teacher`` and ``mix_alpha`` > 0 each token is drawn from the teacher-mixed
-    distribution α·p + (1 − α)·q (MiniLLM; :class:`TeacherMixture`)."""
+    reproducibility) — or, with ``row_seeds`` (one per prompt), each response from its own keyed stream,
+    independent of the batch it shares (:mod:`.sampling`; what the distributed trainer uses). With
+    ``mix_teacher`` and ``mix_alpha`` > 0 each token is drawn from the teacher-mixed distribution
+    α·p + (1 − α)·q (MiniLLM; :class:`TeacherMixture`)."""
+    from transformers import LogitsProcessorList
+
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError("generate: `row_seeds` must have one seed per prompt")
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        ids, mask = left_pad(chunk, pad_id)
-        kwargs: dict[str, Any] = {"do_sample": do_sample}
-        if do_sample:
-            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        ids, mask = (t.to(device) for t in left_pad(chunk, pad_id))
+        processors: list[Any] = []
         if mix_teacher is not None and mix_alpha > 0:
-            from transformers import LogitsProcessorList
+            processors.append(TeacherMixture(mix_teacher, mask, mix_alpha))
+        kwargs: dict[str, Any] = {"do_sample": do_sample}
+        if do_sample and row_seeds is not None:
+            from .sampling import KeyedSampling
 
-            kwargs["logits_processor"] = LogitsProcessorList([TeacherMixture(mix_teacher, mask, mix_alpha)])
+            # keyed Gumbel-max sampling on top of greedy decoding: the last processor draws the token
+            processors.append(KeyedSampling(row_seeds[start : start + batch_size], temperature=temperature,
+                                            top_k=top_k, top_p=top_p))
+            kwargs["do_sample"] = False
+        elif do_sample:
+            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         gen = model.generate(
             input_ids=ids,
             attention_mask=mask,

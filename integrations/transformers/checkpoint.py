@@ -1,18 +1,22 @@
-"""Atomic, pickle-free training checkpoints.
+"""Atomic, pickle-free training checkpoints, written by one process or by every rank of a distributed run.
 
 A checkpoint is a folder ``checkpoint-<step>/`` holding
 
 * ``model.safetensors`` + ``config.json`` — the student (``save_pretrained`` format, loadable with
-  ``from_pretrained``);
+  ``from_pretrained``); written by the main process (under FSDP / ZeRO-3 from the gathered full state dict);
 * ``optimizer.safetensors`` — every optimizer state tensor, named ``state.<param index>.<key>``;
-  the param groups (hyper-parameters) as JSON in the file's metadata;
-* ``rng.safetensors`` — torch's CPU generator state; ``trainer_state.json`` — step, Python/NumPy RNG
-  states, log history.
+  the param groups (hyper-parameters) as JSON in the file's metadata (main process; DDP replicates it).
+  Under FSDP / DeepSpeed the optimizer is sharded: ``engine/`` holds accelerate's ``save_state`` folder
+  instead (that format pickles the optimizer state; accelerate loads it itself);
+* ``rng-rank<r>.safetensors`` — every rank's torch generator states, with its Python and NumPy RNG states
+  as JSON metadata; ``trainer_state.json`` — step, log history, the global batch size and world size.
 
-Written into ``.checkpoint-<step>.tmp`` first, every file fsynced, then renamed into place (an atomic
-``rename`` on POSIX) and the parent folder fsynced: a crash (even SIGKILL) leaves either the complete
-checkpoint or none; leftover ``.tmp`` folders are ignored and cleaned. Loading reads only safetensors and
-JSON — nothing is ever unpickled.
+Written into ``.checkpoint-<step>.tmp`` first: every rank writes its files, then waits for all the others
+(a barrier); only after every rank has finished does the main process fsync every file, rename the folder
+into place (an atomic ``rename`` on POSIX) and fsync the parent. A crash (even SIGKILL of any one rank)
+leaves either the complete checkpoint or none; leftover ``.tmp`` folders are ignored and cleaned. Loading
+reads only safetensors and JSON. A checkpoint resumes at any world size: a rank without its own RNG file
+takes rank 0's (the trainer's sampling does not depend on these states; see ``sampling.py``).
 """
 
 from __future__ import annotations
@@ -71,6 +75,29 @@ def _numpy_state() -> dict[str, Any]:
             "cached": float(cached)}
 
 
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng-rank{rank}.safetensors"
+
+
+def _write_rng(folder: Path, rank: int) -> None:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {"python": json.dumps({"version": py_version, "state": list(py_state), "gauss": py_gauss}),
+            "numpy": json.dumps(_numpy_state())}
+    save_file(tensors, _rng_file(folder, rank), metadata=meta)
+
+
+class _Solo:
+    """The engine of a single-process run (what ``engine=None`` means)."""
+
+    rank, world, is_main, sharded = 0, 1, True, False
+
+    def barrier(self) -> None:
+        pass
+
+
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -79,35 +106,45 @@ def save_checkpoint(
     state: dict[str, Any],
     *,
     total_limit: int | None = None,
+    engine: Any = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically (see module docstring); keep the newest ``total_limit``."""
+    """Write ``checkpoint-<step>`` atomically (module docstring); keep the newest ``total_limit``. Every rank
+    of a distributed run calls it with its :class:`~.distributed.Engine`."""
+    eng = engine or _Solo()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model_folder(model, tmp)
-    opt_tensors, groups = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"param_groups": groups})
-    save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-    py_version, py_state, py_gauss = random.getstate()
-    full_state = {
-        **state,
-        "global_step": step,
-        "python_rng": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
-        "numpy_rng": _numpy_state(),
-    }
-    (tmp / "trainer_state.json").write_text(json.dumps(full_state, indent=1))
-    fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (resume): replace the old copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output_dir)
-    if total_limit is not None and total_limit > 0:
-        for old in _checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old)
+    eng.barrier()  # every rank has finished the step
+    if eng.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    eng.barrier()
+    full = eng.full_state_dict() if eng.sharded else None  # collective: every rank takes part
+    if eng.sharded:
+        eng.save_sharded_state(tmp / "engine")
+    _write_rng(tmp, eng.rank)
+    if eng.is_main:
+        save_model_folder(model, tmp, state_dict=full)
+        if not eng.sharded:
+            opt_tensors, groups = _optimizer_tensors(optimizer)
+            save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"param_groups": groups})
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}, indent=1))
+    eng.barrier()  # every rank has written its part: only now may the checkpoint count
+    if eng.is_main:
+        missing = [r for r in range(eng.world) if not _rng_file(tmp, r).is_file()]
+        if missing:
+            raise RuntimeError(f"checkpoint {final}: ranks {missing} wrote no state; not published")
+        fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (resume): replace the old copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+        if total_limit is not None and total_limit > 0:
+            for old in _checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    eng.barrier()  # nobody reads or prunes before the rename
     return final
 
 
@@ -125,11 +162,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_model_folder(model: Any, folder: str | Path) -> None:
-    """``config.json`` + ``model.safetensors`` (the ``save_pretrained`` layout; tied weights stored once)."""
+def save_model_folder(model: Any, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``config.json`` + ``model.safetensors`` (the ``save_pretrained`` layout; tied weights stored once).
+    ``state_dict``: the gathered full weights of a sharded model (else ``model``'s own)."""
     folder = Path(folder)
     model.config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if state_dict is None:
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
 
 
 def load_model_weights(model: Any, folder: str | Path) -> None:
@@ -137,10 +178,24 @@ def load_model_weights(model: Any, folder: str | Path) -> None:
     load_model(model, str(Path(folder) / "model.safetensors"), strict=True)
 
 
-def load_checkpoint(folder: str | Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model weights, optimizer state and every RNG from ``folder``; return the trainer state."""
-    folder = Path(folder)
-    load_model_weights(model, folder)
+def _restore_rng(folder: Path, rank: int) -> None:
+    from safetensors import safe_open
+
+    path = _rng_file(folder, rank) if _rng_file(folder, rank).is_file() else _rng_file(folder, 0)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        torch.set_rng_state(f.get_tensor("torch_cpu"))
+        cuda = sorted(k for k in f.keys() if k.startswith("cuda"))  # noqa: SIM118 (safe_open has no __iter__)
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([f.get_tensor(k) for k in cuda])
+    py = json.loads(meta["python"])
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npst = json.loads(meta["numpy"])
+    np_state = (npst["name"], np.array(npst["keys"], dtype=np.uint32), npst["pos"], npst["has_gauss"], npst["cached"])
+    np.random.set_state(np_state)  # noqa: NPY002
+
+
+def _load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
     from safetensors import safe_open
 
     with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:
@@ -150,11 +205,20 @@ def load_checkpoint(folder: str | Path, model: Any, optimizer: torch.optim.Optim
             _, idx, key = name.split(".", 2)
             opt_state.setdefault(int(idx), {})[key] = f.get_tensor(name)
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_cpu"])
-    state = json.loads((folder / "trainer_state.json").read_text())
-    py = state["python_rng"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    npst = state["numpy_rng"]
-    np_state = (npst["name"], np.array(npst["keys"], dtype=np.uint32), npst["pos"], npst["has_gauss"], npst["cached"])
-    np.random.set_state(np_state)  # noqa: NPY002
-    return state
+
+
+def load_checkpoint(folder: str | Path, model: Any, optimizer: torch.optim.Optimizer, *, engine: Any = None
+                    ) -> dict[str, Any]:
+    """Restore model weights, optimizer state and this rank's RNGs from ``folder``; return the trainer state."""
+    eng = engine or _Solo()
+    folder = Path(folder)
+    if (folder / "engine").is_dir():
+        if not eng.sharded:
+            raise ValueError(f"{folder} holds a sharded (FSDP / DeepSpeed) optimizer state; resume it under the "
+                             f"same engine")
+        eng.load_sharded_state(folder / "engine")
+    else:
+        load_model_weights(model, folder)
+        _load_optimizer(folder, optimizer)
+    _restore_rng(folder, eng.rank)
+    return json.loads((folder / "trainer_state.json").read_text())

@@ -79,6 +79,9 @@ def check_fusable(model: Any, name: str = "model") -> None:
 def model_head(model: Any, batch: SequenceBatch, *, fused: bool, chunk_size: int | None = None) -> HeadOutput:
     """Run ``model`` on a right-padded batch and return its shifted predictions (see module docstring)."""
     tb = _tb()
+    device = next(model.parameters()).device
+    if batch.input_ids.device != device:  # batches are built on the CPU; the model may live on an accelerator
+        batch = SequenceBatch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device))
     if not fused:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logits, labels = tb.shift_for_causal_lm(logits, batch.labels)

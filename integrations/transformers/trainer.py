@@ -12,15 +12,32 @@ the names of ``TrainingArguments`` (``per_device_train_batch_size``, ``gradient_
 ``logps/rejected``, ``grad_norm``, ``learning_rate``), TensorBoard event files under ``<output_dir>/runs``,
 ``save_pretrained`` checkpoints and ``train(resume_from_checkpoint=...)``.
 
-The loop, one optimizer step (SPEC-MATH §4, Algorithm 1) — each stage one method below:
+The loop, one optimizer step (Algorithm 1 of the paper) — each stage one method below:
   1. ``_prepare``: draw ``gradient_accumulation_steps`` micro-batches of prompts x from the data stream
-     (a seeded permutation per epoch, indexed by the *global* step), and everything the method needs:
-     y_t (dataset, pre-generated with its cached log p(y_t), or sampled from the teacher now), y_s sampled
-     from the current student, GKD's on-policy draw, MiniLLM's teacher-mixed samples, a PT batch;
+     (a seeded permutation per epoch, indexed by the *global* step; this rank's share of each), and
+     everything the method needs: y_t (dataset, pre-generated with its cached log p(y_t), or sampled from
+     the teacher now), y_s sampled from the current student, GKD's on-policy draw, MiniLLM's teacher-mixed
+     samples, a PT batch. Every sample has its own random stream keyed by (seed, purpose, step, example)
+     (:mod:`.sampling`), so a response does not depend on the batch, the rank or the micro-batch it falls in;
   2. ``training_step``: the method's loss (the method table, :mod:`.methods`) inside the objective
-     L = (1−α)·CE_D + α·L_method + λ·L_PT, backward per micro-batch with global normalisers;
+     L = (1−α)·CE_D + α·L_method + λ·L_PT, backward per micro-batch with *global* normalisers (examples and
+     loss tokens over all micro-batches of the step on all ranks, summed over ranks first);
   3. ``_optimizer_step``: clip, the learning rate of the schedule, AdamW step;
   4. logging, the held-out probe (:mod:`.probe`), checkpoints, callbacks.
+
+Distributed (:mod:`.distributed`): the loop runs on ``accelerate`` — DDP over the student with the gradient
+all-reduce only on the last micro-batch, ``bf16`` / ``fp16`` autocast, FSDP / DeepSpeed ZeRO from
+``fsdp`` / ``deepspeed`` or the ``accelerate launch`` config (accelerator devices only), launched by
+``torchrun`` or ``accelerate launch``. The global batch is ``per_device_train_batch_size ×
+gradient_accumulation_steps × world size``; with the same global batch a step is the same computation at
+any world size (same examples, same samples, same normalisers; the sums differ only in rounding order), and
+a checkpoint resumes at any world size that keeps the global batch. Logs, TensorBoard and checkpoint files
+come from the main process; callbacks run on every rank.
+
+Schedules and weight decay are transformers': ``lr_scheduler_type`` is a ``TrainingArguments`` scheduler
+name built by ``transformers.get_scheduler`` (``cosine`` with ``min_learning_rate`` > 0 is its
+``cosine_with_min_lr``, the released code's cosine annealing to ``--lr-min``), and decay applies to the
+parameters ``Trainer.get_decay_parameter_names`` names (no biases, no LayerNorm / RMSNorm weights).
 
 Continuing a run (the experiment protocol): ``train(init_from=checkpoint)`` starts from another run's
 checkpoint — its weights, AdamW state, RNG state and global step — so a method phase continues the SFT
@@ -40,11 +57,11 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +71,18 @@ from ..methods import METHODS, OBJECTIVE_PRESETS, PairLoss, PolicyGradient, Toke
 from .batching import SequenceBatch, generate, pad_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Example
+from .distributed import Engine
 from .heads import check_fusable
 from .methods import Normalizers, PreparedBatch, StepStats, compute_loss
 from .probe import Probe, ProbeOptions
+from .sampling import sample_key
 
-__all__ = ["DistillConfig", "DistillTrainer", "TrainResult", "objective_preset", "OBJECTIVE_PRESETS"]
+__all__ = ["DistillConfig", "DistillTrainer", "TrainResult", "objective_preset", "OBJECTIVE_PRESETS",
+           "SCHEDULERS"]
+
+#: ``lr_scheduler_type`` values: transformers' ``SchedulerType`` names that need no evaluation metric.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 
 
 def objective_preset(name: str) -> Any:
@@ -80,14 +104,18 @@ class DistillConfig:
     method: str = "dpkd"
     method_args: dict[str, Any] = field(default_factory=dict)  # the method's hyper-parameters (method table)
     max_steps: int = 100  # optimizer steps of this run (after ``init_from``'s step, when given)
-    per_device_train_batch_size: int = 8
+    per_device_train_batch_size: int = 8  # examples per micro-batch per process
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
     weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "cosine"  # constant | linear | cosine (CosineAnnealingLR to min_learning_rate)
+    lr_scheduler_type: str = "cosine"  # a SCHEDULERS name, built by transformers.get_scheduler
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 0
-    min_learning_rate: float = 1e-7  # the released code's --lr-min
+    min_learning_rate: float = 1e-7  # the released code's --lr-min ("cosine" becomes cosine_with_min_lr)
     logging_steps: int = 10
     eval_steps: int = 0  # 0: no probe during training
     save_steps: int = 0  # 0: only the final checkpoint
@@ -95,7 +123,15 @@ class DistillConfig:
     seed: int = 0
     report_to: str = "tensorboard"  # tensorboard | none
     disable_tqdm: bool = False
-    # objective (SPEC-MATH §3C): a preset name (OBJECTIVE_PRESETS) or an ObjectiveConfig
+    # the distributed engine (accelerate): mixed precision, FSDP (a TrainingArguments-style `fsdp` string
+    # plus `fsdp_config`: accelerate FullyShardedDataParallelPlugin fields) or a DeepSpeed config (dict or
+    # JSON path); DDP when none is given. `accelerate launch --config_file` configures the same.
+    bf16: bool = False
+    fp16: bool = False
+    fsdp: str = ""
+    fsdp_config: dict[str, Any] | str | None = None
+    deepspeed: dict[str, Any] | str | None = None
+    # objective: a preset name (OBJECTIVE_PRESETS) or an ObjectiveConfig
     objective: Any = "paper"
     # teacher / student outputs and sampling (the same for every method)
     teacher_outputs: str = "dataset"  # dataset | pregenerated | online
@@ -118,8 +154,9 @@ class DistillConfig:
         self.method_args = METHODS[self.method].resolve(self.method_args)
         if self.teacher_outputs not in ("dataset", "pregenerated", "online"):
             raise ValueError("DistillConfig: `teacher_outputs` must be 'dataset', 'pregenerated' or 'online'")
-        if self.lr_scheduler_type not in ("constant", "linear", "cosine"):
-            raise ValueError("DistillConfig: `lr_scheduler_type` must be 'constant', 'linear' or 'cosine'")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ValueError(f"DistillConfig: `lr_scheduler_type` must be one of {SCHEDULERS}, "
+                             f"got {self.lr_scheduler_type!r}")
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "max_new_tokens", "logging_steps"):
             if getattr(self, name) < 1:
@@ -133,6 +170,8 @@ class DistillConfig:
             raise ValueError("DistillConfig: `min_learning_rate` must lie in [0, learning_rate]")
         if self.fused_chunk_size is not None and self.fused_chunk_size < 1:
             raise ValueError("DistillConfig: `fused_chunk_size` must be ≥ 1 (or None)")
+        if self.bf16 and self.fp16:
+            raise ValueError("DistillConfig: set at most one of `bf16` and `fp16`")
         if self.save_steps and self.save_steps % self.logging_steps:
             # a resumed run must restart on a logging boundary to reproduce the averaged logs exactly
             raise ValueError("DistillConfig: `save_steps` must be a multiple of `logging_steps`")
@@ -141,6 +180,12 @@ class DistillConfig:
         d = asdict(self)
         d["objective"] = asdict(self.objective)
         return d
+
+    def scheduler(self) -> tuple[str, dict[str, Any]]:
+        """(transformers scheduler name, its ``scheduler_specific_kwargs``)."""
+        if self.lr_scheduler_type == "cosine" and self.min_learning_rate > 0:
+            return "cosine_with_min_lr", {"min_lr": self.min_learning_rate, **self.lr_scheduler_kwargs}
+        return self.lr_scheduler_type, dict(self.lr_scheduler_kwargs)
 
 
 Callback = Callable[["DistillTrainer", int, dict[str, float]], None]
@@ -156,13 +201,23 @@ class TrainResult:
         return self.log_history[-1] if self.log_history else {}
 
 
+def _to_device(pb: PreparedBatch, device: torch.device) -> PreparedBatch:
+    def move(v: Any) -> Any:
+        if isinstance(v, SequenceBatch):
+            return SequenceBatch(*(t.to(device) for t in astuple(v)))
+        return v.to(device) if isinstance(v, torch.Tensor) else v
+
+    return PreparedBatch(**{f.name: move(getattr(pb, f.name)) for f in fields(pb)})
+
+
 class DistillTrainer:
     """Distil ``student`` from the frozen ``teacher`` on ``train_examples`` (see module docstring).
 
     Args:
         student, teacher: ``transformers`` causal LMs sharing one vocabulary (the teacher may be ``None``
             for methods that never read it, e.g. ``sft`` and ``seqkd`` with dataset/pre-generated outputs).
-        train_examples: tokenised :class:`~dpkd.integrations.transformers.data.Example` s.
+        train_examples: tokenised :class:`~dpkd.integrations.transformers.data.Example` s (every rank holds
+            all of them; each takes its share of every step).
         config: :class:`DistillConfig`.
         pad_token_id, eos_token_id: the tokenizer's ids.
         probe_examples: held-out examples for the periodic probe (:mod:`.probe`).
@@ -175,8 +230,6 @@ class DistillTrainer:
                  pad_token_id: int, eos_token_id: int, probe_examples: Sequence[Example] = (),
                  pt_sequences: Sequence[Sequence[int]] = (), callbacks: Sequence[Callback] = (),
                  tokenizer: Any = None) -> None:
-        self.student = student
-        self.teacher = teacher
         self.examples = list(train_examples)
         self.config = config
         self.pad_id = pad_token_id
@@ -185,19 +238,33 @@ class DistillTrainer:
         self.callbacks = list(callbacks)
         self.method = METHODS[config.method]
         self.loss_spec = self.method.loss(config.method_args)
+        self.student, self.teacher = student, teacher
         self._check_inputs()
+        self.engine = Engine(config)
         self.micro = config.per_device_train_batch_size
-        self.batches_per_epoch = len(self.examples) // self.micro
+        self.world = self.engine.world
+        self.batches_per_epoch = len(self.examples) // (self.micro * self.world)  # global micro-batches
         if self.batches_per_epoch < 1:
-            raise ValueError("DistillTrainer: fewer training examples than one batch")
-        self.probe = Probe(probe_examples, teacher, pad_id=pad_token_id, eos_id=eos_token_id, tokenizer=tokenizer,
+            raise ValueError("DistillTrainer: fewer training examples than one global micro-batch "
+                             "(per_device_train_batch_size × world size)")
+        optimizer = self._make_optimizer()
+        self._lr_factor = self._make_schedule(optimizer)
+        self.model, self.optimizer = self.engine.prepare(student, optimizer)
+        self.student = self.engine.unwrap()
+        self.teacher = self.engine.prepare_teacher(teacher)
+        self.probe = Probe(probe_examples, self.teacher, pad_id=pad_token_id, eos_id=eos_token_id,
+                           tokenizer=tokenizer,
                            options=ProbeOptions(beta=config.probe_beta, max_new_tokens=config.max_new_tokens,
                                                 sample_temperature=config.sample_temperature,
                                                 teacher_temperature=config.teacher_temperature, seed=config.seed,
                                                 fused=config.use_fused, chunk_size=config.fused_chunk_size))
-        self.optimizer = self._make_optimizer()
         self.log_history: list[dict[str, float]] = []
         self.start_step = 0  # global step this run started from (init_from's step)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step over all ranks and micro-batches."""
+        return self.micro * self.config.gradient_accumulation_steps * self.world
 
     # ------------------------------------------------------------------------------------------ setup
     def _check_inputs(self) -> None:
@@ -223,57 +290,77 @@ class DistillTrainer:
             raise ValueError("DistillTrainer: the objective has lm_coef > 0 but `pt_sequences` is empty")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or "norm" in name.lower() or "ln" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.config.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.config.learning_rate)
+        """AdamW over two groups, split by transformers' ``Trainer`` decay rule."""
+        from transformers import Trainer
+
+        c = self.config
+        # the rule reads only the model (no Trainer state): weight decay off for biases and norm weights
+        decay_names = set(Trainer.get_decay_parameter_names(None, self.student))
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay_names], "weight_decay": c.weight_decay},
+                  {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_epsilon)
+
+    def _make_schedule(self, optimizer: torch.optim.Optimizer) -> Callable[[int], float]:
+        """transformers' schedule for this run; the factor at step k is read from it directly (no scheduler
+        state to checkpoint, and a continued run restarts its own schedule)."""
+        from transformers import get_scheduler
+
+        c = self.config
+        name, kwargs = c.scheduler()
+        sched = get_scheduler(name, optimizer, num_warmup_steps=c.warmup_steps, num_training_steps=c.max_steps,
+                              scheduler_specific_kwargs=kwargs)
+        return sched.lr_lambdas[0]
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of this run's optimizer step ``step`` (0-based, counted from the run's start): linear
-        warm-up to ``learning_rate``, then constant, linear decay to 0, or cosine annealing to
-        ``min_learning_rate`` (the closed form of ``torch.optim.lr_scheduler.CosineAnnealingLR``)."""
-        c = self.config
-        if step < c.warmup_steps:
-            return c.learning_rate * (step + 1) / c.warmup_steps
-        if c.lr_scheduler_type == "constant":
-            return c.learning_rate
-        frac = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
-        if c.lr_scheduler_type == "linear":
-            return c.learning_rate * (1.0 - frac)
-        return c.min_learning_rate + (c.learning_rate - c.min_learning_rate) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        """Learning rate of this run's optimizer step ``step`` (0-based, counted from the run's start): the
+        value transformers' ``get_scheduler(lr_scheduler_type, ...)`` gives that step."""
+        return self.config.learning_rate * self._lr_factor(step)
 
     # ------------------------------------------------------------------------------------------ data
     def _rng(self, salt: int, global_batch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt * (global_batch + 1))
 
     def _batch_indices(self, global_batch: int) -> list[int]:
+        """Example indices of global micro-batch ``global_batch`` (all ranks' share of it: micro × world)."""
+        width = self.micro * self.world
         epoch, pos = divmod(global_batch, self.batches_per_epoch)
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         perm = torch.randperm(len(self.examples), generator=g)
-        return perm[pos * self.micro : (pos + 1) * self.micro].tolist()
+        return perm[pos * width : (pos + 1) * width].tolist()
+
+    def _shard(self, items: list) -> list:
+        r = self.engine.rank
+        return items[r * self.micro : (r + 1) * self.micro]
 
     def _pt_batch(self, global_batch: int) -> SequenceBatch:
-        idx = torch.randint(len(self.pt), (self.micro,), generator=self._rng(7919, global_batch)).tolist()
+        g = self._rng(7919, global_batch)
+        idx = self._shard(torch.randint(len(self.pt), (self.micro * self.world,), generator=g).tolist())
         seqs = [self.pt[i] for i in idx]
         # LM loss on every token after the first: an empty "prompt" of one token
         return pad_pairs([s[:1] for s in seqs], [s[1:] for s in seqs], self.pad_id)
 
-    def _sample(self, model: Any, prompts: list[list[int]], temperature: float, **kw: Any) -> list[list[int]]:
+    def _sample(self, model: Any, prompts: list[list[int]], temperature: float, keys: tuple[str, int, list[int]],
+                **kw: Any) -> list[list[int]]:
+        """Responses to ``prompts``, each from its own stream ``keys`` = (purpose, step, example indices)."""
         c = self.config
+        purpose, step, ids = keys
+        seeds = [sample_key(c.seed, purpose, step=step, example=i) for i in ids]
         return generate(model, prompts, pad_id=self.pad_id, eos_id=self.eos_id, max_new_tokens=c.max_new_tokens,
-                        temperature=temperature, top_k=c.sample_top_k, top_p=c.sample_top_p, **kw)
+                        temperature=temperature, top_k=c.sample_top_k, top_p=c.sample_top_p, row_seeds=seeds, **kw)
 
-    def _teacher_outputs(self, exs: list[Example]) -> list[list[int]]:
+    def _sample_student(self, prompts: list[list[int]], keys: tuple[str, int, list[int]], **kw: Any
+                        ) -> list[list[int]]:
+        with self.engine.for_generation() as student:  # FSDP / ZeRO-3: the parameters gathered
+            return self._sample(student, prompts, self.config.sample_temperature, keys, **kw)
+
+    def _teacher_outputs(self, exs: list[Example], keys: tuple[str, int, list[int]]) -> list[list[int]]:
         c = self.config
         if c.teacher_outputs == "dataset":
             return [ex.response_ids for ex in exs]
         if c.teacher_outputs == "pregenerated":
             return [ex.teacher_ids for ex in exs]  # type: ignore[misc]
-        return self._sample(self.teacher, [ex.prompt_ids for ex in exs], c.teacher_temperature)
+        return self._sample(self.teacher, [ex.prompt_ids for ex in exs], c.teacher_temperature, keys)
 
     def _on_policy_step(self, step: int) -> bool:
         """GKD: does this step train on the student's own samples (probability λ, seeded by the step)?"""
@@ -281,38 +368,39 @@ class DistillTrainer:
         return p > 0 and float(torch.rand((), generator=self._rng(31337, step))) < p
 
     def _prepare(self, step: int) -> list[PreparedBatch]:
-        """The step's micro-batches with every sample the method needs (stage 1 of the loop)."""
+        """This rank's micro-batches of the step with every sample the method needs (stage 1 of the loop)."""
         c, needs, spec = self.config, self.method.needs, self.loss_spec
         on_policy = self._on_policy_step(step)
         out = []
         for m in range(c.gradient_accumulation_steps):
             gb = step * c.gradient_accumulation_steps + m
-            exs = [self.examples[i] for i in self._batch_indices(gb)]
+            ids = self._shard(self._batch_indices(gb))
+            exs = [self.examples[i] for i in ids]
             prompts = [ex.prompt_ids for ex in exs]
             pb = PreparedBatch(data=pad_pairs(prompts, [ex.response_ids for ex in exs], self.pad_id),
                                n_examples=len(exs))
             if needs.teacher_outputs:
-                y_t = self._teacher_outputs(exs)
+                y_t = self._teacher_outputs(exs, ("y_t", step, ids))
                 pb.chosen = pad_pairs(prompts, y_t, self.pad_id)
                 if isinstance(spec, PairLoss):
-                    y_s = self._sample(self.student, prompts, c.sample_temperature)
+                    y_s = self._sample_student(prompts, ("y_s", step, ids))
                     pb.pair = pad_pairs(prompts + prompts, y_t + y_s, self.pad_id)
                     if c.teacher_outputs == "pregenerated" and all(ex.teacher_logp is not None for ex in exs):
                         pb.chosen_teacher_logps = torch.tensor([ex.teacher_logp for ex in exs], dtype=torch.float64)
             if on_policy:
-                pb.samples = pad_pairs(prompts, self._sample(self.student, prompts, c.sample_temperature), self.pad_id)
+                pb.samples = pad_pairs(prompts, self._sample_student(prompts, ("gkd", step, ids)), self.pad_id)
             if isinstance(spec, PolicyGradient):
-                y = self._sample(self.student, prompts, c.sample_temperature, mix_teacher=self.teacher,
-                                 mix_alpha=spec.mix_alpha)
+                y = self._sample_student(prompts, ("minillm", step, ids), mix_teacher=self.teacher,
+                                         mix_alpha=spec.mix_alpha)
                 pb.samples = pad_pairs(prompts, y, self.pad_id)
             if c.objective.lm_coef > 0:
                 pb.pt = self._pt_batch(gb)
-            out.append(pb)
+            out.append(pb if self.engine.device.type == "cpu" else _to_device(pb, self.engine.device))
         return out
 
     @staticmethod
     def normalizers(batches: Sequence[PreparedBatch]) -> Normalizers:
-        """Global counts over the step's micro-batches (what makes accumulation exact)."""
+        """Counts over these micro-batches (this rank's; :meth:`training_step` sums them over ranks)."""
         return Normalizers(
             examples=sum(b.n_examples for b in batches),
             data_tokens=sum(b.data.n_response_tokens for b in batches),
@@ -323,33 +411,44 @@ class DistillTrainer:
 
     # ------------------------------------------------------------------------------------------ step
     def training_step(self, batches: Sequence[PreparedBatch]) -> dict[str, float]:
-        """Forward/backward over the micro-batches (no optimizer step); returns the step's metrics."""
-        norms = self.normalizers(batches)
+        """Forward/backward over this rank's micro-batches (no optimizer step); returns the step's metrics,
+        reduced over ranks."""
+        norms = Normalizers(*(int(v) for v in self.engine.sum(astuple(self.normalizers(batches)))))
         stats = StepStats()
         total = 0.0
-        for pb in batches:
-            loss = compute_loss(self.config.method, self.student, self.teacher, pb, norms, self.config, stats)
-            loss.backward()
+        for i, pb in enumerate(batches):
+            micro_loss = functools.partial(compute_loss, self.config.method, self.student, self.teacher, pb, norms,
+                                           self.config, stats)
+            with self.engine.sync(last=i == len(batches) - 1):
+                loss = self.engine.forward(micro_loss)
+                self.engine.backward(loss)
             total += float(loss.detach())
-        logs = {"loss": total, **stats.terms}
+        return self._step_metrics(total, stats, any(b.samples is not None for b in batches))
+
+    def _step_metrics(self, total: float, stats: StepStats, sampled: bool) -> dict[str, float]:
+        """The step's metrics over all ranks: sums of the loss terms, means over every example's rewards."""
+        eng = self.engine
+        names = sorted(stats.terms)
+        agree = [sum(r * k for r, k in stats.agreement), sum(k for _, k in stats.agreement)]
+        sums = eng.sum([total, *(stats.terms[k] for k in names), *agree])
+        logs = {"loss": sums[0], **dict(zip(names, sums[1 : 1 + len(names)], strict=True))}
         if stats.chosen_rewards:
-            cr, rr = torch.cat(stats.chosen_rewards), torch.cat(stats.rejected_rewards)
+            cr, rr = eng.gather(torch.cat(stats.chosen_rewards)), eng.gather(torch.cat(stats.rejected_rewards))
             logs.update({
                 "rewards/chosen": float(cr.mean()), "rewards/rejected": float(rr.mean()),
                 "rewards/accuracies": float((cr > rr).double().mean()), "rewards/margins": float((cr - rr).mean()),
-                "logps/chosen": float(torch.cat(stats.logps_chosen).mean()),
-                "logps/rejected": float(torch.cat(stats.logps_rejected).mean()),
+                "logps/chosen": float(eng.gather(torch.cat(stats.logps_chosen)).mean()),
+                "logps/rejected": float(eng.gather(torch.cat(stats.logps_rejected)).mean()),
             })
         if stats.agreement:
-            n = sum(k for _, k in stats.agreement)
-            logs["agreement_rate"] = sum(r * k for r, k in stats.agreement) / max(n, 1)
-        if any(b.samples is not None for b in batches) and isinstance(self.loss_spec, TokenDivergence):
+            logs["agreement_rate"] = sums[-2] / max(sums[-1], 1)
+        if sampled and isinstance(self.loss_spec, TokenDivergence):
             logs["on_policy"] = 1.0
         return logs
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        grad_norm = self.engine.clip_grad_norm(params, self.config.max_grad_norm)
         lr = self.lr_at(step - self.start_step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -359,8 +458,12 @@ class DistillTrainer:
 
     @torch.no_grad()
     def probe_metrics(self, step: int) -> dict[str, float]:
-        """The held-out probe now (:class:`~.probe.Probe`; empty without probe examples or teacher)."""
-        return self.probe.metrics(self.student, step)
+        """The held-out probe now (:class:`~.probe.Probe`; empty without probe examples or teacher). Main
+        process only, except under FSDP / ZeRO-3, where every rank gathers the parameters and runs it."""
+        if self.engine.sharded:
+            with self.engine.for_generation() as student:
+                return self.probe.metrics(student, step)
+        return self.probe.metrics(self.student, step) if self.engine.is_main else {}
 
     # ------------------------------------------------------------------------------------------ loop
     def _restore(self, resume_from_checkpoint: str | bool | None, init_from: str | Path | None) -> int:
@@ -371,17 +474,30 @@ class DistillTrainer:
         if resume_from_checkpoint:
             own = latest_checkpoint(out_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
         if own is not None:
-            state = load_checkpoint(own, self.student, self.optimizer)
+            state = self._load(own, resume=True)
             self.log_history = list(state["log_history"])
             self.start_step = int(state.get("run_start_step", 0))
             self.probe.load_state(state.get("probe"))  # the pairs frozen when the run started
             return int(state["global_step"])
         if init_from is not None:
-            state = load_checkpoint(Path(init_from), self.student, self.optimizer)
+            state = self._load(Path(init_from), resume=False)
             self.start_step = int(state["global_step"])
             return self.start_step
         torch.manual_seed(self.config.seed)
         return 0
+
+    def _load(self, folder: Path, *, resume: bool) -> dict[str, Any]:
+        """Load a checkpoint; resuming this run needs the same global batch (any world size that keeps it)."""
+        state = load_checkpoint(folder, self.student, self.optimizer, engine=self.engine)
+        saved = state.get("train_batch_size")
+        if resume and saved is not None and int(saved) != self.global_batch_size:
+            raise ValueError(
+                f"DistillTrainer: {folder} was written with a global batch of {saved} examples per step, this run "
+                f"has {self.global_batch_size} (per_device_train_batch_size {self.micro} × "
+                f"gradient_accumulation_steps {self.config.gradient_accumulation_steps} × world size "
+                f"{self.world}); resume with per_device_train_batch_size × gradient_accumulation_steps = "
+                f"{int(saved) // self.world} at this world size")
+        return state
 
     def _log(self, record: dict[str, float], writer: Any, bar: Any) -> None:
         self.log_history.append(record)
@@ -389,11 +505,19 @@ class DistillTrainer:
             for k, v in record.items():
                 if k != "step":
                     writer.add_scalar(k if "/" in k else f"train/{k}", v, int(record["step"]))
-        if not self.config.disable_tqdm:
+        if not self.config.disable_tqdm and self.engine.is_main:
             bar.write(json.dumps({k: round(v, 4) for k, v in record.items()}))
 
     def _epoch(self, done: int) -> float:
         return done * self.config.gradient_accumulation_steps / self.batches_per_epoch
+
+    def _save(self, out_dir: Path, done: int) -> None:
+        c = self.config
+        save_checkpoint(out_dir, done, self.student, self.optimizer,
+                        {"log_history": self.log_history, "config": c.to_json(), "run_start_step": self.start_step,
+                         "probe": self.probe.state(), "train_batch_size": self.global_batch_size,
+                         "world_size": self.world},
+                        total_limit=c.save_total_limit, engine=self.engine)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *, init_from: str | Path | None = None
               ) -> TrainResult:
@@ -401,25 +525,27 @@ class DistillTrainer:
         True for the latest in ``output_dir`` (a fresh start when there is none); ``init_from``: another
         run's checkpoint to continue from (module docstring)."""
         c = self.config
+        main = self.engine.is_main
         out_dir = Path(c.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         start = self._restore(resume_from_checkpoint, init_from)
         end = self.start_step + c.max_steps
-        if start == self.start_step:
+        if start == self.start_step and (main or self.engine.sharded):
             self.probe.start(self.student)
-        (out_dir / "distill_config.json").write_text(json.dumps(c.to_json(), indent=1))
+        if main:
+            (out_dir / "distill_config.json").write_text(json.dumps(c.to_json(), indent=1))
         writer = None
-        if c.report_to == "tensorboard":
+        if c.report_to == "tensorboard" and main:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(out_dir / "runs"), purge_step=start if start > self.start_step else None)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=c.max_steps, initial=start - self.start_step, desc=c.method, disable=c.disable_tqdm,
-                   dynamic_ncols=True)
+        bar = tqdm(total=c.max_steps, initial=start - self.start_step, desc=c.method,
+                   disable=c.disable_tqdm or not main, dynamic_ncols=True)
         if c.eval_steps and start == self.start_step and self.probe.frozen is not None:
             self._log({"step": start, "epoch": self._epoch(start), **self.probe_metrics(start)}, writer, bar)
-        self.student.train()
+        self.model.train()
         window: list[dict[str, float]] = []
         t0 = time.perf_counter()
         for step in range(start, end):
@@ -442,16 +568,15 @@ class DistillTrainer:
             if (c.save_steps and (done - self.start_step) % c.save_steps == 0) or is_last:
                 if writer is not None:
                     writer.flush()
-                save_checkpoint(out_dir, done, self.student, self.optimizer,
-                                {"log_history": self.log_history, "config": c.to_json(),
-                                 "run_start_step": self.start_step, "probe": self.probe.state()},
-                                total_limit=c.save_total_limit)
+                self._save(out_dir, done)
             for cb in self.callbacks:
                 cb(self, done, logs)
         bar.close()
         if writer is not None:
             writer.close()
-        (out_dir / "trainer_state.json").write_text(json.dumps(
-            {"global_step": end, "run_start_step": self.start_step, "log_history": self.log_history,
-             "train_runtime_s": time.perf_counter() - t0}, indent=1))
+        if main:
+            (out_dir / "trainer_state.json").write_text(json.dumps(
+                {"global_step": end, "run_start_step": self.start_step, "log_history": self.log_history,
+                 "train_runtime_s": time.perf_counter() - t0, "world_size": self.world}, indent=1))
+        self.engine.barrier()
         return TrainResult(global_step=end, log_history=self.log_history)

@@ -58,12 +58,13 @@ def test_continuing_method_reads_new_batches(tmp_path, toy, tiny):
 
 
 def test_warmup_then_cosine_is_the_released_schedule(tmp_path, toy, tiny):
-    """After linear warm-up, lr_at equals torch's CosineAnnealingLR (eta_min = min_learning_rate) step by step."""
+    """transformers' warm-up (lr·s/W), then lr_at equals torch's CosineAnnealingLR (eta_min = min_learning_rate)
+    step by step: the released code's cosine."""
     tok, train, _ = toy
     cfg = _cfg(tmp_path, max_steps=20, warmup_steps=4, lr_scheduler_type="cosine", learning_rate=5e-4,
                min_learning_rate=1e-7)
     tr = _trainer(tok, train, tiny("gpt2", tok, 0), cfg)
-    assert [tr.lr_at(s) for s in range(4)] == pytest.approx([5e-4 * k / 4 for k in (1, 2, 3, 4)], rel=1e-12)
+    assert [tr.lr_at(s) for s in range(4)] == pytest.approx([5e-4 * k / 4 for k in (0, 1, 2, 3)], rel=1e-12)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16, eta_min=1e-7)
     ref = []
@@ -80,8 +81,8 @@ def test_schedule_restarts_for_a_continuing_run(tmp_path, toy, tiny):
     _trainer(tok, train, model, _cfg(tmp_path / "init", max_steps=3)).train()
     cfg = _cfg(tmp_path / "m", max_steps=4, warmup_steps=2, lr_scheduler_type="cosine", learning_rate=1e-3)
     res = _trainer(tok, train, model, cfg).train(init_from=latest_checkpoint(tmp_path / "init"))
-    # warm-up over this run's first 2 steps, then CosineAnnealingLR(T_max = 2) from its start value
-    assert [r["learning_rate"] for r in res.log_history] == pytest.approx([5e-4, 1e-3, 1e-3, 0.5e-3 + 0.5e-7],
+    # warm-up over this run's first 2 steps (transformers: lr·s/W), then CosineAnnealingLR(T_max = 2)
+    assert [r["learning_rate"] for r in res.log_history] == pytest.approx([0.0, 5e-4, 1e-3, 0.5e-3 + 0.5e-7],
                                                                          rel=1e-9)
 
 

@@ -1,0 +1,255 @@
+"""The distributed engine under :class:`~.trainer.DistillTrainer`: ``accelerate`` (DDP, FSDP, DeepSpeed ZeRO).
+
+One :class:`Engine` per trainer wraps an ``accelerate.Accelerator`` and gives the explicit loop the few
+operations it needs:
+
+* placement and wrapping — :meth:`Engine.prepare` (the student and its optimizer: DDP, FSDP or a DeepSpeed
+  engine, as the launch configuration says), :meth:`Engine.prepare_teacher` (the frozen teacher: replicated
+  under DDP; sharded under FSDP / ZeRO-3 when the configuration says so);
+* one micro-batch — :meth:`Engine.forward` runs the whole micro-batch loss *inside* the wrapper's forward
+  (the student is called several times per micro-batch: data, pair and PT batches; DDP / FSDP / DeepSpeed
+  must see one forward per backward), :meth:`Engine.sync` disables the gradient all-reduce on every
+  micro-batch but the last of a step, :meth:`Engine.backward` scales by the world size (the wrappers
+  *average* gradients over ranks; the losses are already divided by the global normalisers, so the
+  gradient we need is their *sum*);
+* collectives for the global normalisers and metrics — :meth:`Engine.sum`, :meth:`Engine.gather`;
+* :meth:`Engine.for_generation` — the full student for ``generate`` (DDP: the replicated module, no copy;
+  FSDP: the shards gathered per call, ``summon_full_params``, one all-gather of the parameters — peak memory
+  = one full copy on every rank for the duration of the generation; ZeRO-3: ``GatheredParameters`` over the
+  whole model, the same cost).
+
+Launch: ``torchrun --nproc_per_node N script.py`` or ``accelerate launch [--config_file cfg.yaml] script.py``
+(``--cpu --num_processes N`` on a CPU machine: DDP over gloo). Mixed precision (``bf16`` / ``fp16``)
+is accelerate's autocast around every micro-batch's forward.
+
+accelerate runs FSDP and DeepSpeed only on accelerator devices: on a CPU machine it would silently train
+with plain DDP (or, launched without ``--cpu``, as N unrelated single processes). Both are refused here
+with a message instead (:func:`check_launch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Engine", "check_launch", "launch_world_size", "requested_engine"]
+
+
+def launch_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def requested_engine(config: Any) -> str:
+    """``"deepspeed"``, ``"fsdp"`` or ``"ddp"``: what the config (``deepspeed``, ``fsdp``) or the launcher's
+    accelerate config (``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP``) asks for."""
+    if getattr(config, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if getattr(config, "fsdp", "") or _env_flag("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    return "ddp"
+
+
+def _on_accelerator() -> bool:
+    return torch.cuda.is_available() and not _env_flag("ACCELERATE_USE_CPU")
+
+
+def check_launch(config: Any) -> str:
+    """The engine to build, or a ValueError naming the argument when this machine cannot run it."""
+    engine = requested_engine(config)
+    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("DistillTrainer: `deepspeed` (or ACCELERATE_USE_DEEPSPEED) asks for DeepSpeed, which is "
+                         "not installed: pip install deepspeed")
+    if engine != "ddp" and not _on_accelerator():
+        what = "`deepspeed`" if engine == "deepspeed" else "`fsdp`"
+        raise ValueError(
+            f"DistillTrainer: {what} (or the accelerate launch config) asks for {engine.upper()}, but this run is "
+            f"on CPU: accelerate runs FSDP and DeepSpeed only on accelerator devices and would silently fall "
+            f"back to DDP here. On CPU use DDP (accelerate launch --cpu --num_processes N, or torchrun); run "
+            f"{engine.upper()} on GPUs.")
+    return engine
+
+
+def _load_json(value: Any, name: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return dict(value)
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"DistillTrainer: `{name}` must be a dict or a JSON file, got {value!r}")
+    return json.loads(path.read_text())
+
+
+def _plugins(config: Any, engine: str) -> dict[str, Any]:
+    if engine == "deepspeed" and getattr(config, "deepspeed", None):
+        from accelerate.utils import DeepSpeedPlugin
+
+        return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=_load_json(config.deepspeed, "deepspeed"))}
+    if engine == "fsdp" and getattr(config, "fsdp", ""):
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        options = _load_json(config.fsdp_config, "fsdp_config") if config.fsdp_config else {}
+        options.setdefault("fsdp_version", 2)
+        return {"fsdp_plugin": FullyShardedDataParallelPlugin(**options)}
+    return {}  # DDP, or the engine configured by `accelerate launch --config_file` (read from the environment)
+
+
+class Engine:
+    """The accelerate side of one trainer (module docstring). ``config``: a ``DistillConfig``."""
+
+    def __init__(self, config: Any) -> None:
+        from accelerate import Accelerator
+
+        self.kind = check_launch(config)
+        precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+        self.accelerator = Accelerator(cpu=not _on_accelerator(), mixed_precision=precision,
+                                       **_plugins(config, self.kind))
+        if self.accelerator.num_processes != launch_world_size():
+            raise RuntimeError(
+                f"DistillTrainer: the launcher started {launch_world_size()} processes but accelerate sees "
+                f"{self.accelerator.num_processes}; every process would train alone. On CPU launch with "
+                f"`accelerate launch --cpu` or torchrun (gloo).")
+        self.model: Any = None  # the wrapped student, after prepare
+
+    # ------------------------------------------------------------------------------------------ world
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP or DeepSpeed: parameters (and optimizer state) are split over ranks."""
+        return self.kind in ("fsdp", "deepspeed")
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------ models
+    def prepare(self, student: Any, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        """The wrapped student and its optimizer (placed, wrapped and sharded as the launch config says)."""
+        self.model, optimizer = self.accelerator.prepare(student, optimizer)
+        return self.model, optimizer
+
+    def prepare_teacher(self, teacher: Any) -> Any:
+        """The frozen teacher on this rank: moved to the device (DDP: one replica per rank); under FSDP / ZeRO-3
+        wrapped for evaluation so that it is sharded like the student."""
+        if teacher is None:
+            return None
+        if self.kind == "fsdp":
+            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        if self.kind == "deepspeed" and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            cfg = dict(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+            cfg.pop("optimizer", None)
+            cfg.pop("scheduler", None)
+            engine, *_ = deepspeed.initialize(model=teacher, config=cfg)
+            engine.eval()
+            return engine.module
+        return teacher.to(self.device)
+
+    def unwrap(self, model: Any = None) -> Any:
+        return self.accelerator.unwrap_model(model if model is not None else self.model)
+
+    def forward(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``fn()`` (a micro-batch's loss, calling the student any number of times) run inside the wrapper's
+        forward, so DDP / FSDP / DeepSpeed see one forward for the coming backward; under autocast."""
+        wrapper, inner = self.model, self.unwrap()
+        with self.accelerator.autocast():
+            if wrapper is inner:
+                return fn()
+            original = inner.forward
+
+            def redirected(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+                inner.forward = original  # fn calls the real forward
+                return fn()
+
+            inner.forward = redirected
+            try:
+                return wrapper()
+            finally:
+                inner.forward = original
+
+    def sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Gradient all-reduce only on the last micro-batch of a step."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the wrappers average over ranks; each rank's loss is its share of the global sum
+        self.accelerator.backward(loss * self.world if self.world > 1 else loss)
+
+    def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+
+    @contextlib.contextmanager
+    def for_generation(self) -> Iterator[Any]:
+        """The full student for ``generate`` (module docstring for the cost under FSDP / ZeRO-3)."""
+        inner = self.unwrap()
+        if self.kind == "fsdp" and self.world > 1:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            if isinstance(self.model, FSDP):
+                with FSDP.summon_full_params(self.model, writeback=False, recurse=False):
+                    yield inner
+                return
+            self.model.unshard()  # FSDP2: all-gather every parameter once for the whole generation
+            try:
+                yield inner
+            finally:
+                self.model.reshard()
+            return
+        if self.kind == "deepspeed" and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(inner.parameters()), modifier_rank=None):
+                yield inner
+            return
+        yield inner
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's full weights, gathered from the shards (a collective; complete on the main process)."""
+        return self.accelerator.get_state_dict(self.model)
+
+    def save_sharded_state(self, folder: Path) -> None:
+        """FSDP / DeepSpeed: accelerate's own sharded checkpoint of model and optimizer (every rank writes)."""
+        self.accelerator.save_state(str(folder), safe_serialization=True)
+
+    def load_sharded_state(self, folder: Path) -> None:
+        self.accelerator.load_state(str(folder))
+
+    # ------------------------------------------------------------------------------------------ collectives
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, so counts up to 2^53 stay exact)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenation over ranks along dim 0 (every rank holds the same number of rows)."""
+        if self.world == 1:
+            return t
+        return self.accelerator.gather(t.to(self.device)).cpu()
