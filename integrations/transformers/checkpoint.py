@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_model_weights", "save_model_folder",
            "fsync_tree"]

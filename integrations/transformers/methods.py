@@ -6,7 +6,8 @@ rejected = student output y_s; a = log q(y_t), b = log q(y_s), c = log p(y_t), d
 Each loss kind of the table maps onto :mod:`.heads` (materialised logits or the fused lm_head path):
 ``CrossEntropy`` → ``heads.cross_entropy``; ``TokenDivergence`` → ``heads.token_divergence`` on the batch
 it names (or on the step's student samples, GKD); ``PairLoss`` → ``heads.sequence_loss`` on [(x, y_t);
-(x, y_s)], with c taken from the cache when the examples carry it; ``PolicyGradient`` →
+(x, y_s)], with c taken from the cache when the examples carry it (and a token loss on y_t reads the
+teacher's cached top-k distributions, :mod:`.teacher_cache`); ``PolicyGradient`` →
 :func:`.policy_gradient.minillm_loss` on the teacher-mixed samples.
 
 Every method's term enters the objective L = (1−α)·CE_D + α·L_method + λ·[(1−κ)·PT_lm + κ·PT_kd]
@@ -48,6 +49,7 @@ class PreparedBatch:
     samples: SequenceBatch | None = None  # (x, y) with y from the student (GKD) or the mixture (MiniLLM)
     pt: SequenceBatch | None = None
     chosen_teacher_logps: torch.Tensor | None = None  # cached c [n]
+    chosen_teacher_dist: torch.Tensor | None = None  # cached teacher log-distributions on y_t [n, T-1, V]
     n_examples: int = 0
 
 
@@ -139,8 +141,12 @@ def _token_divergence(spec: TokenDivergence, models: _Models, batch: PreparedBat
     else:
         target, n = batch.data, norms.data_tokens
     s_out = models.run(target)
-    res = heads.token_divergence(spec.divergence, s_out, models.run_teacher(target), normalizer=n,
-                                 **dict(spec.options))
+    if target is batch.chosen and batch.chosen_teacher_dist is not None and not s_out.fused:
+        # the teacher's distributions on y_t from the cache (teacher_cache.py): no teacher forward
+        t_out = heads.HeadOutput(s_out.labels, logits=batch.chosen_teacher_dist.to(s_out.logits))
+    else:
+        t_out = models.run_teacher(target)
+    res = heads.token_divergence(spec.divergence, s_out, t_out, normalizer=n, **dict(spec.options))
     if spec.divergence == "dpkd_token":
         stats.agreement.append((float(res.agreement_rate), int(s_out.mask.sum())))
         return res.loss

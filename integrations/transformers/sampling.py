@@ -40,7 +40,10 @@ class KeyedSampling:
     """A ``transformers`` logits processor that turns greedy decoding into keyed sampling (module docstring).
 
     ``keys``: one seed per row of the batch; ``temperature`` > 0, ``top_k`` (0: off), ``top_p`` (1: off).
+    One instance serves one ``generate`` call: its t-th call draws position t's token.
     """
+
+    BLOCK = 16  # positions of noise drawn per row at once (torch draws them in order: the same stream)
 
     def __init__(self, keys: Sequence[int], *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
         from transformers.generation.logits_process import (
@@ -52,6 +55,8 @@ class KeyedSampling:
         if not temperature > 0:
             raise ValueError(f"KeyedSampling: `temperature` must be > 0, got {temperature}")
         self.generators = [torch.Generator().manual_seed(int(k)) for k in keys]
+        self.calls = 0
+        self.noise = torch.empty(0)
         self.warpers = []
         if temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
@@ -60,12 +65,17 @@ class KeyedSampling:
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
 
+    def _gumbel_block(self, vocab: int, device: torch.device) -> torch.Tensor:
+        u = torch.stack([torch.rand(self.BLOCK, vocab, generator=g, dtype=torch.float64) for g in self.generators])
+        return (-torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))).to(device)
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"KeyedSampling: {scores.shape[0]} rows but {len(self.generators)} keys")
         for w in self.warpers:
             scores = w(input_ids, scores)
-        vocab = scores.shape[-1]
-        u = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
-        return (scores.double() + gumbel.to(scores.device)).to(scores.dtype)
+        offset = self.calls % self.BLOCK
+        if offset == 0:  # the next BLOCK positions' noise of every row at once (one draw per row, not per token)
+            self.noise = self._gumbel_block(scores.shape[-1], scores.device)
+        self.calls += 1
+        return (scores.double() + self.noise[:, offset]).to(scores.dtype)

@@ -224,12 +224,16 @@ class DistillTrainer:
         pt_sequences: token-id sequences of the pre-training corpus D_p (needed when λ > 0).
         callbacks: functions ``f(trainer, step, logs)`` called after every optimizer step.
         tokenizer: optional; enables the probe's greedy Rouge-L.
+        teacher_cache: a :class:`~.teacher_cache.TeacherLogpCache` of the teacher on the pre-generated y_t
+            (``teacher_outputs="pregenerated"``): c = log p(y_t) and, when it keeps top-k, the teacher's
+            distributions for a token-level loss on y_t come from it instead of a teacher forward (scored
+            once, by the main process first; then read by every rank).
     """
 
     def __init__(self, student: Any, teacher: Any, train_examples: Sequence[Example], config: DistillConfig, *,
                  pad_token_id: int, eos_token_id: int, probe_examples: Sequence[Example] = (),
                  pt_sequences: Sequence[Sequence[int]] = (), callbacks: Sequence[Callback] = (),
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, teacher_cache: Any = None) -> None:
         self.examples = list(train_examples)
         self.config = config
         self.pad_id = pad_token_id
@@ -260,6 +264,11 @@ class DistillTrainer:
                                                 fused=config.use_fused, chunk_size=config.fused_chunk_size))
         self.log_history: list[dict[str, float]] = []
         self.start_step = 0  # global step this run started from (init_from's step)
+        self.cached: list[Any] | None = None
+        if teacher_cache is not None and config.teacher_outputs == "pregenerated":
+            with self.engine.accelerator.main_process_first():
+                self.cached = teacher_cache.entries(self.examples)
+            self._cache_top_k = teacher_cache.top_k
 
     @property
     def global_batch_size(self) -> int:
@@ -385,8 +394,17 @@ class DistillTrainer:
                 if isinstance(spec, PairLoss):
                     y_s = self._sample_student(prompts, ("y_s", step, ids))
                     pb.pair = pad_pairs(prompts + prompts, y_t + y_s, self.pad_id)
-                    if c.teacher_outputs == "pregenerated" and all(ex.teacher_logp is not None for ex in exs):
+                    if self.cached is not None:
+                        pb.chosen_teacher_logps = torch.stack([self.cached[i].token_logps.sum(dtype=torch.float64)
+                                                               for i in ids])
+                    elif c.teacher_outputs == "pregenerated" and all(ex.teacher_logp is not None for ex in exs):
                         pb.chosen_teacher_logps = torch.tensor([ex.teacher_logp for ex in exs], dtype=torch.float64)
+                elif self.cached is not None and self._cache_top_k and getattr(spec, "on", "") == "y_t":
+                    from .teacher_cache import dense_teacher_logps
+
+                    vocab = self.student.get_output_embeddings().weight.shape[0]
+                    pb.chosen_teacher_dist = dense_teacher_logps([self.cached[i] for i in ids],
+                                                                 pb.chosen.labels[:, 1:], vocab)
             if on_policy:
                 pb.samples = pad_pairs(prompts, self._sample_student(prompts, ("gkd", step, ids)), self.pad_id)
             if isinstance(spec, PolicyGradient):
