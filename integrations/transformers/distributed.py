@@ -39,12 +39,40 @@ from typing import Any
 
 import torch
 
-__all__ = ["Engine", "check_launch", "launch_world_size", "requested_engine"]
+__all__ = ["Engine", "check_launch", "launch_world_size", "requested_engine", "is_main_process", "barrier",
+           "main_process_first"]
 
 
 def launch_world_size() -> int:
     """The number of processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _state() -> Any:
+    from accelerate import PartialState
+
+    return PartialState(cpu=not _on_accelerator())
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the launch (True without a launcher); for code outside the trainer (files, printing)."""
+    return launch_world_size() == 1 or _state().is_main_process
+
+
+def barrier() -> None:
+    """Wait for every process of the launch (nothing without a launcher)."""
+    if launch_world_size() > 1:
+        _state().wait_for_everyone()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Run the block on the main process first, then on the others (build a cache once, read it after)."""
+    if launch_world_size() == 1:
+        yield
+        return
+    with _state().main_process_first():
+        yield
 
 
 def _env_flag(name: str) -> bool:

@@ -47,7 +47,17 @@ class Experiment:
         grid_runs = sum(len(METHODS[r.method].grid()) for r in planned_runs(cfg)) if cfg.grid else 0
         total = cfg.teacher_steps + _EVAL_UNITS + len(cfg.seeds) * per_seed + \
             (cfg.init_steps + grid_runs * (cfg.method_steps + _EVAL_UNITS) if cfg.grid else 0)
-        self.progress = Progress(total, enabled=show_progress)
+        from .distributed import is_main_process, launch_world_size
+
+        self.is_main = is_main_process()
+        if cfg.batch_size % launch_world_size():
+            raise ValueError(f"--batch-size {cfg.batch_size} (examples per step) must be divisible by the "
+                             f"{launch_world_size()} processes of the launch")
+        self.per_device = cfg.batch_size // launch_world_size()  # the same global batch at any world size
+        if launch_world_size() > 1 and cfg.workers > 1:
+            _log(f"--workers {cfg.workers} not used: under a {launch_world_size()}-process launch each run "
+                 f"trains on all processes, one run at a time")
+        self.progress = Progress(total, enabled=show_progress and self.is_main)
 
     # ------------------------------------------------------------------------------------------ helpers
     def _train(self, model: Any, examples: list, out_dir: Path, *, method: str, steps: int, lr: float, seed: int,
@@ -59,7 +69,7 @@ class Experiment:
         cfg = self.cfg
         dc = DistillConfig(
             output_dir=str(out_dir), method=method, method_args=method_args or {}, max_steps=steps,
-            per_device_train_batch_size=cfg.batch_size, learning_rate=lr,
+            per_device_train_batch_size=self.per_device, learning_rate=lr,
             warmup_steps=cfg.warmup_steps if warmup is None else warmup, lr_scheduler_type="cosine",
             logging_steps=min(cfg.eval_every, steps), eval_steps=cfg.eval_every if probe else 0, save_steps=0,
             save_total_limit=save_total_limit, seed=seed, objective=objective or cfg.objective,
@@ -89,9 +99,13 @@ class Experiment:
         if train_data is None:
             task = make_task(cfg.n_train, cfg.n_valid, cfg.n_test, seed=0)
             data_dir = self.results_dir / "data"
-            data_dir.mkdir(exist_ok=True)
-            for split, recs in task.items():
-                write_jsonl(recs, data_dir / f"{split}.jsonl")
+            from .distributed import main_process_first
+
+            with main_process_first():  # one process writes the files, the others read them afterwards
+                data_dir.mkdir(exist_ok=True)
+                if self.is_main:
+                    for split, recs in task.items():
+                        write_jsonl(recs, data_dir / f"{split}.jsonl")
             train_data, test_data = str(data_dir / "train.jsonl"), str(data_dir / "test.jsonl")
             self.valid_records = load_records(data_dir / "valid.jsonl")
             self.pt_texts = make_pretraining_corpus(cfg.n_pretrain, seed=0)
@@ -201,31 +215,33 @@ class Experiment:
 
     def teacher_outputs(self) -> None:
         """y_t for every training (and validation) prompt, sampled at ``teacher_temperature``, with its
-        log-probability c (pre-generated once, cached); with ``dataset_responses="teacher"`` the dataset
-        responses become the teacher's greedy outputs."""
+        log-probability c (pre-generated once, cached; c from the teacher log-prob cache,
+        :mod:`.teacher_cache`); with ``dataset_responses="teacher"`` the dataset responses become the
+        teacher's greedy outputs."""
         import torch
 
-        from .batching import pad_pairs
-        from .heads import model_head, sequence_logps
+        from .distributed import main_process_first
+        from .teacher_cache import TeacherLogpCache
 
         t0, c0 = time.perf_counter(), time.process_time()
         self.progress.stage("teacher outputs")
         labelled = self.train_ex + self.valid_ex
-        if self.cfg.dataset_responses == "teacher":
-            for ex, ids in zip(labelled, self._teacher_responses(labelled, tag="greedy", do_sample=False),
-                               strict=True):
-                ex.response_ids = ids
-        if not all(ex.teacher_ids is not None for ex in self.train_ex):  # else: `dpkd generate` outputs in the data
-            for ex, ids in zip(labelled, self._teacher_responses(labelled, tag="y_t", do_sample=True), strict=True):
-                ex.teacher_ids = ids
-        with torch.no_grad():
-            for i in range(0, len(self.train_ex), 16):
-                chunk = self.train_ex[i : i + 16]
-                batch = pad_pairs([ex.prompt_ids for ex in chunk], [ex.teacher_ids for ex in chunk],
-                                  self.tok.pad_token_id)
-                c, _ = sequence_logps(model_head(self.teacher, batch, fused=self.cfg.use_fused))
-                for ex, v in zip(chunk, c.tolist(), strict=True):
-                    ex.teacher_logp = float(v)
+        with main_process_first():  # the main process generates and writes; the others read its files
+            if self.cfg.dataset_responses == "teacher":
+                for ex, ids in zip(labelled, self._teacher_responses(labelled, tag="greedy", do_sample=False),
+                                   strict=True):
+                    ex.response_ids = ids
+            if not all(ex.teacher_ids is not None for ex in self.train_ex):  # else: `dpkd generate` outputs
+                for ex, ids in zip(labelled, self._teacher_responses(labelled, tag="y_t", do_sample=True),
+                                   strict=True):
+                    ex.teacher_ids = ids
+        # the GGUF file's fingerprint names the SmolLM2 teacher; any other teacher is fingerprinted by its weights
+        known = self.teacher_key if self.cfg.teacher_model == "smollm2" else None
+        with main_process_first():
+            cache = TeacherLogpCache(self.cache_dir / "teacher-logps", self.teacher, self.tok, batch_size=16,
+                                     teacher_fingerprint=known, fused=self.cfg.use_fused)
+            for ex, entry in zip(self.train_ex, cache.entries(self.train_ex), strict=True):
+                ex.teacher_logp = float(entry.token_logps.sum(dtype=torch.float64))
         self.timings["teacher_outputs_s"] = time.perf_counter() - t0
         self.timings["teacher_outputs_cpu_s"] = time.process_time() - c0
 
@@ -365,7 +381,11 @@ class Experiment:
         return self.run_method(seed, run, ckpt)
 
     def _parallel(self, tasks: list[tuple], workers: int) -> list[dict[str, Any]]:
-        if workers <= 1 or len(tasks) <= 1:
+        from .distributed import launch_world_size
+
+        # under accelerate launch / torchrun every task's trainer spans all the processes (DDP over the
+        # launch's process group, which a forked worker cannot share): the tasks run one after another
+        if workers <= 1 or len(tasks) <= 1 or launch_world_size() > 1:
             return [self.do_task(t) for t in tasks]
         import multiprocessing as mp
 
@@ -433,6 +453,9 @@ class Experiment:
         table = summary_markdown(summary, self.cfg, self.train_report, self.test_report, runs_args=runs_args,
                                  chosen=self.chosen, grid=self.grid_scores)
         self.timings["total_s"] = time.perf_counter() - self.t_start
+        if not self.is_main:  # every rank ran the same job; the main process writes and prints it
+            self.progress.close()
+            return {"summary": summary, "timings_s": self.timings}
         (self.results_dir / "results.md").write_text(table)
         metrics = {"config": config_dict(self.cfg), "summary": summary, "per_seed": self.runs,
                    "teacher": self.teacher_eval, "histories": self.histories, "chosen_hparams": self.chosen,

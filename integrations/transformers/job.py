@@ -117,7 +117,10 @@ class Run:
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    from .distributed import is_main_process
+
+    if is_main_process():  # under `accelerate launch` / torchrun every rank runs the job; one prints
+        print(msg, flush=True)
 
 
 def _hash(obj: Any) -> str:
@@ -129,8 +132,14 @@ def _file_hash(path: str) -> str:
 
 
 def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Build a folder under a temporary name and rename it into place (a crash never leaves half a cache)."""
+    """Build a folder under a temporary name and rename it into place (a crash never leaves half a cache).
+    In a distributed launch the main process builds it while the others wait."""
     from .checkpoint import fsync_tree
+    from .distributed import barrier, is_main_process
+
+    if not is_main_process():
+        barrier()
+        return final
 
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -141,6 +150,7 @@ def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    barrier()
     return final
 
 

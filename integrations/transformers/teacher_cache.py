@@ -117,15 +117,21 @@ class TeacherLogpCache:
         batch_size: examples per teacher forward when scoring.
         teacher_fingerprint: a precomputed fingerprint (e.g. the checkpoint file's SHA-256) instead of
             hashing every weight.
+        fused: score on the fused token-chunked lm_head path (never the [B, T, V] logits; in the teacher's
+            dtype); only with ``top_k`` = 0.
     """
 
     def __init__(self, folder: str | Path, teacher: Any, tokenizer: Any, *, dtype: torch.dtype = torch.float32,
-                 top_k: int = 0, batch_size: int = 32, teacher_fingerprint: str | None = None) -> None:
+                 top_k: int = 0, batch_size: int = 32, teacher_fingerprint: str | None = None,
+                 fused: bool = False) -> None:
         vocab = teacher.get_output_embeddings().weight.shape[0]
         if not 0 <= top_k <= vocab:
             raise ValueError(f"TeacherLogpCache: `top_k` must lie in [0, {vocab}] (the vocabulary), got {top_k}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"TeacherLogpCache: `dtype` must be torch.float32 or torch.float64, got {dtype}")
+        if fused and top_k:
+            raise ValueError("TeacherLogpCache: `fused` scoring keeps no distributions; use it with top_k = 0")
+        self.fused = fused
         self.folder = Path(folder).expanduser()
         self.teacher, self.tokenizer = teacher, tokenizer
         self.dtype, self.top_k, self.vocab, self.batch_size = dtype, top_k, vocab, batch_size
@@ -184,14 +190,18 @@ class TeacherLogpCache:
     # ------------------------------------------------------------------------------------------ scoring
     @torch.no_grad()
     def _score(self, examples: Sequence[Any]) -> list[CachedTeacher]:
-        from .heads import model_head
+        from .heads import model_head, token_logps
 
         pad = self.tokenizer.pad_token_id
         out = []
         for i in range(0, len(examples), self.batch_size):
             chunk = examples[i : i + self.batch_size]
             batch = pad_pairs([ex.prompt_ids for ex in chunk], [ex.teacher_ids for ex in chunk], pad)
-            head = model_head(self.teacher, batch, fused=False)
+            head = model_head(self.teacher, batch, fused=self.fused)
+            if self.fused:
+                tok = token_logps(head)
+                out += [CachedTeacher(tok[r][head.mask[r]].to(self.dtype).cpu()) for r in range(len(chunk))]
+                continue
             logp = torch.log_softmax(head.logits.to(torch.promote_types(head.logits.dtype, self.dtype)), dim=-1)
             mask = head.mask
             tok = logp.gather(-1, head.labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
