@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded toy task at a tiny size, a word-level tokenizer, tiny GPT-2 / OPT models."""
+"""Shared fixtures: the embedded toy task at a tiny size, a word-level tokenizer, tiny GPT-2 / OPT / Llama models."""
 
 import pytest
 import torch
@@ -18,13 +18,15 @@ def toy():
 
 
 def _tiny(family, tok, seed, dtype=torch.float32):
+    # Llama: grouped-query attention (2 query heads share 1 key/value head), RMSNorm, RoPE, SwiGLU, tied
+    kv = {"n_kv_heads": 1} if family == "llama" else {}
     return tiny_causal_lm(family, len(tok), d_model=16, n_layers=1, n_heads=2, pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id, seed=seed).to(dtype)
+                          eos_token_id=tok.eos_token_id, seed=seed, **kv).to(dtype)
 
 
 @pytest.fixture(scope="session")
 def tiny():
-    """tiny(family, tok, seed, dtype=float32) -> a 1-layer, 16-wide causal LM of that family."""
+    """tiny(family, tok, seed, dtype=float32) -> a 1-layer, 16-wide causal LM of that family (gpt2, opt, llama)."""
     return _tiny
 
 

@@ -1,4 +1,4 @@
-"""DistillTrainer with models built from transformers configs (GPT-2 and OPT), and exact accumulation."""
+"""DistillTrainer with models built from transformers configs (GPT-2, OPT and Llama), and exact accumulation."""
 
 import copy
 
@@ -17,7 +17,7 @@ def _cfg(tmp_path, method, **kw):
     return DistillConfig(**base)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_and_teacher_stays_frozen(tmp_path, toy, tiny, family, method):
     tok, train, probe = toy
