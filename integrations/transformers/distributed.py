@@ -18,9 +18,12 @@ operations it needs:
   = one full copy on every rank for the duration of the generation; ZeRO-3: ``GatheredParameters`` over the
   whole model, the same cost).
 
-Launch: ``torchrun --nproc_per_node N script.py`` or ``accelerate launch [--config_file cfg.yaml] script.py``
-(``--cpu --num_processes N`` on a CPU machine: DDP over gloo). Mixed precision (``bf16`` / ``fp16``)
-is accelerate's autocast around every micro-batch's forward.
+Launch: ``torchrun --nproc_per_node N script.py`` or ``accelerate launch [--config_file cfg.yaml] script.py``.
+On a machine without GPUs, ``accelerate launch --multi_gpu --num_processes N`` starts N processes through
+accelerate's torchrun launcher and the engine trains on CPU over gloo; accelerate 1.15's
+``accelerate launch --cpu --num_processes N`` starts *one* process (its multi-CPU launch needs mpirun), and
+nothing in that process can tell. Mixed precision (``bf16`` / ``fp16``) is accelerate's autocast around
+every micro-batch's forward.
 
 accelerate runs FSDP and DeepSpeed only on accelerator devices: on a CPU machine it would silently train
 with plain DDP (or, launched without ``--cpu``, as N unrelated single processes). Both are refused here
@@ -104,7 +107,8 @@ def check_launch(config: Any) -> str:
         raise ValueError(
             f"DistillTrainer: {what} (or the accelerate launch config) asks for {engine.upper()}, but this run is "
             f"on CPU: accelerate runs FSDP and DeepSpeed only on accelerator devices and would silently fall "
-            f"back to DDP here. On CPU use DDP (accelerate launch --cpu --num_processes N, or torchrun); run "
+            f"back to DDP here. On CPU use DDP (torchrun --nproc_per_node N, or accelerate launch --multi_gpu "
+            f"--num_processes N on a machine without GPUs); run "
             f"{engine.upper()} on GPUs.")
     return engine
 
@@ -146,7 +150,7 @@ class Engine:
             raise RuntimeError(
                 f"DistillTrainer: the launcher started {launch_world_size()} processes but accelerate sees "
                 f"{self.accelerator.num_processes}; every process would train alone. On CPU launch with "
-                f"`accelerate launch --cpu` or torchrun (gloo).")
+                f"torchrun or `accelerate launch --multi_gpu` (gloo on a machine without GPUs).")
         self.model: Any = None  # the wrapped student, after prepare
 
     # ------------------------------------------------------------------------------------------ world

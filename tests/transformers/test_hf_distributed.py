@@ -47,7 +47,9 @@ def _torchrun(mode, out, timeout=300):
 
 
 def _accelerate_launch(mode, out, timeout=300):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process (multi-CPU needs mpirun); its torchrun
+    # launcher (`--multi_gpu`) starts two, which train on CPU over gloo on a machine without GPUs
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
            str(WORKER), mode, str(out)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
@@ -112,7 +114,7 @@ def test_fsdp_and_deepspeed_are_refused_on_cpu(world):
     msgs = json.loads((root / "ws2" / "refusals.json").read_text())
     assert "`fsdp`" in msgs["fsdp"] and "silently fall back to DDP" in msgs["fsdp"]
     assert "`deepspeed`" in msgs["deepspeed"]  # not installed here, or CPU: either way a named refusal
-    assert "FSDP" in msgs["env_fsdp"] and "accelerate launch --cpu" in msgs["env_fsdp"]
+    assert "FSDP" in msgs["env_fsdp"] and "torchrun --nproc_per_node N" in msgs["env_fsdp"]
 
 
 def test_sigkill_of_one_rank_while_checkpointing_then_resume(tmp_path):
