@@ -144,8 +144,17 @@ class Engine:
 
         self.kind = check_launch(config)
         precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+        # DeepSpeed's engine steps the optimizer inside every backward and applies it only at its own
+        # gradient-accumulation boundary, dividing each loss by that count: it must know the loop's count
+        # (and the loss is multiplied back, see backward); DDP / FSDP accumulate under no_sync instead
+        self.accumulation = config.gradient_accumulation_steps if self.kind == "deepspeed" else 1
         self.accelerator = Accelerator(cpu=not _on_accelerator(), mixed_precision=precision,
-                                       **_plugins(config, self.kind))
+                                       gradient_accumulation_steps=self.accumulation, **_plugins(config, self.kind))
+        if self.kind == "deepspeed":  # no dataloader goes through prepare: the micro-batch size is ours
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                ds["train_micro_batch_size_per_gpu"] = config.per_device_train_batch_size
+            ds.pop("train_batch_size", None)
         if self.accelerator.num_processes != launch_world_size():
             raise RuntimeError(
                 f"DistillTrainer: the launcher started {launch_world_size()} processes but accelerate sees "
@@ -229,11 +238,16 @@ class Engine:
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
-        # the wrappers average over ranks; each rank's loss is its share of the global sum
-        self.accelerator.backward(loss * self.world if self.world > 1 else loss)
+        # the wrappers average over ranks (and DeepSpeed divides by its accumulation count); each rank's loss
+        # is already its share of the global sum
+        scale = self.world * self.accumulation
+        self.accelerator.backward(loss * scale if scale > 1 else loss)
 
-    def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-        return self.accelerator.clip_grad_norm_(parameters, max_norm)
+    def clip_grad_norm(self, parameters: Sequence[torch.Tensor], max_norm: float) -> float:
+        """The global gradient norm before clipping (DeepSpeed clips inside its step, with ``gradient_clipping``
+        from its config, and reports the norm it saw; NaN before its first step)."""
+        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
+        return float("nan") if norm is None else float(norm)
 
     @contextlib.contextmanager
     def for_generation(self) -> Iterator[Any]:

@@ -464,12 +464,16 @@ class DistillTrainer:
             logs["on_policy"] = 1.0
         return logs
 
-    def _optimizer_step(self, step: int) -> dict[str, float]:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = self.engine.clip_grad_norm(params, self.config.max_grad_norm)
+    def _set_lr(self, step: int) -> float:
         lr = self.lr_at(step - self.start_step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        return lr
+
+    def _optimizer_step(self, step: int) -> dict[str, float]:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = self.engine.clip_grad_norm(params, self.config.max_grad_norm)
+        lr = self._set_lr(step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float(grad_norm), "learning_rate": lr}
@@ -567,6 +571,7 @@ class DistillTrainer:
         window: list[dict[str, float]] = []
         t0 = time.perf_counter()
         for step in range(start, end):
+            self._set_lr(step)  # before the backward passes: DeepSpeed's engine steps inside the last one
             logs = self.training_step(self._prepare(step))  # stages 1–2
             logs.update(self._optimizer_step(step))  # stage 3
             window.append(logs)
