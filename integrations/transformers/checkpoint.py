@@ -182,6 +182,8 @@ def _restore_rng(folder: Path, rank: int) -> None:
     from safetensors import safe_open
 
     path = _rng_file(folder, rank) if _rng_file(folder, rank).is_file() else _rng_file(folder, 0)
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no rng-rank<r>.safetensors (a checkpoint of an older dpkd?)")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         torch.set_rng_state(f.get_tensor("torch_cpu"))

@@ -195,11 +195,9 @@ class Engine:
 
     def prepare_teacher(self, teacher: Any) -> Any:
         """The frozen teacher on this rank: moved to the device (DDP: one replica per rank); under FSDP / ZeRO-3
-        wrapped for evaluation so that it is sharded like the student."""
+        wrapped for evaluation so that it is sharded like the student. Returns the module to call."""
         if teacher is None:
             return None
-        if self.kind == "fsdp":
-            return self.accelerator.prepare_model(teacher, evaluation_mode=True)
         if self.kind == "deepspeed" and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             import deepspeed
 
@@ -209,7 +207,9 @@ class Engine:
             engine, *_ = deepspeed.initialize(model=teacher, config=cfg)
             engine.eval()
             return engine.module
-        return teacher.to(self.device)
+        # evaluation mode: placed (FSDP: sharded), never DDP-wrapped; under bf16 / fp16 its forward runs in
+        # autocast with float32 outputs, as the prepared student's does (the losses need one dtype)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def unwrap(self, model: Any = None) -> Any:
         return self.accelerator.unwrap_model(model if model is not None else self.model)

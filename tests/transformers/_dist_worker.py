@@ -95,7 +95,8 @@ def main(mode, out):
     elif mode == "bf16":
         tr = trainer(tok, train, pt, config(out, "dpkd", max_steps=2, bf16=True), dtype=torch.float32)
         seen = []
-        tr.student.register_forward_hook(lambda m, args, o: seen.append(o.logits.dtype))
+        # inside the autocast the lm_head matmul runs in bf16 (accelerate hands the logits back as float32)
+        tr.student.lm_head.register_forward_hook(lambda m, args, o: seen.append(o.dtype))
         res = tr.train()
         if RANK == 0:
             (out / "bf16.json").write_text(json.dumps({"dtypes": sorted({str(d) for d in seen}),
