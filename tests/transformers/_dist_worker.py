@@ -3,6 +3,10 @@
     python _dist_worker.py methods OUT      every method, 3 steps, float64; engines refused on CPU
     python _dist_worker.py killed OUT       DPKD, checkpoints every 2 steps; rank 1 SIGKILLs itself while
                                             writing checkpoint-4 (after its own files, before the barrier)
+    python _dist_worker.py midstep OUT      DPKD, checkpoints every 2 steps; rank 1 SIGKILLs itself in step 3,
+                                            between its two micro-batches' backward passes (the other rank is
+                                            then waiting in the gradient all-reduce)
+    python _dist_worker.py resume OUT       DPKD as in midstep, resumed from OUT's latest checkpoint
     python _dist_worker.py bf16 OUT         two DPKD steps under accelerate's bf16 autocast
 """
 
@@ -92,6 +96,21 @@ def main(mode, out):
 
         ck._write_rng = write_then_die
         trainer(tok, train, pt, config(out, "dpkd", max_steps=6, save_steps=2, save_total_limit=None)).train()
+    elif mode == "midstep":
+        tr = trainer(tok, train, pt, config(out, "dpkd", max_steps=6, save_steps=2, save_total_limit=None))
+        backward, calls = tr.engine.backward, []
+
+        def backward_then_die(loss):
+            backward(loss)
+            calls.append(1)
+            if RANK == 1 and len(calls) == 5:  # step 3 (0-based 2), after micro-batch 1 of 2
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        tr.engine.backward = backward_then_die
+        tr.train()
+    elif mode == "resume":
+        trainer(tok, train, pt, config(out, "dpkd", max_steps=6, save_steps=2, save_total_limit=None)).train(
+            resume_from_checkpoint=True)
     elif mode == "bf16":
         tr = trainer(tok, train, pt, config(out, "dpkd", max_steps=2, bf16=True), dtype=torch.float32)
         seen = []

@@ -2,8 +2,9 @@
 
 * every method: 3 optimizer steps (2 micro-batches each: the all-reduce skipped on the first) at world size
   2 equal the single-process run with the same global batch — loss history and final weights, float64;
-* SIGKILL of one rank while the checkpoint is being written: the job fails, the checkpoint never appears,
-  and resuming (at world size 1) gives the uninterrupted run's metrics and weights;
+* SIGKILL of one rank while the checkpoint is being written, and of one rank mid-step (between the
+  backward passes of a step's two micro-batches): the job fails within its time bound, no checkpoint is
+  left half-written, and resuming (at world size 1 and 2) gives the uninterrupted run's metrics and weights;
 * FSDP / DeepSpeed asked for on CPU are refused with a message (accelerate would silently run DDP);
 * bf16 mixed precision runs under accelerate's autocast.
 """
@@ -117,7 +118,22 @@ def test_fsdp_and_deepspeed_are_refused_on_cpu(world):
     assert "FSDP" in msgs["env_fsdp"] and "torchrun --nproc_per_node N" in msgs["env_fsdp"]
 
 
-def test_sigkill_of_one_rank_while_checkpointing_then_resume(tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted 6-step DPKD run (checkpoints every 2 steps) the killed runs must end at."""
+    ref = tmp_path_factory.mktemp("uninterrupted")
+    tok, train, pt = w.toy()
+    w.trainer(tok, train, pt, w.config(ref, "dpkd", world=1, max_steps=6, save_steps=2)).train()
+    return _history(ref), _weights(ref)
+
+
+def _resume_alone(folder):
+    tok, train, pt = w.toy()
+    w.trainer(tok, train, pt, w.config(folder, "dpkd", world=1, max_steps=6, save_steps=2)).train(
+        resume_from_checkpoint=True)
+
+
+def test_sigkill_of_one_rank_while_checkpointing_then_resume(tmp_path, uninterrupted):
     """accelerate launch, 2 ranks: rank 1 dies (SIGKILL) after writing its part of checkpoint-4, before the
     all-ranks barrier. The job fails within the time bound; checkpoint-4 never appears; resuming from
     checkpoint-2 at world size 1 (same global batch) ends exactly where the uninterrupted run ends."""
@@ -129,13 +145,27 @@ def test_sigkill_of_one_rank_while_checkpointing_then_resume(tmp_path):
     assert sorted(p.name for p in killed.iterdir() if "checkpoint" in p.name) == [".checkpoint-4.tmp",
                                                                                   "checkpoint-2"]
     assert latest_checkpoint(killed) == killed / "checkpoint-2"
-    tok, train, pt = w.toy()
-    w.trainer(tok, train, pt, w.config(killed, "dpkd", world=1, max_steps=6, save_steps=2)).train(
-        resume_from_checkpoint=True)
-    ref = tmp_path / "ref"
-    w.trainer(tok, train, pt, w.config(ref, "dpkd", world=1, max_steps=6, save_steps=2)).train()
-    _assert_same_run(killed, _history(ref), _weights(ref), rtol=1e-9)
-    assert not (killed / ".checkpoint-4.tmp").exists() or latest_checkpoint(killed).name == "checkpoint-6"
+    _resume_alone(killed)
+    _assert_same_run(killed, *uninterrupted, rtol=1e-9)
+    assert latest_checkpoint(killed).name == "checkpoint-6"
+
+
+def test_sigkill_of_one_rank_mid_step_then_resume(tmp_path, uninterrupted):
+    """torchrun, 2 ranks: rank 1 dies (SIGKILL) in step 3 between its two micro-batches' backward passes,
+    while rank 0 goes on into the step's gradient all-reduce. torchrun's agent sees the dead rank and ends
+    the job (non-zero exit) within the time bound; checkpoint-2 is the last one, nothing of step 3 or 4 is on
+    disk; resuming at world size 2 ends exactly where the uninterrupted run ends."""
+    killed = tmp_path / "midstep"
+    t0 = time.time()
+    res = _torchrun("midstep", killed, timeout=240)
+    assert res.returncode != 0, res.stderr[-2000:]
+    assert time.time() - t0 < 240
+    assert "exitcode  : -9" in res.stderr and "Signal 9 (SIGKILL)" in res.stderr, res.stderr[-2000:]
+    assert sorted(p.name for p in killed.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    assert not (killed / "trainer_state.json").exists()
+    res = _torchrun("resume", killed, timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    _assert_same_run(killed, *uninterrupted, rtol=1e-9)
 
 
 def test_resume_refuses_another_global_batch(tmp_path):
