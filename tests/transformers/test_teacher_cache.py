@@ -40,6 +40,19 @@ def test_token_logps_are_the_teachers(tmp_path, toy, tiny):
         np.testing.assert_allclose(e.token_logps.numpy(), ref[i][lb[i] != -100], rtol=1e-12, atol=1e-12)
 
 
+def test_fused_scoring_equals_the_materialised_one(tmp_path, toy, tiny):
+    """``fused=True`` (the token-chunked lm_head path, no [B, T, V] logits) scores the same log-probs."""
+    tok, train, _ = toy
+    teacher = tiny("gpt2", tok, 1, torch.float64)
+    exs = _with_y_t(train)
+    plain = TeacherLogpCache(tmp_path / "plain", teacher, tok, dtype=torch.float64).entries(exs)
+    fused = TeacherLogpCache(tmp_path / "fused", teacher, tok, dtype=torch.float64, fused=True).entries(exs)
+    for a, b in zip(plain, fused, strict=True):
+        torch.testing.assert_close(b.token_logps, a.token_logps, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="`fused`.*top_k = 0"):
+        TeacherLogpCache(tmp_path, teacher, tok, fused=True, top_k=4)
+
+
 def test_top_k_equal_to_vocabulary_is_exact_and_smaller_k_is_not(tmp_path, toy, tiny):
     tok, train, _ = toy
     teacher = tiny("gpt2", tok, 1, torch.float64)
