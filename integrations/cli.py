@@ -160,10 +160,27 @@ def job_config(args: argparse.Namespace) -> Any:
     return replace(cfg, **overrides)
 
 
+def _check_launch(cfg: Any) -> None:
+    """What the launcher asks for, refused before anything runs: an engine this machine cannot run, a global
+    batch the processes cannot share."""
+    from dpkd.integrations.transformers.distributed import check_launch, launch_world_size
+
+    try:
+        check_launch(None, who="dpkd distill")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    world = launch_world_size()
+    if cfg.batch_size % world:
+        raise SystemExit(f"dpkd distill: --batch-size {cfg.batch_size} (examples per step, the global batch) must be "
+                         f"divisible by the {world} processes of the launch")
+
+
 def _distill(args: argparse.Namespace) -> int:
     from dpkd.integrations.transformers.job import run_job
 
-    run_job(job_config(args), results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
+    cfg = job_config(args)
+    _check_launch(cfg)
+    run_job(cfg, results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
             test_data=args.test_data, teacher_path=args.teacher, student_path=args.student, quiet=not args.verbose,
             show_progress=not args.verbose)
     return 0

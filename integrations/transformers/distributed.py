@@ -96,20 +96,24 @@ def _on_accelerator() -> bool:
     return torch.cuda.is_available() and not _env_flag("ACCELERATE_USE_CPU")
 
 
-def check_launch(config: Any) -> str:
-    """The engine to build, or a ValueError naming the argument when this machine cannot run it."""
+def check_launch(config: Any, *, who: str = "DistillTrainer") -> str:
+    """The engine to build, or a ValueError naming the argument when this machine cannot run it (``config``:
+    a ``DistillConfig``, or None where only the launcher's accelerate config applies, e.g. ``dpkd distill``)."""
     engine = requested_engine(config)
+    if engine == "ddp":
+        return engine
+    if getattr(config, engine, None):
+        what = f"`{engine}`"
+    else:
+        what = f"the accelerate launch config (ACCELERATE_USE_{engine.upper()})"
     if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ValueError("DistillTrainer: `deepspeed` (or ACCELERATE_USE_DEEPSPEED) asks for DeepSpeed, which is "
-                         "not installed: pip install deepspeed")
-    if engine != "ddp" and not _on_accelerator():
-        what = "`deepspeed`" if engine == "deepspeed" else "`fsdp`"
+        raise ValueError(f"{who}: {what} asks for DeepSpeed, which is not installed: pip install deepspeed")
+    if not _on_accelerator():
         raise ValueError(
-            f"DistillTrainer: {what} (or the accelerate launch config) asks for {engine.upper()}, but this run is "
-            f"on CPU: accelerate runs FSDP and DeepSpeed only on accelerator devices and would silently fall "
-            f"back to DDP here. On CPU use DDP (torchrun --nproc_per_node N, or accelerate launch --multi_gpu "
-            f"--num_processes N on a machine without GPUs); run "
-            f"{engine.upper()} on GPUs.")
+            f"{who}: {what} asks for {engine.upper()}, but this run is on CPU: accelerate runs FSDP and DeepSpeed "
+            f"only on accelerator devices and would silently fall back to DDP here. On CPU use DDP (torchrun "
+            f"--nproc_per_node N, or accelerate launch --multi_gpu --num_processes N on a machine without GPUs); "
+            f"run {engine.upper()} on GPUs.")
     return engine
 
 

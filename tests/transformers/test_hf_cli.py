@@ -42,3 +42,21 @@ def test_distill_ci_preset_end_to_end(tmp_path):
     # "under 2 minutes on 2 cores" = under 240 CPU-seconds: CPU time, not wall time, so that a shared CI
     # machine's load does not decide the outcome
     assert cpu_s < 240, f"ci preset used {cpu_s:.0f} CPU-s ({elapsed:.0f}s wall)"
+
+
+@pytest.mark.parametrize(("env", "words"), [
+    ({"ACCELERATE_USE_FSDP": "true"}, "ACCELERATE_USE_FSDP) asks for FSDP, but this run is on CPU"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "ACCELERATE_USE_DEEPSPEED) asks for DeepSpeed"),
+    ({"WORLD_SIZE": "3"}, "--batch-size 8 (examples per step, the global batch) must be divisible by the 3"),
+])
+def test_a_launch_this_machine_cannot_run_is_refused_before_anything_runs(tmp_path, monkeypatch, env, words):
+    """What `accelerate launch --config_file fsdp.yaml` / a DeepSpeed config / torchrun with 3 processes set in
+    the environment, refused by `dpkd distill` before it writes or trains anything."""
+    from dpkd.integrations.cli import main
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--preset", "ci", "--results-dir", str(tmp_path / "res"), "--cache-dir", str(tmp_path / "c")])
+    assert words in str(e.value)
+    assert not (tmp_path / "res").exists() and not (tmp_path / "c").exists()
