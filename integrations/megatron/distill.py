@@ -44,9 +44,10 @@ from dpkd.backends.torch import objective
 from dpkd.spec.objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
 from megatron.core import parallel_state
 
+from ..folder_lock import FolderLock
 from ..methods import METHODS, PairLoss, TokenDivergence
 from . import data as D
-from . import models, train_state
+from . import models, run_config, train_state
 from .vocab_parallel import vocab_parallel_sample, vocab_parallel_sequence_logps
 from .vocab_parallel_losses import (
     vocab_parallel_cross_entropy,
@@ -82,10 +83,15 @@ def method_loss(args: argparse.Namespace) -> Any:
     if args.beta is not None and any(h.name == "beta" for h in m.hparams):
         values["beta"] = args.beta
     for item in args.method_arg:
-        name, _, raw = item.partition("=")
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--method-arg {item!r}: expected NAME=VALUE (e.g. tau=0.5)")
         default = next((h.default for h in m.hparams if h.name == name), None)
-        values[name] = raw.lower() == "true" if isinstance(default, bool) else (
-            raw if isinstance(default, str) else float(raw))
+        try:
+            values[name] = raw.lower() == "true" if isinstance(default, bool) else (
+                raw if isinstance(default, str) else float(raw))
+        except ValueError:
+            raise ValueError(f"--method-arg {item}: {raw!r} is not a number") from None
     return m.loss(values)
 
 
@@ -130,7 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--metrics-file", default=None)
     a("--save-dir", default=None)
     a("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
-    a("--resume", action="store_true", help="resume from the latest checkpoint in --save-dir")
+    a("--resume", action="store_true", help="resume from the latest intact checkpoint in --save-dir (it must "
+      "have been written by the same run config; see --override)")
+    a("--override", type=lambda s: [f.strip().replace("-", "_") for f in s.split(",") if f.strip()], default=[],
+      metavar="FIELD,...", help="with --resume: fields that may differ from the checkpoint's run config "
+      f"({', '.join(run_config.OVERRIDABLE)}); the LR schedule is recomputed from the new values")
     args = p.parse_args(argv)
     if args.objective is None:
         args.objective = "released" if args.mode == "token" else "paper"
@@ -143,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         method_loss(args)
     except ValueError as e:
         p.error(str(e))
+    errors = run_config.argument_errors(args)
+    if errors:
+        p.error("\n  ".join(errors))
     return args
 
 
@@ -153,9 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _init(args) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("gloo" if args.cpu else "nccl")
-    world = dist.get_world_size()
-    if world % args.tp or (args.dp is not None and args.dp * args.tp != world):
-        raise SystemExit(f"world size {world} is not TP={args.tp} x DP={args.dp or world // args.tp}")
+    errors = run_config.layout_errors(args, dist.get_world_size())
+    if errors:
+        raise SystemExit("\n".join(errors))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if args.cpu:
@@ -169,14 +182,6 @@ def _init(args) -> torch.device:
 
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     return device
-
-
-def _model(name: str, vocab: int, max_positions: int, args, device) -> tuple[Any, models.ModelSource]:
-    source = models.resolve(name, vocab_size=vocab, max_positions=max_positions)
-    model = models.build(source, tp_size=args.tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                         bf16=args.bf16, cpu=args.cpu, vocab_multiple=args.vocab_multiple,
-                         load_weights=not args.random_init)
-    return model.to(device), source
 
 
 def _tokenizer(args):
@@ -382,34 +387,145 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints, the save-dir lock, resuming
+
+
+def _say(text: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"[dpkd.megatron] {text}", file=sys.stderr, flush=True)
+
+
+def _save(args, step, student, optimizer, scheduler, source: models.ModelSource, config: dict[str, Any]) -> None:
+    train_state.save_training_state(args.save_dir, step, student, optimizer, scheduler, config=source.config,
+                                    vocab_multiple=args.vocab_multiple, run_config=config)
+
+
+def _lock_save_dir(args) -> FolderLock | None:
+    """Rank 0 takes ``--save-dir``'s lock (two runs there would overwrite each other's checkpoints); every
+    rank learns whether it got it."""
+    if not args.save_dir:
+        return None
+    lock = FolderLock(args.save_dir, purpose="dpkd.integrations.megatron.distill")
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", lock.acquire())
+        except OSError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    status, message = box[0]
+    if status == "error":
+        raise SystemExit(f"--save-dir {args.save_dir}: {message}")
+    if message:
+        _say(message)
+    return lock if dist.get_rank() == 0 else None
+
+
+class _ResumeCheck:
+    """Accepts a checkpoint for this run or refuses it (SystemExit naming each changed flag)."""
+
+    def __init__(self, args, config: dict[str, Any]) -> None:
+        self.args, self.config, self.accepted, self._seen = args, config, [], set()
+
+    def __call__(self, step: int, manifest: dict[str, Any]) -> None:
+        if step in self._seen:
+            return
+        self._seen.add(step)
+        folder = train_state.step_dir(self.args.save_dir, step)
+        saved = manifest.get("run_config")
+        if saved is None:
+            _say(f"{folder} was written before checkpoints recorded their run config: not compared")
+            return
+        refused, self.accepted = run_config.config_changes(saved, self.config, self.args.override)
+        if refused:
+            raise SystemExit(f"--resume: {folder} was written by another run config; refusing to mix them:\n  "
+                             + "\n  ".join(refused) + "\n(use a new --save-dir, or --override FIELD,... for "
+                             f"{', '.join(run_config.OVERRIDABLE)})")
+        if step > self.args.steps:
+            raise SystemExit(f"--steps {self.args.steps}: {folder} is at step {step} already")
+        for change in self.accepted:
+            _say(f"--override: {change}")
+
+
+def _apply_schedule(args, optimizer, scheduler) -> None:
+    """After a resume with overridden schedule fields: the cosine of this run's --lr, --lr-min and T_max at
+    the resumed step (the value a run started with them would have there), continued by the scheduler."""
+    t_max, t = args.lr_tmax or args.steps, scheduler.last_epoch
+    lr = args.lr_min + (args.lr - args.lr_min) * (1 + math.cos(math.pi * t / t_max)) / 2
+    scheduler.T_max, scheduler.eta_min = t_max, args.lr_min
+    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = args.lr, lr
+    optimizer.param_groups[0]["weight_decay"] = args.weight_decay  # the decay group (_param_groups)
+    scheduler._last_lr = [lr] * len(optimizer.param_groups)
+
+
+def _resume(args, candidates, check: _ResumeCheck, student, optimizer, scheduler) -> int:
+    if not candidates:
+        return 0
+    loaded = train_state.resume_training_state(args.save_dir, candidates, student, optimizer, scheduler,
+                                               check=check, log=_say)
+    if loaded is None:
+        raise SystemExit(f"--resume: no checkpoint in --save-dir {args.save_dir} could be loaded (see above)")
+    if check.accepted:
+        _apply_schedule(args, optimizer, scheduler)
+    return loaded[0]
 
 
 # --------------------------------------------------------------------------------------------------
 # driver
 
 
-def _save(args, step, student, optimizer, scheduler, source: models.ModelSource) -> None:
-    train_state.save_training_state(args.save_dir, step, student, optimizer, scheduler, config=source.config,
-                                    vocab_multiple=args.vocab_multiple)
+def _sources(args, tok, max_pos: int) -> tuple[models.ModelSource, models.ModelSource]:
+    """Teacher and student sources (config files only), checked against the tokenizer before any weight loads."""
+    out = []
+    for name in ("teacher", "student"):
+        source = models.resolve(getattr(args, name), vocab_size=tok.vocab_size, max_positions=max_pos)
+        if source.shape.vocab_size < tok.vocab_size:
+            raise SystemExit(f"--{name} {getattr(args, name)}: {source.shape.vocab_size} embeddings, but the "
+                             f"tokenizer has {tok.vocab_size} tokens (--tokenizer)")
+        out.append(source)
+    return out[0], out[1]
+
+
+def _build(source: models.ModelSource, args, device):
+    model = models.build(source, tp_size=args.tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                         bf16=args.bf16, cpu=args.cpu, vocab_multiple=args.vocab_multiple,
+                         load_weights=not args.random_init)
+    return model.to(device)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, float]]:
     """Train; returns the logged metrics (global, identical on every rank)."""
     device = _init(args)
+    lock = _lock_save_dir(args)
+    try:
+        return _run(args, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args: argparse.Namespace, device) -> list[dict[str, float]]:
     torch.manual_seed(args.seed)
+    config = run_config.run_config(args)
+    check = _ResumeCheck(args, config)
+    candidates, notes = train_state.intact_checkpoints(args.save_dir) if args.resume else ([], [])
+    for note in notes:
+        _say(note)
+    if candidates:
+        check(*candidates[0])  # refuse a changed run config before any model loads
+    elif args.resume:
+        _say(f"--resume: no intact checkpoint in --save-dir {args.save_dir}; starting at step 0")
     tok = _tokenizer(args)
     records = D.load_records(args.data) if args.data else D.generate_records(args.num_examples, seed=args.seed)
     if len(records) < args.global_batch:
-        raise SystemExit(f"{len(records)} records cannot fill a global batch of {args.global_batch}")
-    if args.global_batch % parallel_state.get_data_parallel_world_size():
-        raise SystemExit("--global-batch must be divisible by the data-parallel size")
+        raise SystemExit(f"--global-batch {args.global_batch}: {len(records)} records cannot fill it")
     pairs = D.encode(records, tok, max_prompt=args.max_prompt, max_length=args.max_length)
     # the pre-training batch D_p: the same records as plain LM text (every next token is a target)
     pt_pairs = [(p[:1], p[1:] + r) for p, r in pairs]
-    max_pos = max(args.max_length, args.max_prompt + args.max_new_tokens)
-    teacher, t_source = _model(args.teacher, tok.vocab_size, max_pos, args, device)
-    student, s_source = _model(args.student, tok.vocab_size, max_pos, args, device)
+    t_source, s_source = _sources(args, tok, run_config.max_positions_needed(args))
+    teacher, student = _build(t_source, args, device), _build(s_source, args, device)
     t_shape, s_shape = t_source.shape, s_source.shape
     if t_shape.vocab_size != s_shape.vocab_size:
         raise SystemExit(f"teacher vocabulary {t_shape.vocab_size} != student vocabulary {s_shape.vocab_size}")
@@ -421,10 +537,7 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
     optimizer = torch.optim.AdamW(_param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.lr_tmax or args.steps,
                                                            eta_min=args.lr_min)
-    start = 0
-    if args.resume and args.save_dir and train_state.latest_step(args.save_dir) is not None:
-        start = train_state.load_training_state(args.save_dir, train_state.latest_step(args.save_dir), student,
-                                                optimizer, scheduler)
+    start = _resume(args, candidates, check, student, optimizer, scheduler)
     is_main = dist.get_rank() == 0
     if is_main:
         print(f"[dpkd.megatron] world={dist.get_world_size()} tp={args.tp} "
@@ -432,6 +545,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
               f"teacher={t_source.family.name}:{t_shape.parameters / 1e6:.2f}M "
               f"student={s_source.family.name}:{s_shape.parameters / 1e6:.2f}M params "
               f"vocab={vocab} start_step={start}", flush=True)
+    if start == args.steps:
+        _say(f"--steps {args.steps}: the checkpoint is there already; nothing to train")
+        return []
     history = []
     for step in range(start, args.steps):
         t0 = time.perf_counter()
@@ -452,9 +568,9 @@ def run(args: argparse.Namespace) -> list[dict[str, float]]:
                 with open(args.metrics_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
         if args.save_dir and args.save_interval and (step + 1) % args.save_interval == 0:
-            _save(args, step + 1, student, optimizer, scheduler, s_source)
-    if args.save_dir and (not history or not args.save_interval or args.steps % args.save_interval):
-        _save(args, args.steps, student, optimizer, scheduler, s_source)
+            _save(args, step + 1, student, optimizer, scheduler, s_source, config)
+    if args.save_dir and (not args.save_interval or args.steps % args.save_interval):
+        _save(args, args.steps, student, optimizer, scheduler, s_source, config)
     if not all(math.isfinite(r["loss"]) for r in history):
         raise SystemExit("non-finite loss")
     return history
