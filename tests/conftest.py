@@ -1,4 +1,5 @@
-"""Fixtures shared by tests/transformers and tests/megatron: the real SmolLM2-135M-Instruct folder."""
+"""Fixtures shared by the test folders: the real SmolLM2-135M-Instruct folder, and the 2-process gloo world
+(tests/megatron/gloo_pool.py) that tests/megatron and tests/reliability run Megatron code in."""
 
 import pytest
 
@@ -20,3 +21,18 @@ def smollm2_dir():
         pytest.skip(msg)
     cache = os.environ.get("DPKD_CACHE") or Path(__file__).resolve().parents[1] / ".cache" / "dpkd"
     return smollm2_folder(cache)
+
+
+@pytest.fixture(scope="session")
+def gloo_pool():
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (the `megatron` extra)")
+    path = Path(__file__).with_name("megatron") / "gloo_pool.py"
+    spec = importlib.util.spec_from_file_location("_dpkd_gloo_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pool = module.GlooPool()
+    yield pool
+    pool.close()

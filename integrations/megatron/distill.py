@@ -44,7 +44,7 @@ from dpkd.backends.torch import objective
 from dpkd.spec.objective import DISTIL_ONLY, PAPER_OBJECTIVE, RELEASED_OBJECTIVE, ObjectiveConfig
 from megatron.core import parallel_state
 
-from ..folder_lock import FolderLock
+from ..folder_lock import FolderLock, FolderLockedError
 from ..methods import METHODS, PairLoss, TokenDivergence
 from . import data as D
 from . import models, run_config, train_state
@@ -410,7 +410,7 @@ def _lock_save_dir(args) -> FolderLock | None:
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", lock.acquire())
-        except OSError as e:
+        except (OSError, FolderLockedError) as e:  # told to every rank, or they would wait for rank 0
             box[0] = ("error", str(e))
     dist.broadcast_object_list(box, src=0)
     status, message = box[0]

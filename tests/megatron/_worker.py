@@ -1,4 +1,4 @@
-"""One rank of the persistent 2-process gloo world the megatron tests run in (started by conftest.py).
+"""One rank of the persistent 2-process gloo world the megatron tests run in (started by gloo_pool.py).
 
 Protocol (multiprocessing.connection, authenticated): the test process sends
 ``(file, function_name, args, kwargs, tp)`` (plain pickle: torch's multiprocessing reducers would

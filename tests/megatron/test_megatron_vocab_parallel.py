@@ -5,7 +5,7 @@ is padding.
 The losses' cases are the registry's (``dpkd.spec.cases``: every variant of every function with a
 ``vocab_parallel`` counterpart, drawn as the conformance suite draws them); the reference is the spec
 function and its analytic gradient on the full float64 arrays, computed in the pytest process. Bodies are
-module-level functions run on both ranks of the persistent gloo pool (conftest.py): each rank takes its
+module-level functions run on both ranks of the persistent gloo pool (gloo_pool.py): each rank takes its
 shard of the same arrays (padded columns filled with LARGE values, so a padded column that leaked into a
 softmax or an argmax would change the result), runs the vocab-parallel function and returns its value and
 its shards' gradients. The lower-level primitives (logsumexp, argmax, sampling, the fused logps) are

@@ -1,4 +1,5 @@
-"""A session-scoped pool of 2 gloo worker processes for the megatron tests.
+"""A pool of 2 gloo worker processes for the megatron and reliability tests (the session fixture
+``gloo_pool`` in tests/conftest.py starts one per session).
 
 Starting the two processes (and importing megatron.core in each) costs ~5 s, so it happens once per
 session; each test then sends a module-level function to both ranks and gets both results back.
@@ -70,12 +71,3 @@ class GlooPool:
             except subprocess.TimeoutExpired:
                 p.kill()
         self._listener.close()
-
-
-@pytest.fixture(scope="session")
-def gloo_pool():
-    pytest.importorskip("megatron.core", reason="megatron-core is not installed (the `megatron` extra)")
-    pool = GlooPool()
-    yield pool
-    pool.close()
-
