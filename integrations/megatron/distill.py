@@ -164,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _init(args) -> torch.device:
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("--cpu: not given, and this machine has no CUDA device (pass --cpu to run on the CPU)")
     if not dist.is_initialized():
         dist.init_process_group("gloo" if args.cpu else "nccl")
     errors = run_config.layout_errors(args, dist.get_world_size())

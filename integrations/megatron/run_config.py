@@ -3,7 +3,7 @@
 ``argument_errors`` is the one place that checks every flag of ``dpkd.integrations.megatron.distill``
 before anything is loaded: ranges, the TP × DP layout against ``WORLD_SIZE`` (set by ``torchrun``), files
 and folders (present, readable, writable), the models' architecture files (read without their weights:
-vocabulary agreement, positions against the sequence lengths, heads divisible by TP). Every message starts
+vocabulary agreement, positions against the sequence lengths, OPT's heads divisible by TP). Every message starts
 with the flag it is about.
 
 A checkpoint records ``run_config(args)``: the fields that define the run (models and their fingerprints,
@@ -119,7 +119,8 @@ def _model_errors(args: argparse.Namespace) -> list[str]:
             errors.append(f"--{name} {value}: has {shapes[name].max_positions} positions, the run needs {need} "
                           f"(--max-length {args.max_length}, --max-prompt + --max-new-tokens "
                           f"{args.max_prompt + args.max_new_tokens}): lower them")
-        if args.tp >= 1 and shapes[name].num_heads % args.tp:
+        # (Llama-family models pad their query groups to a multiple of TP; OPT's heads must divide)
+        if source.family.name == "opt" and args.tp >= 1 and shapes[name].num_heads % args.tp:
             errors.append(f"--tp {args.tp}: does not divide --{name}'s {shapes[name].num_heads} attention heads")
     if len(shapes) == 2 and shapes["teacher"].vocab_size != shapes["student"].vocab_size:
         errors.append(f"--student {args.student}: vocabulary {shapes['student'].vocab_size} differs from "
@@ -165,12 +166,7 @@ def argument_errors(args: argparse.Namespace, *, world: int | None = None) -> li
     errors = _range_errors(args) + layout_errors(args, world) + _override_errors(args)
     if errors:  # the checks below create folders and read files: only when the numbers are right
         return errors
-    if not args.cpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            errors.append("--cpu: not given, and this machine has no CUDA device (pass --cpu to run on the CPU)")
-    return errors + _path_errors(args) + _model_errors(args)
+    return _path_errors(args) + _model_errors(args)
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -119,8 +119,29 @@ class Experiment:
         self.test_records = load_records(test_data)
         self.format_prompt = format_prompt
 
-    def load_teacher(self, teacher_path: str | None) -> None:
-        """The teacher (trained once and cached, or the user's checkpoint) and the tokenised splits."""
+    def _length_limits(self, positions: list[int | None]) -> tuple[int, int]:
+        """(prompt, prompt + response) token limits: the paper's 256 / 512, cut to the fewest positions of the
+        models (a longer sequence indexes past a learned position table), leaving ``max_new_tokens`` of room
+        after a prompt for generation."""
+        limit = min([p for p in positions if p] or [512])
+        max_prompt = min(256, limit - self.cfg.max_new_tokens)
+        if max_prompt < 1:
+            raise ValueError(f"--max-new-tokens {self.cfg.max_new_tokens}: leaves no room for a prompt in the "
+                             f"models' {limit} positions")
+        return max_prompt, min(512, limit)
+
+    def _student_positions(self, student_path: str | None) -> int | None:
+        from .models import TINY_MAX_POSITIONS, max_positions
+
+        if student_path is not None:
+            from transformers import AutoConfig
+
+            return max_positions(AutoConfig.from_pretrained(student_path))
+        return None if self.cfg.teacher_model == "smollm2" else TINY_MAX_POSITIONS  # smollm2: cut from the teacher
+
+    def load_teacher(self, teacher_path: str | None, student_path: str | None = None) -> None:
+        """The teacher (trained once and cached, or the user's checkpoint) and the tokenised splits, filtered
+        to what fits the teacher's and the student's positions (the counts are in the filter reports)."""
         from .data import filter_records, tokenize_records
         from .models import load_causal_lm, load_tokenizer
 
@@ -147,12 +168,15 @@ class Experiment:
             else:
                 self._train_teacher(folder)
         self.teacher.eval()
+        from .models import max_positions
+
         count = (lambda t: len(self.tok(t, add_special_tokens=False)["input_ids"]))  # noqa: E731
-        train_kept, self.train_report = filter_records(self.train_records, max_prompt_tokens=256, max_length=512,
-                                                       count_tokens=count)
+        max_prompt, max_len = self._length_limits([max_positions(self.teacher), self._student_positions(student_path)])
+        train_kept, self.train_report = filter_records(self.train_records, max_prompt_tokens=max_prompt,
+                                                       max_length=max_len, count_tokens=count)
         test_kept, self.test_report = filter_records(self.test_records, min_instruction_words=0,
-                                                     min_response_words=0, max_prompt_tokens=256, max_length=512,
-                                                     count_tokens=count)
+                                                     min_response_words=0, max_prompt_tokens=max_prompt,
+                                                     max_length=max_len, count_tokens=count)
         _log(f"data: train {self.train_report.summary()}; test {self.test_report.summary()}")
         chat = cfg.teacher_model == "smollm2"
         self.train_ex = tokenize_records(train_kept, self.tok, chat=chat)
@@ -164,13 +188,15 @@ class Experiment:
 
     def _train_teacher(self, folder: Path) -> None:
         from .data import filter_records, tokenize_records
-        from .models import build_word_tokenizer, tiny_causal_lm
+        from .models import TINY_MAX_POSITIONS, build_word_tokenizer, tiny_causal_lm
 
         cfg = self.cfg
         t0, c0 = time.perf_counter(), time.process_time()
         self.tok = build_word_tokenizer([self.format_prompt(r) + " " + r.response for r in self.train_records]
                                         + (self.pt_texts or []))
-        kept, _ = filter_records(self.train_records)
+        max_prompt, max_len = self._length_limits([TINY_MAX_POSITIONS])
+        kept, _ = filter_records(self.train_records, max_prompt_tokens=max_prompt, max_length=max_len,
+                                 count_tokens=lambda t: len(self.tok(t, add_special_tokens=False)["input_ids"]))
         examples = tokenize_records(kept, self.tok)
         self.teacher = tiny_causal_lm("gpt2", len(self.tok), d_model=cfg.teacher_d_model,
                                       n_layers=cfg.teacher_layers, pad_token_id=self.tok.pad_token_id,

@@ -198,7 +198,7 @@ def run_job(cfg: JobConfig, *, results_dir: str | Path, cache_dir: str | Path, t
     torch.set_num_threads(max(1, cfg.threads))
     exp = Experiment(cfg, Path(results_dir), Path(cache_dir), quiet=quiet, show_progress=show_progress)
     exp.load_data(train_data, test_data)
-    exp.load_teacher(teacher_path)
+    exp.load_teacher(teacher_path, student_path)
     exp.teacher_outputs()
     exp.evaluate_teacher()
     if cfg.grid:

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_word_tokenizer", "tiny_causal_lm", "load_causal_lm", "load_tokenizer", "SPECIAL_TOKENS"]
+__all__ = ["build_word_tokenizer", "tiny_causal_lm", "load_causal_lm", "load_tokenizer", "max_positions",
+           "SPECIAL_TOKENS", "TINY_MAX_POSITIONS"]
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}
 
@@ -37,6 +38,20 @@ def build_word_tokenizer(texts: Iterable[str]) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
 
 
+TINY_MAX_POSITIONS = 256  # tiny_causal_lm's default: the GPT-2-small-config students' position table
+
+
+def max_positions(model_or_config: Any) -> int | None:
+    """How many positions a causal LM (or its config) has: ``max_position_embeddings`` (``n_positions`` for
+    GPT-2), or None when the config says nothing. A longer sequence indexes past a learned position table."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def tiny_causal_lm(
     family: str,
     vocab_size: int,
@@ -44,7 +59,7 @@ def tiny_causal_lm(
     d_model: int = 64,
     n_layers: int = 2,
     n_heads: int = 4,
-    max_positions: int = 256,
+    max_positions: int = TINY_MAX_POSITIONS,
     pad_token_id: int = 0,
     eos_token_id: int = 1,
     seed: int = 0,
