@@ -420,6 +420,9 @@ def _lock_save_dir(args) -> FolderLock | None:
         raise SystemExit(f"--save-dir {args.save_dir}: {message}")
     if message:
         _say(message)
+    if dist.get_rank() == 0:
+        for path in train_state.remove_leftovers(args.save_dir):
+            _say(f"removed {path} (a save that did not finish)")
     return lock if dist.get_rank() == 0 else None
 
 

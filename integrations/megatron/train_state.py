@@ -45,7 +45,8 @@ from . import dist_checkpoint
 from .models import write_model_info
 
 __all__ = ["save_training_state", "load_training_state", "resume_training_state", "intact_checkpoints",
-           "verify_checkpoint", "latest_step", "step_dir", "write_latest", "CheckpointError", "MANIFEST", "MARKER"]
+           "verify_checkpoint", "remove_leftovers", "latest_step", "step_dir", "write_latest", "CheckpointError",
+           "MANIFEST", "MARKER"]
 
 MANIFEST = "dpkd_checkpoint.json"
 MARKER = "latest"
@@ -173,6 +174,15 @@ def _intact_checkpoints(save_dir: Path) -> tuple[list[tuple[int, dict[str, Any]]
         else:
             notes.append(f"skipping step {step}: {problem}")
     return intact, notes
+
+
+def remove_leftovers(save_dir: str | Path) -> list[Path]:
+    """Remove the partial and replaced step folders a killed save left behind (call it holding the save
+    dir's lock: no other run is writing there); returns what was removed."""
+    leftovers = sorted(p for p in Path(save_dir).glob(".step_*") if ".partial-" in p.name or ".old-" in p.name)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def intact_checkpoints(save_dir: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
