@@ -30,7 +30,6 @@ from .registry import (
     random_lengths,
     random_logits,
     random_logps,
-    without,
 )
 
 __all__ = ["REGISTRY"]
@@ -327,9 +326,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                        lambda call: 0.2 * (call.args[0] - call.args[2]) / call.kwargs["chosen_lengths"], output=1),
         ),
         errors=(
-            BadInput("chosen_lengths without rejected_lengths", "rejected_lengths", without("rejected_lengths"),
-                     "eq9"),
-            BadInput("rejected_lengths without chosen_lengths", "chosen_lengths", without("chosen_lengths"), "eq9"),
             BadInput("reference None without reference_free", "reference_chosen_logps",
                      lambda c: c.with_args(reference_chosen_logps=None, reference_free=False), "eq8"),
         ),
@@ -355,10 +351,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                        lambda call: np.zeros(3), atol=1e-15),
         ),
         errors=(
-            BadInput("length_normalize without rejected_lengths", "rejected_lengths", without("rejected_lengths"),
-                     "length_averaged"),
-            BadInput("length_normalize without chosen_lengths", "chosen_lengths", without("chosen_lengths"),
-                     "length_averaged"),
             BadInput("lengths with length_normalize=False", "chosen_lengths",
                      lambda c: c.with_args(length_normalize=False), "length_averaged"),
         ),
@@ -553,10 +545,6 @@ REGISTRY: tuple[FunctionSpec, ...] = (
                                                                np.array([-3.0, -3.0]), np.array([-4.0, -4.0])),
                                         {"beta": 0.1}),
                        lambda call: -1.5, output="logps/chosen"),
-        ),
-        errors=(
-            BadInput("chosen_lengths without rejected_lengths", "rejected_lengths", without("rejected_lengths"),
-                     "length_normalised"),
         ),
     ),
     FunctionSpec(

@@ -23,6 +23,7 @@ the bad-input battery.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -394,18 +395,32 @@ def _grow(x: np.ndarray) -> np.ndarray:
 
 
 def bad_inputs(spec: FunctionSpec) -> tuple[BadInput, ...]:
-    """Every invalid-input case of ``spec``: option ranges, shapes, values (see CONVENTIONS.md)."""
-    cases: list[BadInput] = []
-    # options out of range / unknown choices (checked first, so any valid arrays do)
+    """Every invalid-input case of ``spec``: option ranges, shapes, values (see CONVENTIONS.md), derived from
+    its declaration, plus the function's own ``errors``."""
+    return (*_option_cases(spec), *_array_cases(spec), *_lengths_cases(spec), *_token_cases(spec),
+            *_label_cases(spec), *spec.errors)
+
+
+def _option_cases(spec: FunctionSpec) -> list[BadInput]:
+    """Options out of range / unknown choices (checked first, so any valid arrays do)."""
+    cases = []
     for p in spec.params:
         # the normalizer only exists under a mean: test its range there, not the reduction rule
         extra = {"reduction": "mean"} if p.name == "normalizer" else {}
         for bad in p.invalid_values():
             cases.append(BadInput(f"{p.name}={bad!r}", p.name,
                                   lambda c, n=p.name, b=bad, e=extra: c.with_args(**{n: b}, **e)))
-    positional = spec.positional
-    floats = [a for a in spec.arrays if a.role in ("logps", "logits", "vocab_logits", "scalar_loss")]
-    for a in floats:
+    if any(p.name == "normalizer" for p in spec.params):
+        for red in ("sum", "none"):
+            cases.append(BadInput(f"normalizer with reduction={red!r}", "normalizer",
+                                  lambda c, r=red: c.with_args(normalizer=4.0, reduction=r)))
+    return cases
+
+
+def _array_cases(spec: FunctionSpec) -> list[BadInput]:
+    """NaN/Inf in every float array; a different shape for every per-example array."""
+    cases = []
+    for a in (a for a in spec.arrays if a.role in ("logps", "logits", "vocab_logits", "scalar_loss")):
         present = next((v.name for v in spec.variants if a.name not in v.omit), None)
         for bad in (math.nan, math.inf):
             cases.append(BadInput(f"{a.name} holds {bad}", a.name,
@@ -416,17 +431,35 @@ def bad_inputs(spec: FunctionSpec) -> tuple[BadInput, ...]:
             cases.append(BadInput(f"{a.name} has a different shape", a.name,
                                   lambda c, n=a.name: c.with_args(**{n: _grow(c.arg(n))}),
                                   variant=_variant_with_lengths(spec) if a.role == "lengths" else None))
-    if any(a.role == "lengths" for a in spec.arrays):
-        for a in (a for a in spec.arrays if a.role == "lengths"):
-            for bad in (0, -3):
-                cases.append(BadInput(f"{a.name} = {bad}", a.name,
-                                      lambda c, n=a.name, b=bad: c.with_args(**{n: _set_first(c.arg(n), b)}),
-                                      variant=_variant_with_lengths(spec)))
-    names = [a.name for a in positional]
-    if "teacher_logits" in names and "mask" in names:
+    return cases
+
+
+def _lengths_cases(spec: FunctionSpec) -> list[BadInput]:
+    """Lengths ≤ 0; and one side's lengths alone where both are optional (Eq. 9 normalises both sides)."""
+    variant = _variant_with_lengths(spec)
+    lengths = [a.name for a in spec.arrays if a.role == "lengths"]
+    cases = [BadInput(f"{n} = {bad}", n, lambda c, n=n, b=bad: c.with_args(**{n: _set_first(c.arg(n), b)}),
+                      variant=variant) for n in lengths for bad in (0, -3)]
+    both = next((v.name for v in spec.variants if v.lengths == "both"), None)
+    params = inspect.signature(spec.reference_function()).parameters
+    if both and lengths == ["chosen_lengths", "rejected_lengths"] and \
+            params["chosen_lengths"].default is not inspect.Parameter.empty:  # required ones: a TypeError
+        cases += [BadInput("chosen_lengths without rejected_lengths", "rejected_lengths", without("rejected_lengths"),
+                           both),
+                  BadInput("rejected_lengths without chosen_lengths", "chosen_lengths", without("chosen_lengths"),
+                           both)]
+    return cases
+
+
+def _token_cases(spec: FunctionSpec) -> list[BadInput]:
+    """Student/teacher logits and the mask: vocabulary, positions, shape, binary, non-empty mean."""
+    names = [a.name for a in spec.positional]
+    if "teacher_logits" not in names:
+        return []
+    cases = [BadInput("teacher vocabulary differs from the student's", "teacher_logits",
+                      lambda c: c.with_args(teacher_logits=c.arg("teacher_logits")[..., :-1]))]
+    if "mask" in names:
         cases += [
-            BadInput("teacher vocabulary differs from the student's", "teacher_logits",
-                     lambda c: c.with_args(teacher_logits=c.arg("teacher_logits")[..., :-1])),
             BadInput("teacher has a different number of positions", "teacher_logits",
                      lambda c: c.with_args(teacher_logits=c.arg("teacher_logits")[..., :-1, :])),
             BadInput("mask has a different shape", "mask", lambda c: c.with_args(mask=c.arg("mask")[..., :-1])),
@@ -434,28 +467,26 @@ def bad_inputs(spec: FunctionSpec) -> tuple[BadInput, ...]:
             BadInput("mask selects no token under a mean", "mask",
                      lambda c: c.with_args(mask=np.zeros_like(c.arg("mask")), reduction="mean")),
         ]
-    if spec.kind == "metric" and "teacher_logits" in names:
-        cases.append(BadInput("teacher vocabulary differs from the student's", "teacher_logits",
-                              lambda c: c.with_args(teacher_logits=c.arg("teacher_logits")[..., :-1])))
-    if "labels" in names:
-        v = lambda c: c.arg("logits").shape[-1]  # noqa: E731
-        cases += [
-            BadInput("labels have a different shape", "labels",
-                     lambda c: c.with_args(labels=c.arg("labels")[..., :-1])),
-            BadInput("label = V (outside the vocabulary)", "labels",
-                     lambda c: c.with_args(labels=_set_first(c.arg("labels"), v(c)))),
-            BadInput("label = -5 (negative, not the ignore_index)", "labels",
-                     lambda c: c.with_args(labels=_set_first(c.arg("labels"), -5))),
-            BadInput("float labels", "labels", lambda c: c.with_args(labels=c.arg("labels").astype(np.float64))),
-        ]
+    return cases
+
+
+def _label_cases(spec: FunctionSpec) -> list[BadInput]:
+    """Labels: shape, outside the vocabulary, not integers; every label ignored under a mean."""
+    if "labels" not in [a.name for a in spec.positional]:
+        return []
+    v = lambda c: c.arg("logits").shape[-1]  # noqa: E731
+    cases = [
+        BadInput("labels have a different shape", "labels", lambda c: c.with_args(labels=c.arg("labels")[..., :-1])),
+        BadInput("label = V (outside the vocabulary)", "labels",
+                 lambda c: c.with_args(labels=_set_first(c.arg("labels"), v(c)))),
+        BadInput("label = -5 (negative, not the ignore_index)", "labels",
+                 lambda c: c.with_args(labels=_set_first(c.arg("labels"), -5))),
+        BadInput("float labels", "labels", lambda c: c.with_args(labels=c.arg("labels").astype(np.float64))),
+    ]
     if spec.name == "cross_entropy":
         cases.append(BadInput("every label ignored under a mean", "labels",
                               lambda c: c.with_args(labels=np.full_like(c.arg("labels"), -100), reduction="mean")))
-    if any(p.name == "normalizer" for p in spec.params):
-        for red in ("sum", "none"):
-            cases.append(BadInput(f"normalizer with reduction={red!r}", "normalizer",
-                                  lambda c, r=red: c.with_args(normalizer=4.0, reduction=r)))
-    return tuple(cases) + spec.errors
+    return cases
 
 
 def _variant_with_lengths(spec: FunctionSpec) -> str | None:

@@ -108,6 +108,18 @@ def _chain(dl_dh: np.ndarray, margin: Margin) -> dict[str, np.ndarray]:
     return {name: dl_dh * dh for name, dh in margin.dh.items()}
 
 
+def _eq9_margin(func: str, a: object, b: object, c: object, d: object, chosen_lengths: object,
+                rejected_lengths: object, reduction: str, reference_free: bool = False
+                ) -> tuple[dict[str, np.ndarray | None], Margin]:
+    """The validated arrays and the margin of a loss on h = (a − c) − (b − d) (Eq. 8), or
+    (a − c)/L_t − (b − d)/L_s (Eq. 9) with both lengths; ``reference_free``: c = d = 0 (they may be None)."""
+    normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    x = sequence_inputs(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
+                        optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
+                        reduction=reduction)
+    return x, Margin.of(x, reference=not reference_free, normalize=normalize)
+
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,11 +131,7 @@ def _dpkd(func, a, b, c, d, chosen_lengths, rejected_lengths, beta, label_smooth
     o = v.check_options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free,
                         reduction=reduction)
     beta, eps, reference_free, reduction = o["beta"], o["label_smoothing"], o["reference_free"], o["reduction"]
-    normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    x = sequence_inputs(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
-                        optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
-                        reduction=reduction)
-    m = Margin.of(x, reference=not reference_free, normalize=normalize)
+    x, m = _eq9_margin(func, a, b, c, d, chosen_lengths, rejected_lengths, reduction, reference_free)
     losses, dl_dz = _logistic(beta * m.h, eps)
     partials = _chain(beta * dl_dz, m)
     if reference_free:

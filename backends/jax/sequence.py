@@ -19,6 +19,8 @@ Every function is pure and composes with ``jax.jit`` (options static: ``dpkd.bac
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from dpkd.spec import validation as v
@@ -34,6 +36,17 @@ A, B, C, D, LT, LS = _base.A, _base.B, _base.C, _base.D, _base.LT, _base.LS
 
 # --------------------------------------------------------------------------------------------------
 # The shared mechanism
+
+
+def _eq9_ratios(func: str, a: Any, b: Any, c: Any, d: Any, chosen_lengths: Any, rejected_lengths: Any, reduction: str,
+                reference_free: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The validated per-side log-ratios (r_t, r_s) of a loss on h = r_t − r_s: r = policy − reference
+    (Eq. 8), divided by the lengths when both are given (Eq. 9); ``reference_free``: the references are 0."""
+    normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    x = _base.sequence_inputs(func, {A: a, B: b, C: c, D: d, LT: chosen_lengths, LS: rejected_lengths},
+                              optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
+                              reduction=reduction)
+    return _base.margin(x, reference=not reference_free, normalize=normalize)
 
 
 def _result(losses: jax.Array, chosen: jax.Array, rejected: jax.Array, scale: float,
@@ -101,12 +114,9 @@ def dpkd_loss(
     o = _base.options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free,
                       reduction=reduction)
     beta, eps, reference_free, reduction = o["beta"], o["label_smoothing"], o["reference_free"], o["reduction"]
-    normalize = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    x = _base.sequence_inputs(func, {A: policy_chosen_logps, B: policy_rejected_logps, C: reference_chosen_logps,
-                              D: reference_rejected_logps, LT: chosen_lengths, LS: rejected_lengths},
-                              optional=(C, D, LT, LS) if reference_free else (LT, LS), lengths=(LT, LS),
-                              reduction=reduction)
-    chosen, rejected = _base.margin(x, reference=not reference_free, normalize=normalize)
+    chosen, rejected = _eq9_ratios(func, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, chosen_lengths, rejected_lengths, reduction,
+                                   reference_free)
     losses = _base.smoothed_sigmoid_loss(beta * (chosen - rejected), eps)
     return _result(losses, chosen, rejected, beta, reduction)
 

@@ -46,6 +46,18 @@ def _ratio(policy: torch.Tensor, reference: torch.Tensor | None, length: torch.T
     return r if length is None else r / length
 
 
+def _eq9_ratios(func: str, a: Any, b: Any, c: Any, d: Any, chosen_lengths: Any, rejected_lengths: Any, reduction: str,
+                reference_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validated per-side log-ratios of a loss on h = r_t − r_s: r = policy − reference (Eq. 8), divided
+    by the lengths when both are given (Eq. 9); ``reference_free``: the references are 0 (they may be None)."""
+    with_lengths = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
+    t = _prepare(func, dict(zip(_LOGPS + _LENGTHS, (a, b, c, d, chosen_lengths, rejected_lengths))),
+                 optional=(_LOGPS[2:] if reference_free else ()) + _LENGTHS, reduction=reduction)
+    c_, d_ = (None, None) if reference_free else (t[_LOGPS[2]], t[_LOGPS[3]])
+    lt, ls = (t["chosen_lengths"], t["rejected_lengths"]) if with_lengths else (None, None)
+    return _ratio(t[_LOGPS[0]], c_, lt), _ratio(t[_LOGPS[1]], d_, ls)
+
+
 def _finish(losses: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor, reduction: str) -> PreferenceLoss:
     return PreferenceLoss(reduce_elements(losses, reduction), chosen.detach(), rejected.detach())
 
@@ -96,15 +108,9 @@ def dpkd_loss(
     """
     func = "dpkd_loss"
     options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free, reduction=reduction)
-    with_lengths = v.check_lengths_pair(func, chosen_lengths, rejected_lengths)
-    t = _prepare(func, dict(zip(_LOGPS + _LENGTHS, (
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        chosen_lengths, rejected_lengths))),
-        optional=(_LOGPS[2:] if reference_free else ()) + _LENGTHS, reduction=reduction)
-    c = None if reference_free else t[_LOGPS[2]]
-    d = None if reference_free else t[_LOGPS[3]]
-    lt, ls = (t["chosen_lengths"], t["rejected_lengths"]) if with_lengths else (None, None)
-    chosen, rejected = _ratio(t[_LOGPS[0]], c, lt), _ratio(t[_LOGPS[1]], d, ls)
+    chosen, rejected = _eq9_ratios(func, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, chosen_lengths, rejected_lengths, reduction,
+                                   reference_free)
     losses = smoothed_sigmoid_loss(beta * (chosen - rejected), label_smoothing)
     return _finish(losses, beta * chosen, beta * rejected, reduction)
 
