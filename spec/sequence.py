@@ -58,6 +58,10 @@ __all__ = [
     "simpo_loss_grad",
     "dpop_loss",
     "dpop_loss_grad",
+    "hinge_loss",
+    "hinge_loss_grad",
+    "robust_loss",
+    "robust_loss_grad",
 ]
 
 #: DPOP's two forms: the Smaug paper's (penalty inside σ) and the released DPKD code's (outside).
@@ -624,3 +628,197 @@ def dpop_loss_grad(
     """
     return _dpop("dpop_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                  reference_rejected_logps, beta, lambda_, form, reduction).grad()
+
+
+# --------------------------------------------------------------------------------------------------
+# Hinge (SLiC-HF, Zhao et al. 2023; TRL loss_type="hinge")
+
+
+def _hinge(func, a, b, c, d, chosen_lengths, rejected_lengths, beta, reduction) -> _Core:
+    o = v.check_options(func, beta=beta, reduction=reduction)
+    beta, reduction = o["beta"], o["reduction"]
+    _, m = _eq9_margin(func, a, b, c, d, chosen_lengths, rejected_lengths, reduction)
+    gap = 1.0 - beta * m.h
+    active = (gap > 0).astype(np.float64)  # dℓ/dh = −β·1[βh < 1] (strict: no subgradient at the kink)
+    return _Core(np.maximum(gap, 0.0), _chain(-beta * active, m), beta * m.chosen, beta * m.rejected, reduction)
+
+
+@v.options(v.BETA, v.REDUCTION)
+def hinge_loss(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    beta: float = 0.1,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """The hinge preference loss (SLiC-HF) with the teacher as reference: a margin of 1/β, then no gradient.
+
+    Symbols: a, b, c, d, L_t, L_s as in ``dpkd_loss``; β the temperature (1/β is the target margin).
+
+    Formula:
+        h = (a − c) − (b − d)                   (Eq. 8, no lengths)
+        h = (a − c)/L_t − (b − d)/L_s           (Eq. 9, both lengths given)
+        ℓ = max(0, 1 − βh)
+    Zero loss and zero gradient once βh ≥ 1; dℓ/dh = −β below (strict: 0 at βh = 1). Without lengths this
+    is TRL's ``loss_type="hinge"`` (``relu(1 − β·logits)``) with ref_model = teacher, chosen = teacher
+    output, rejected = student output.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+            a, b, c, d, float arrays of one shape [...].
+        chosen_lengths, rejected_lengths: L_t, L_s (> 0), both or neither.
+        beta: β > 0.  reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``; rewards β(a − c)[/L_t], β(b − d)[/L_s].
+
+    Raises:
+        DPKDInputError, in the order of ``dpkd_loss``.
+
+    Example:
+        >>> import numpy as np
+        >>> a, b, c, d = np.array([-5.0]), np.array([-3.0]), np.array([-4.0]), np.array([-9.0])
+        >>> print(np.round(hinge_loss(a, b, c, d, beta=0.5).loss, 4))   # h = −7: max(0, 1 + 3.5)
+        4.5
+        >>> print(hinge_loss(a, b - 20.0, c, d, beta=0.5).loss)   # h = 13: βh ≥ 1, no loss
+        0.0
+
+    References: Zhao et al. 2023, SLiC-HF (arXiv:2305.10425) Eq. 1; TRL ``DPOTrainer`` loss_type "hinge".
+    See also: ``hinge_loss_grad``, ``dpkd_loss``, ``ipo_loss``.
+    """
+    return _hinge("hinge_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, chosen_lengths, rejected_lengths, beta, reduction).result()
+
+
+def hinge_loss_grad(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    beta: float = 0.1,
+    reduction: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Analytic gradient of S = sum(hinge_loss(...).loss) w.r.t. a, b, c, d.
+
+    Formula: g = dℓ/dh = −β·1[βh < 1]; (∂a, ∂b, ∂c, ∂d) = (g/L_t, −g/L_s, −g/L_t, g/L_s) (L = 1 without
+    lengths), times 1/N under "mean".
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.zeros(1)
+        >>> print(hinge_loss_grad(z, z, z, z, beta=0.5)["policy_chosen_logps"])
+        [-0.5]
+
+    Args/Raises: exactly as ``hinge_loss``.
+    See also: ``hinge_loss``.
+    """
+    return _hinge("hinge_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, chosen_lengths, rejected_lengths, beta, reduction).grad()
+
+
+# --------------------------------------------------------------------------------------------------
+# Robust DPO (Chowdhury et al. 2024; TRL loss_type="robust")
+
+# ε < 1/2: the loss divides by 1 − 2ε
+ROBUST_LABEL_SMOOTHING = replace(v.LABEL_SMOOTHING, high_inclusive=False, draw=(0.05, 0.4))
+
+
+def _robust(func, a, b, c, d, chosen_lengths, rejected_lengths, beta, label_smoothing, reduction) -> _Core:
+    o = v.check_options(func, beta=beta, label_smoothing=label_smoothing, reduction=reduction)
+    beta, eps, reduction = o["beta"], o["label_smoothing"], o["reduction"]
+    _, m = _eq9_margin(func, a, b, c, d, chosen_lengths, rejected_lengths, reduction)
+    z = beta * m.h
+    losses = ((1.0 - eps) * softplus(-z) - eps * softplus(z)) / (1.0 - 2.0 * eps)
+    # dℓ/dz = σ(z) − (1−ε)/(1−2ε), written as −σ(−z) − ε/(1−2ε): no cancellation when z is large
+    dl_dz = -sigmoid(-z) - eps / (1.0 - 2.0 * eps)
+    return _Core(losses, _chain(beta * dl_dz, m), beta * m.chosen, beta * m.rejected, reduction)
+
+
+@v.options(v.BETA, ROBUST_LABEL_SMOOTHING, v.REDUCTION)
+def robust_loss(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """Robust DPO with the teacher as reference: the DPO loss de-biased for preferences flipped with rate ε.
+
+    Symbols: a, b, c, d, L_t, L_s as in ``dpkd_loss``; β the temperature; ε the flip rate.
+
+    Formula (Chowdhury et al. 2024 Eq. 10, z = βh, h as in ``dpkd_loss``: Eq. 8, or Eq. 9 with lengths):
+        ℓ = [(1 − ε)·(−log σ(z)) + ε·log σ(−z)] / (1 − 2ε)
+          = [(1 − ε)·softplus(−z) − ε·softplus(z)] / (1 − 2ε)
+    Unbiased: (1 − ε)·ℓ(h) + ε·ℓ(−h) = softplus(−βh), the clean DPKD loss; ε = 0 is ``dpkd_loss`` exactly;
+    ℓ(h = 0) = log 2 for every ε. Unlike cDPO smoothing (``dpkd_loss(label_smoothing=ε)``, the convex
+    combination with the flipped term) ℓ is not bounded below: it decreases without limit as h → +∞ when
+    ε > 0. TRL's ``loss_type="robust"`` (without lengths).
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
+            a, b, c, d, float arrays of one shape [...].
+        chosen_lengths, rejected_lengths: L_t, L_s (> 0), both or neither.
+        beta: β > 0.  label_smoothing: ε ∈ [0, 0.5).  reduction: "mean" | "sum" | "none".
+
+    Returns:
+        ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``; rewards β(a − c)[/L_t], β(b − d)[/L_s].
+
+    Raises:
+        DPKDInputError, in the order of ``dpkd_loss``.
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.zeros(1)
+        >>> print(np.round(robust_loss(z, z, z, z, label_smoothing=0.3).loss, 4))   # h = 0: log 2
+        0.6931
+
+    References: Chowdhury, Kini, Natarajan 2024, Provably Robust DPO (arXiv:2403.00409) Eq. 10; TRL
+    ``DPOTrainer`` loss_type "robust".
+    See also: ``robust_loss_grad``, ``dpkd_loss`` (cDPO smoothing), ``hinge_loss``.
+    """
+    return _robust("robust_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                   reference_rejected_logps, chosen_lengths, rejected_lengths, beta, label_smoothing,
+                   reduction).result()
+
+
+def robust_loss_grad(
+    policy_chosen_logps: np.ndarray,
+    policy_rejected_logps: np.ndarray,
+    reference_chosen_logps: np.ndarray,
+    reference_rejected_logps: np.ndarray,
+    *,
+    chosen_lengths: np.ndarray | None = None,
+    rejected_lengths: np.ndarray | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> dict[str, np.ndarray]:
+    """Analytic gradient of S = sum(robust_loss(...).loss) w.r.t. a, b, c, d.
+
+    Formula: g = dℓ/dh = β[σ(βh) − (1−ε)/(1−2ε)]; (∂a, ∂b, ∂c, ∂d) = (g/L_t, −g/L_s, −g/L_t, g/L_s),
+    times 1/N under "mean".
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.zeros(1)
+        >>> print(np.round(robust_loss_grad(z, z, z, z, beta=1.0, label_smoothing=0.25)["policy_chosen_logps"], 4))
+        [-1.]
+
+    Args/Raises: exactly as ``robust_loss``.
+    See also: ``robust_loss``.
+    """
+    return _robust("robust_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                   reference_rejected_logps, chosen_lengths, rejected_lengths, beta, label_smoothing,
+                   reduction).grad()

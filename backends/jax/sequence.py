@@ -29,7 +29,7 @@ from dpkd.spec.sequence import DPOP_FORMS
 
 from . import _base
 
-__all__ = ["dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss", "DPOP_FORMS"]
+__all__ = ["dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss", "hinge_loss", "robust_loss", "DPOP_FORMS"]
 
 A, B, C, D, LT, LS = _base.A, _base.B, _base.C, _base.D, _base.LT, _base.LS
 
@@ -327,4 +327,65 @@ def dpop_loss(
         losses = _base.softplus(-beta * (h - lam * penalty))
     else:
         losses = _base.softplus(-beta * h) + lam * penalty
+    return _result(losses, chosen, rejected, beta, reduction)
+
+
+def hinge_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array,
+    *,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+    beta: float = 0.1,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """``dpkd.spec.hinge_loss``: max(0, 1 − βh) (SLiC-HF; TRL ``loss_type="hinge"``), h as in ``dpkd_loss``;
+    the gradient is 0 at the kink βh = 1, as the spec's.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> z = jnp.zeros(1)
+        >>> float(hinge_loss(z, z - 20.0, z, z, beta=0.5).loss)   # βh = 10 ≥ 1: no loss
+        0.0
+    """
+    func = "hinge_loss"
+    o = _base.options(func, beta=beta, reduction=reduction)
+    beta, reduction = o["beta"], o["reduction"]
+    chosen, rejected = _eq9_ratios(func, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, chosen_lengths, rejected_lengths, reduction)
+    gap = 1.0 - beta * (chosen - rejected)
+    losses = jnp.where(gap > 0, gap, jnp.zeros((), gap.dtype))
+    return _result(losses, chosen, rejected, beta, reduction)
+
+
+def robust_loss(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    reference_chosen_logps: jax.Array,
+    reference_rejected_logps: jax.Array,
+    *,
+    chosen_lengths: jax.Array | None = None,
+    rejected_lengths: jax.Array | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """``dpkd.spec.robust_loss``: [(1 − ε)·softplus(−βh) − ε·softplus(βh)] / (1 − 2ε) (robust DPO; TRL
+    ``loss_type="robust"``), h as in ``dpkd_loss``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> z = jnp.zeros(1)
+        >>> round(float(robust_loss(z, z, z, z, label_smoothing=0.3).loss), 4)   # h = 0: log 2
+        0.6931
+    """
+    func = "robust_loss"
+    o = _base.options(func, beta=beta, label_smoothing=label_smoothing, reduction=reduction)
+    beta, eps, reduction = o["beta"], o["label_smoothing"], o["reduction"]
+    chosen, rejected = _eq9_ratios(func, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, chosen_lengths, rejected_lengths, reduction)
+    z = beta * (chosen - rejected)
+    losses = ((1.0 - eps) * _base.softplus(-z) - eps * _base.softplus(z)) / (1.0 - 2.0 * eps)
     return _result(losses, chosen, rejected, beta, reduction)

@@ -29,7 +29,7 @@ from ._base import (
     softplus,
 )
 
-__all__ = ["DPOP_FORMS", "dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss"]
+__all__ = ["DPOP_FORMS", "dpkd_loss", "ipo_loss", "cpo_loss", "simpo_loss", "dpop_loss", "hinge_loss", "robust_loss"]
 
 _LOGPS = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
 _LENGTHS = ("chosen_lengths", "rejected_lengths")
@@ -283,4 +283,61 @@ def dpop_loss(
         losses = softplus(-beta * (h - lambda_ * penalty))
     else:
         losses = softplus(-beta * h) + lambda_ * penalty
+    return _finish(losses, beta * chosen, beta * rejected, reduction)
+
+
+def hinge_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    beta: float = 0.1,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """``dpkd.spec.hinge_loss``: max(0, 1 − βh) (SLiC-HF; TRL ``loss_type="hinge"``), h as in ``dpkd_loss``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.zeros(1)
+        >>> hinge_loss(z, z - 20.0, z, z, beta=0.5).loss.item()   # βh = 10 ≥ 1: no loss
+        0.0
+    """
+    func = "hinge_loss"
+    options(func, beta=beta, reduction=reduction)
+    chosen, rejected = _eq9_ratios(func, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, chosen_lengths, rejected_lengths, reduction)
+    losses = positive_part(1.0 - beta * (chosen - rejected))
+    return _finish(losses, beta * chosen, beta * rejected, reduction)
+
+
+def robust_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> PreferenceLoss:
+    """``dpkd.spec.robust_loss``: [(1 − ε)·softplus(−βh) − ε·softplus(βh)] / (1 − 2ε) (robust DPO; TRL
+    ``loss_type="robust"``), h as in ``dpkd_loss``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.zeros(1)
+        >>> round(robust_loss(z, z, z, z, label_smoothing=0.3).loss.item(), 4)   # h = 0: log 2
+        0.6931
+    """
+    func = "robust_loss"
+    eps = options(func, beta=beta, label_smoothing=label_smoothing, reduction=reduction)["label_smoothing"]
+    chosen, rejected = _eq9_ratios(func, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, chosen_lengths, rejected_lengths, reduction)
+    z = beta * (chosen - rejected)
+    losses = ((1.0 - eps) * softplus(-z) - eps * softplus(z)) / (1.0 - 2.0 * eps)
     return _finish(losses, beta * chosen, beta * rejected, reduction)
