@@ -1,17 +1,19 @@
-"""Sequence-level DPKD without length normalisation IS TRL's DPO "sigmoid" loss with the teacher as reference.
+"""Sequence-level DPKD without length normalisation IS TRL's DPO "sigmoid" loss with the teacher as reference;
+``hinge_loss`` and ``robust_loss`` are TRL's "hinge" and "robust" loss types.
 
-The mapping (DESIGN.md §2, CONVENTIONS.md): TRL's policy = the student q_θ, TRL's ref_model = the teacher p,
+The mapping (spec/CONVENTIONS.md "General"): TRL's policy = the student q_θ, TRL's ref_model = the teacher p,
 TRL's chosen response = the teacher's output y_t, TRL's rejected response = the student's output y_s. So
   policy_chosen_logps = log q_θ(y_t), policy_rejected_logps = log q_θ(y_s),
   reference_chosen_logps = log p(y_t), reference_rejected_logps = log p(y_s).
 
-TRL's ``DPOTrainer.dpo_loss`` for ``loss_type="sigmoid"`` (written out here from its documented formula, the
-convention of Rafailov et al. Eq. 7 with cDPO smoothing), per pair:
-  logits  = (policy_chosen − policy_rejected) − (ref_chosen − ref_rejected)
-  losses  = −logσ(β·logits)·(1 − ε) − logσ(−β·logits)·ε
-  chosen_rewards   = β·(policy_chosen − ref_chosen).detach()
-  rejected_rewards = β·(policy_rejected − ref_rejected).detach()
-and the trainer takes losses.mean(). DPKD Eq. 8 is the same expression with h = logits.
+TRL 1.16's ``DPOTrainer._compute_loss`` (trl/trainer/dpo_trainer.py, written out here from that source), per
+pair, with logits = δ = (policy_chosen − ref_chosen) − (policy_rejected − ref_rejected):
+  "sigmoid": −logσ(β·δ)                                   — it does NOT read ``label_smoothing``
+  "hinge":   relu(1 − β·δ)
+  "robust":  (−(1 − ε)·logσ(β·δ) + ε·logσ(−β·δ)) / (1 − 2ε)  — ε = ``label_smoothing`` ∈ [0, 0.5)
+  rewards β·(policy − ref) per side, detached; the trainer takes the mean over pairs.
+DPKD Eq. 8 is "sigmoid" with h = δ. Its cDPO smoothing (ε > 0: (1−ε)·(−logσ(βδ)) + ε·(−logσ(−βδ))) is
+Mitchell's, the form TRL 1.16 keeps for "aot" (on sorted log-ratios) but no longer applies to "sigmoid".
 """
 
 from __future__ import annotations
@@ -25,12 +27,41 @@ torch.set_num_threads(1)
 
 
 def trl_dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing=0.0):
+    """TRL 1.16 "sigmoid" for ε = 0; for ε > 0 the cDPO form (Mitchell; TRL's "aot" expression)."""
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
               - F.logsigmoid(-beta * logits) * label_smoothing)
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def trl_hinge(logits, beta):
+    return torch.relu(1 - beta * logits)
+
+
+def trl_robust(logits, beta, label_smoothing):
+    clean_loss_term = -(1 - label_smoothing) * F.logsigmoid(beta * logits)
+    flipped_loss_term = -label_smoothing * F.logsigmoid(-beta * logits)
+    return (clean_loss_term - flipped_loss_term) / (1 - 2 * label_smoothing)
+
+
+@pytest.mark.parametrize(("name", "options"), [("hinge", {"beta": 0.1}), ("hinge", {"beta": 0.8}),
+                                               ("robust", {"beta": 0.1, "label_smoothing": 0.0}),
+                                               ("robust", {"beta": 0.4, "label_smoothing": 0.3})])
+def test_hinge_and_robust_losses_equal_trl(name, options) -> None:
+    g = torch.Generator().manual_seed(5)
+    a, b, c, d = (torch.randn(16, generator=g, dtype=torch.float64) * 4 for _ in range(4))
+    a.requires_grad_(True)
+    logits = (a - b) - (c - d)
+    ours = getattr(dt, f"{name}_loss")(a, b, c, d, reduction="none", **options)
+    theirs = trl_hinge(logits, **options) if name == "hinge" else trl_robust(logits, **options)
+    assert name == "robust" or bool(((1 - options["beta"] * logits) < 0).any())  # both sides of the hinge
+    torch.testing.assert_close(ours.loss, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.chosen_rewards, options["beta"] * (a - c).detach(), rtol=1e-12, atol=0)
+    (g_ours,) = torch.autograd.grad(ours.loss.mean(), a)
+    (g_theirs,) = torch.autograd.grad(theirs.mean(), a)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-15)
 
 
 def _summed_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
