@@ -201,6 +201,7 @@ def main() -> None:
 
 
 def report(args, conv, gens, answer, ppl, params, rows, rates) -> str:
+    # one RESULTS.md section written out line by line: a template of the measured numbers, long but flat
     m = machine()
     v = m["versions"]
     from importlib.metadata import version

@@ -1,4 +1,4 @@
-"""Forward+backward of token-level DPKD (the released code's argmax preference, SPEC-MATH §3B): dpkd's fused
+"""Forward+backward of token-level DPKD (the released code's argmax preference, spec/README.md §4): dpkd's fused
 token-chunked path against the same loss on materialised logits, and the GEMMs alone (the floor).
 
     python benchmarks/bench_token_dpkd.py                          # N=4096, H=512, V=32000

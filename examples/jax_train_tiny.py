@@ -11,7 +11,7 @@ then every step computes the four sequence log-probabilities with ``sequence_log
 
 Prints the loss every few steps. Sequence level it falls towards 0 (the student learns to prefer the
 teacher's responses over its own); token level towards its minimum log 2, reached when the student's
-greedy token equals the teacher's at every position (SPEC-MATH §3B, fact 1). Runs on CPU in seconds.
+greedy token equals the teacher's at every position (spec/README.md §4, structural facts). Runs on CPU in seconds.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ if [ "$PRESET" = "tiny" ]; then
         --metrics-file "$OUT/sequence.jsonl" "$@"
     echo "done: metrics in $OUT/*.jsonl, checkpoints in $OUT/{token,sequence}"
 elif [ "$PRESET" = "paper" ]; then
-    # OPT-13B teacher -> OPT-1.3B student, the released code's hyper-parameters (spec/README.md):
+    # OPT-13B teacher -> OPT-1.3B student, the released code's hyper-parameters (spec/README.md §10, D11):
     # token-level DPKD, alpha = 0.5, lm_coef 0.5, beta 0.1, AdamW lr 5e-4, wd 0.01, clip 1.0, bf16,
     # global batch 8, prompt <= 256, length <= 512, cosine T_max = 20 epochs, eta_min 1e-7.
     # 8 GPUs per node, TP=8 inside a node (TP must divide the heads: OPT-13B has 40, OPT-1.3B 32),

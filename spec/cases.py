@@ -252,7 +252,7 @@ def _kl_closed_form(name: str, label: str, forward: bool, **kw: Any) -> ClosedFo
 
 REGISTRY: tuple[FunctionSpec, ...] = (
     FunctionSpec(
-        "token_logps", "logps", "SPEC-MATH §3A: log_softmax(logits)[label], 0 where ignored",
+        "token_logps", "logps", "spec/README.md §1: log_softmax(logits)[label], 0 where ignored",
         _LOGITS_LABELS,
         (Variant("default", "ignore_index -100"),
          Variant("ignore_index", "a custom ignore_index (-1)", options={"ignore_index": -1})),
@@ -265,7 +265,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         fused="linear_token_logps", vocab_parallel="vocab_parallel_token_logps",
     ),
     FunctionSpec(
-        "sequence_logps", "logps", "SPEC-MATH §3A: a = Σ_j m_j log q(y_j); (sum, token count)",
+        "sequence_logps", "logps", "spec/README.md §1: a = Σ_j m_j log q(y_j); (sum, token count)",
         _LOGITS_LABELS,
         (Variant("default", "ignore_index -100"),
          Variant("ignore_index", "a custom ignore_index (-1)", options={"ignore_index": -1})),
@@ -281,7 +281,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         vocab_parallel="vocab_parallel_sequence_logps",
     ),
     FunctionSpec(
-        "dpkd_loss", "sequence", "paper Eq. 8 / Eq. 9; SPEC-MATH §3A; cDPO smoothing",
+        "dpkd_loss", "sequence", "paper Eq. 8 / Eq. 9; spec/README.md §2; cDPO smoothing",
         _SEQ4 + _LENGTHS,
         (Variant("eq8", "paper Eq. 8: h = (a − c) − (b − d)", draw=("beta",)),
          Variant("eq9", "paper Eq. 9: h = (a − c)/L_t − (b − d)/L_s", draw=("beta",), lengths="both"),
@@ -457,7 +457,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         ),
     ),
     FunctionSpec(
-        "dpkd_token_loss", "token", "released code get_distil_loss; SPEC-MATH §3B (argmax preference per token)",
+        "dpkd_token_loss", "token", "released code get_distil_loss; spec/README.md §4 (argmax preference per token)",
         _TOKEN,
         (Variant("sigmoid", "softplus(−βh), h = (a − b) − (c − d)", options={"form": "sigmoid"}, draw=("beta",)),
          Variant("cdpo", "label-smoothed sigmoid form", options={"form": "sigmoid"},
@@ -500,7 +500,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         fused="fused_dpkd_token_loss", vocab_parallel="vocab_parallel_dpkd_token_loss",
     ),
     FunctionSpec(
-        "cross_entropy", "token", "SFT: −log q[label] over non-ignored tokens (SPEC-MATH §6)",
+        "cross_entropy", "token", "SFT: −log q[label] over non-ignored tokens (spec/README.md §5)",
         _LOGITS_LABELS,
         (Variant("default", "mean over the non-ignored labels"),
          Variant("normalizer", "mean divided by the caller's global token count",
@@ -514,14 +514,14 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         fused="fused_cross_entropy", vocab_parallel="vocab_parallel_cross_entropy",
     ),
     FunctionSpec(
-        "forward_kl", "token", "KL(p‖q) = Σ p (log p − log q) (SPEC-MATH §6, word-level KD)",
+        "forward_kl", "token", "KL(p‖q) = Σ p (log p − log q) (spec/README.md §5, word-level KD)",
         _TOKEN, _DIVERGENCE_VARIANTS, "array", gradient="forward_kl_grad",
         closed_forms=(_p_equals_q("forward_kl"),
                       _kl_closed_form("forward_kl", "= sum p (log p - log q)", True, temperature=1.5)),
         fused="fused_forward_kl", vocab_parallel="vocab_parallel_forward_kl",
     ),
     FunctionSpec(
-        "reverse_kl", "token", "KL(q‖p) = Σ q (log q − log p) (SPEC-MATH §6)",
+        "reverse_kl", "token", "KL(q‖p) = Σ q (log q − log p) (spec/README.md §5)",
         _TOKEN, _DIVERGENCE_VARIANTS, "array", gradient="reverse_kl_grad",
         closed_forms=(_p_equals_q("reverse_kl"),
                       _kl_closed_form("reverse_kl", "= sum q (log q - log p)", False, temperature=1.5)),
@@ -545,7 +545,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         fused="fused_generalized_jsd", vocab_parallel="vocab_parallel_generalized_jsd",
     ),
     FunctionSpec(
-        "akl", "token", "Wu 2024 AKL: w_head KL(p‖q) + w_tail KL(q‖p), weights stop-gradient (SPEC-MATH §6)",
+        "akl", "token", "Wu 2024 AKL: w_head KL(p‖q) + w_tail KL(q‖p), weights stop-gradient (spec/README.md §5)",
         _TOKEN,
         (Variant("default", "μ drawn, temperature 1", draw=("mu",)),
          Variant("temperature", "μ and temperature drawn", draw=("mu", "temperature")),
@@ -589,7 +589,7 @@ REGISTRY: tuple[FunctionSpec, ...] = (
         ),
     ),
     FunctionSpec(
-        "first_token_divergence", "metric", "Table 3 first-token KLD / rKLD (SPEC-MATH §2, Sec 4.5 reading)",
+        "first_token_divergence", "metric", "Table 3 first-token KLD / rKLD (spec/README.md §6, Sec 4.5 reading)",
         (ArrayArg("student_logits", "vocab_logits", False), ArrayArg("teacher_logits", "vocab_logits", False)),
         (Variant("default", "mean over the leading positions"),), "dict", reductions=(),
         closed_forms=(

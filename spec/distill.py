@@ -1,6 +1,6 @@
-"""Token-level distillation baselines (SPEC-MATH §6, §11): the reference definitions and analytic gradients.
+"""Token-level distillation baselines (spec/README.md §5): the reference definitions and analytic gradients.
 
-Symbols (SPEC-MATH §1, §6). At each position i of a ``[..., T, V]`` logits array:
+Symbols (spec/README.md §0, §4). At each position i of a ``[..., T, V]`` logits array:
 
 * S_i, T_i ∈ R^V — student and teacher logits; τ > 0 the temperature;
 * q_i = softmax(S_i/τ) (student q_θ), p_i = softmax(T_i/τ) (teacher p);
@@ -214,7 +214,7 @@ def cross_entropy(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> np.ndarray:
-    """Token cross-entropy of a model on dataset labels (SFT / LM loss; SPEC-MATH §6 "SFT", §3C CE_D).
+    """Token cross-entropy of a model on dataset labels (SFT / LM loss; spec/README.md §5 "SFT", §7 CE_D).
 
     ℓ_i = −log q_i[y_i] with q_i = softmax(logits_i), on positions whose label is not ``ignore_index``
     (m_i = 1[y_i ≠ ignore_index]); reduced as Σ m ℓ / (normalizer or Σ m), Σ m ℓ, or m ℓ (``"none"``).
@@ -314,7 +314,7 @@ def forward_kl(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> np.ndarray:
-    """Token-level forward KL, KL(p_i‖q_i) (word-level KD; SPEC-MATH §6, §3C FKD_Dp).
+    """Token-level forward KL, KL(p_i‖q_i) (word-level KD; spec/README.md §5, §7 FKD_Dp).
 
     ℓ_i = Σ_v p_i(v)[log p_i(v) − log q_i(v)], p_i = softmax(T_i/τ), q_i = softmax(S_i/τ). This is the true
     KL; LMOps/MiniLLM use the cross-entropy −Σ p log q, which differs by the teacher entropy H(p_i) (a
@@ -385,7 +385,7 @@ def reverse_kl(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> np.ndarray:
-    """Token-level reverse KL, KL(q_i‖p_i) (SPEC-MATH §6 "Reverse KL").
+    """Token-level reverse KL, KL(q_i‖p_i) (spec/README.md §5 "Reverse KL").
 
     ℓ_i = Σ_v q_i(v)[log q_i(v) − log p_i(v)], q_i = softmax(S_i/τ), p_i = softmax(T_i/τ). No τ² factor.
     Arguments, reduction and errors as ``forward_kl``.
@@ -444,7 +444,7 @@ def generalized_jsd(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> np.ndarray:
-    """Generalised Jensen–Shannon divergence, TRL's GKD convention (SPEC-MATH §11; Agarwal et al. 2024).
+    """Generalised Jensen–Shannon divergence, TRL's GKD convention (spec/README.md §5; Agarwal et al. 2024).
 
     For 0 < β < 1, with M_i = (1−β) q_i + β p_i (q = student, p = teacher, both at temperature τ):
         ℓ_i = β KL(p_i‖M_i) + (1−β) KL(q_i‖M_i);
@@ -524,7 +524,7 @@ def akl(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> np.ndarray:
-    """Adaptive KL (AKL; Wu et al. 2024, official ``wutaiqiang/LLM_KD_AKL/AKL.py``; SPEC-MATH §6, §11).
+    """Adaptive KL (AKL; Wu et al. 2024, official ``wutaiqiang/LLM_KD_AKL/AKL.py``; spec/README.md §5).
 
     At each position, sort p_i descending (stable) with cumulative mass C_k; the head H is the first sorted
     token plus every token with C_k ≤ μ; with q and p detached (stop-gradient),
@@ -573,7 +573,7 @@ def akl_grad(
 
     ∂S/∂S_i = (w_i/τ)[w_h (q_i − p_i) + w_t q_i ⊙ (log q_i − log p_i − KL(q_i‖p_i))],
     ∂S/∂T_i = (w_i/τ)[w_h p_i ⊙ (log p_i − log q_i − KL(p_i‖q_i)) + w_t (p_i − q_i)],
-    with w_i = ∂S/∂ℓ_i (SPEC-MATH §6 gives the student part).
+    with w_i = ∂S/∂ℓ_i (spec/README.md §4).
 
     Returns ``{"student_logits": [..., T, V], "teacher_logits": [..., T, V]}`` (float64).
 
@@ -592,7 +592,7 @@ def akl_grad(
 
 @v.options()
 def first_token_divergence(student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict[str, float]:
-    """First-response-token KLD and rKLD of the paper's Table 3 (SPEC-MATH §2 "Sec 4.5", the literal reading).
+    """First-response-token KLD and rKLD of the paper's Table 3 (spec/README.md §6, the literal reading).
 
     kld = mean over positions of KL(p‖q), rkld = mean of KL(q‖p), with p = softmax(teacher_logits),
     q = softmax(student_logits) at temperature 1, averaged over every leading position (one per prompt).
@@ -612,7 +612,7 @@ def first_token_divergence(student_logits: np.ndarray, teacher_logits: np.ndarra
         (0.130812, 0.143841)
 
     References: Li et al., "Direct Preference Knowledge Distillation for Large Language Models" (2024),
-    Sec. 4.5 / Table 3 (which gives no formula; this is an interpretation, see SPEC-MATH §10 item 3).
+    Sec. 4.5 / Table 3 (which gives no formula; this is an interpretation, see spec/README.md §6).
 
     See also: ``forward_kl``, ``reverse_kl``.
     """

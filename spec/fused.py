@@ -23,12 +23,13 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from . import distill as _spec_distill
 from . import sequence as _spec_sequence
 from . import token as _spec_token
 from . import validation as v
+from .results import TeacherLMHead, TeacherLogps
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -42,6 +43,10 @@ __all__ = [
     "sequence_call",
     "token_call",
     "length_labels",
+    "ValueChecker",
+    "check_logps_call",
+    "check_sequence_call",
+    "check_token_call",
 ]
 
 #: Bytes one chunk's logits buffer may take when ``chunk_size`` is not given (64 MiB: 524 rows of float32
@@ -271,3 +276,76 @@ def token_call(func: str, arguments: Mapping[str, Any]) -> tuple[NamedTokenLoss,
     kwargs.update(student_hidden=arguments[hidden_name], target=arguments["labels" if labels else "mask"],
                   target_is_labels=labels, func=func, hidden_name=hidden_name)
     return NamedTokenLoss(name, options), kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks of one fused call, in the contract's order (options, then shapes and dtypes, then values), the
+# same in every backend: a backend passes ``describe`` (an array → its ``validation.ArrayInfo``) and a
+# ``ValueChecker`` over its own arrays.
+
+
+class ValueChecker(Protocol):
+    """A backend's data-dependent checks of one call; each raises the ``validation`` error it names (now, or
+    at ``run``, after the others have been collected: one device→host transfer in Torch)."""
+
+    def finite_array(self, name: str, x: Any) -> None: ...
+    def labels_in_vocab(self, name: str, labels: Any, vocab_size: int, ignore_index: int) -> None: ...
+    def binary(self, name: str, mask: Any) -> None: ...
+    def labelled_rows(self, name: str, labels: Any, ignore_index: int) -> None: ...
+    def run(self) -> None: ...
+
+
+def check_logps_call(func: str, describe: Callable[[Any], Any], checks: ValueChecker, *, hidden: Any, weight: Any,
+                     bias: Any, labels: Any, ignore_index: int) -> None:
+    """``linear_token_logps``: one lm_head and integer labels with one label per hidden row."""
+    v.check_lm_head(func, describe(hidden), describe(weight), describe(bias), names=("hidden", "weight", "bias"))
+    v.check_label_array(func, "labels", describe(labels), tuple(describe(hidden).shape[:-1]))
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        checks.finite_array(name, x)
+    checks.labels_in_vocab("labels", labels, describe(weight).shape[0], ignore_index)
+    checks.run()
+
+
+def check_sequence_call(func: str, describe: Callable[[Any], Any], checks: ValueChecker, *, chosen_hidden: Any,
+                        rejected_hidden: Any, weight: Any, bias: Any, chosen_labels: Any, rejected_labels: Any,
+                        teacher: Any, teacher_required: bool, length_labels: tuple[str, ...], ignore_index: int
+                        ) -> str:
+    """``fused_sequence_loss``'s arrays (the teacher's, then the student's) and, for ``length_labels``, that
+    every row has a labelled token; returns the teacher's kind ("none", "logps" or "lm_head")."""
+    infos = [describe(x) for x in (chosen_hidden, rejected_hidden, weight, bias, chosen_labels, rejected_labels)]
+    v.check_fused_sequence_inputs(func, *infos)
+    kind = v.check_fused_teacher(func, teacher, describe, vocab=infos[2].shape[0], lead_c=tuple(infos[0].shape[:2]),
+                                 lead_s=tuple(infos[1].shape[:2]), required=teacher_required)
+    if isinstance(teacher, (TeacherLMHead, TeacherLogps)):
+        for name, x in zip(teacher._fields, teacher):
+            checks.finite_array(f"teacher.{name}", x)
+    for name, x in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden), ("weight", weight),
+                    ("bias", bias)):
+        checks.finite_array(name, x)
+    labels = {"chosen_labels": chosen_labels, "rejected_labels": rejected_labels}
+    for name, x in labels.items():
+        checks.labels_in_vocab(name, x, infos[2].shape[0], ignore_index)
+    for name in length_labels:
+        checks.labelled_rows(name, labels[name], ignore_index)
+    checks.run()
+    return kind
+
+
+def check_token_call(func: str, describe: Callable[[Any], Any], checks: ValueChecker, *, hidden_name: str,
+                     student_hidden: Any, weight: Any, bias: Any, target: Any, teacher_hidden: Any,
+                     teacher_weight: Any, teacher_bias: Any, target_is_labels: bool, ignore_index: int) -> str:
+    """``fused_token_loss``'s arrays; returns the target's argument name ("labels" or "mask")."""
+    target_name = v.check_fused_token_inputs(
+        func, describe(student_hidden), describe(weight), describe(bias), describe(target),
+        teacher_hidden=describe(teacher_hidden), teacher_weight=describe(teacher_weight),
+        teacher_bias=describe(teacher_bias), target_is_labels=target_is_labels, hidden_name=hidden_name)
+    arrays = {hidden_name: student_hidden, "weight": weight, "bias": bias, "teacher_hidden": teacher_hidden,
+              "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
+    for name, x in arrays.items():
+        checks.finite_array(name, x)
+    if target_is_labels:
+        checks.labels_in_vocab(target_name, target, describe(weight).shape[0], ignore_index)
+    else:
+        checks.binary(target_name, target)
+    checks.run()
+    return target_name

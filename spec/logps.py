@@ -1,4 +1,4 @@
-"""Per-token and per-sequence log-probabilities of labels under logits (SPEC-MATH §3A), in float64.
+"""Per-token and per-sequence log-probabilities of labels under logits (spec/README.md §1), in float64.
 
 These produce the four inputs a, b, c, d of every sequence-level loss: run a model teacher-forced on a
 response, take ``sequence_logps`` of its logits at the response positions.
@@ -55,7 +55,7 @@ def token_logps(logits: np.ndarray, labels: np.ndarray, *, ignore_index: int = -
 
     Symbols: ℓ_j ∈ R^V the logits at position j, y_j its label, m_j = 1[y_j ≠ ignore_index].
 
-    Formula (SPEC-MATH §3A):  o_j = m_j · log_softmax(ℓ_j)[y_j] = m_j · (ℓ_{j,y_j} − logsumexp(ℓ_j)).
+    Formula (spec/README.md §1):  o_j = m_j · log_softmax(ℓ_j)[y_j] = m_j · (ℓ_{j,y_j} − logsumexp(ℓ_j)).
 
     Labels must already be aligned with the logits (use ``shift_for_causal_lm`` for a causal LM's
     next-token logits).
@@ -121,7 +121,7 @@ def sequence_logps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each row's labels, and the number of labels counted.
 
-    Formula (SPEC-MATH §3A, paper Eq. 8):  log q(y|x) = Σ_j m_j log_softmax(ℓ_j)[y_j],  |y| = Σ_j m_j.
+    Formula (spec/README.md §1, paper Eq. 8):  log q(y|x) = Σ_j m_j log_softmax(ℓ_j)[y_j],  |y| = Σ_j m_j.
 
     A row whose labels are all ``ignore_index`` gives (0.0, 0): no error here — the loss that receives a
     zero length refuses it.

@@ -1,5 +1,5 @@
 """The full training objective: how the distillation loss is mixed with SFT and pre-training terms
-(SPEC-MATH §3C, §7 D4).
+(spec/README.md §7, §10 (D4)).
 
     L = (1 − α)·sft + α·distil + λ·[(1 − κ)·pt_lm + κ·pt_kd]
 
@@ -98,7 +98,7 @@ def objective(
     pre-training batch (CE_Dp); pt_kd = forward KD on the pre-training batch (FKD_Dp); α, λ, κ from
     ``config``.
 
-    Formula (SPEC-MATH §3C; paper Algorithm 1 step 7 is α = 1, κ = 0):
+    Formula (spec/README.md §7; paper Algorithm 1 step 7 is α = 1, κ = 0):
         L = (1 − α)·sft + α·distil + λ·[(1 − κ)·pt_lm + κ·pt_kd]
     A term whose coefficient is 0 may be None (then it is left out); one with a non-zero coefficient is
     required.
@@ -117,7 +117,7 @@ def objective(
         2.8
 
     References: Li et al. 2024 Algorithm 1; LMOps dpkd/main.py ``finetune``/``get_lmpt_loss``;
-    SPEC-MATH §3C, §7 D4.
+    spec/README.md §7, §10 (D4).
     See also: ``objective_grad``, ``ObjectiveConfig``.
     """
     arrays, coef = _terms("objective", {"sft_loss": sft_loss, "distil_loss": distil_loss,

@@ -181,7 +181,7 @@ class BadInput:
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    """One public function of the API (DESIGN.md §2)."""
+    """One public function of the API (spec/CONVENTIONS.md)."""
 
     name: str
     kind: str  # "logps" | "sequence" | "token" | "metric" | "objective"
@@ -377,7 +377,7 @@ def get(name: str) -> FunctionSpec:
 
 
 # --------------------------------------------------------------------------------------------------
-# The bad-input battery (DESIGN.md §2): derived from the data above, plus a few per-function cases
+# The bad-input battery (spec/CONVENTIONS.md): derived from the data above, plus a few per-function cases
 
 
 def _set_first(x: np.ndarray, value: Any) -> np.ndarray:

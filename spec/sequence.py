@@ -1,4 +1,4 @@
-"""Sequence-level preference losses (paper Eq. 8 / Eq. 9 and the Table 2 variants), float64 reference.
+"""Sequence-level preference losses (paper Eq. 8 / Eq. 9, the Table 2 variants, hinge, robust), float64.
 
 Naming, as in DPO trainers: policy = the student q_θ, reference = the teacher p, chosen = the teacher's
 output y_t, rejected = the student's output y_s. Per example
@@ -7,12 +7,12 @@ output y_t, rejected = the student's output y_s. Per example
     b = log q_θ(y_s|x)  (policy_rejected_logps)    d = log p(y_s|x)  (reference_rejected_logps)
     L_t = |y_t|  (chosen_lengths)                  L_s = |y_s|  (rejected_lengths)
 
-One mechanism serves every loss (SPEC-MATH §3A, §5): each loss is a function of the two per-side
-log-ratios  r_t = (a − c)/L_t  and  r_s = (b − d)/L_s  (reference terms 0 for the reference-free
-losses, lengths 1 when not normalising), of the margin  h = r_t − r_s, and of a few extra terms.
-``_validate`` checks the inputs once, ``Margin`` builds r_t, r_s, h and their partial derivatives, and
-``_Core`` turns a per-element loss and its per-element partials into the reduced result or the gradient
-dict. Each public loss is then a few lines on top.
+One mechanism serves every loss (spec/README.md §2, §3): each loss is a function of the two per-side log-ratios  r_t =
+(a − c)/L_t  and  r_s = (b − d)/L_s  (reference terms 0 for the reference-free losses, lengths 1 when not normalising),
+of the margin  h = r_t − r_s, and of a few extra terms. ``_common.sequence_inputs`` checks the inputs once, ``Margin``
+builds r_t, r_s, h and their partial derivatives (``_eq9_margin`` both, for the losses on the Eq. 8 / Eq. 9 margin), and
+``_Core`` turns a per-element loss and its per-element partials into the reduced result or the gradient dict. Each
+public loss is then a few lines on top.
 
 Validation order (CONVENTIONS.md "Errors"): options (``reduction``, ``form``, scalars in signature order),
 then which arguments are needed (the lengths pair), then presence (required arrays not None), shapes
@@ -198,7 +198,7 @@ def dpkd_loss(
         0.6931
 
     References: Li et al. 2024 (arXiv:2406.19774) Eq. 8, Eq. 9; Rafailov et al. 2023 Eq. 7;
-    SPEC-MATH §3A; spec/README.md "Sequence-level DPKD".
+    spec/README.md §2 (sequence-level DPKD).
     See also: ``dpkd_loss_grad``, ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss`` (released-code form),
     ``implicit_reward``.
     """
@@ -222,7 +222,7 @@ def dpkd_loss_grad(
 ) -> dict[str, np.ndarray]:
     """Analytic gradient of S = sum(dpkd_loss(...).loss) w.r.t. a, b, c, d.
 
-    Formula (SPEC-MATH §3A), g = dℓ/dh = β[σ(βh) − (1−ε)]  (= −β σ(−βh) for ε = 0):
+    Formula (spec/README.md §2), g = dℓ/dh = β[σ(βh) − (1−ε)]  (= −β σ(−βh) for ε = 0):
         ∂ℓ/∂a = g/L_t,  ∂ℓ/∂b = −g/L_s,  ∂ℓ/∂c = −g/L_t,  ∂ℓ/∂d = g/L_s,
     times 1/N under "mean". The weight is σ(−βh) — large when the student's implicit reward of its own
     output beats that of the teacher's output — NOT the σ(βh) printed in paper Eq. 11/28/30.
@@ -240,7 +240,7 @@ def dpkd_loss_grad(
         [-0.6948] [-0.6948]
 
     Args/Raises: exactly as ``dpkd_loss`` (same validation, same messages).
-    References: SPEC-MATH §3A; paper Eq. 10/11 (corrected, D12).
+    References: spec/README.md §2; paper Eq. 10/11 (corrected, D12).
     See also: ``dpkd_loss``.
     """
     return _dpkd("dpkd_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -308,7 +308,7 @@ def ipo_loss(
         >>> print(np.round(out.loss, 4))   # h = 1 + 0.25 = 1.25, target 2
         0.5625
 
-    References: Azar et al. 2024 (arXiv:2310.12036) Eq. 17; SPEC-MATH §2 (Table 2), §5, §7 D8.
+    References: Azar et al. 2024 (arXiv:2310.12036) Eq. 17; spec/README.md §3 (Table 2), §10 (D8).
     See also: ``ipo_loss_grad``, ``dpkd_loss``, ``dpkd_token_loss`` (form="ipo").
     """
     return _ipo("ipo_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -341,7 +341,7 @@ def ipo_loss_grad(
         [-10.] [10.]
 
     Args/Raises: exactly as ``ipo_loss`` (same validation, same messages).
-    References: SPEC-MATH §5 (gradients).
+    References: spec/README.md §3 (gradients).
     See also: ``ipo_loss``.
     """
     return _ipo("ipo_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -390,7 +390,11 @@ def cpo_loss(
         policy_chosen_logps: a, float array [...].
         policy_rejected_logps: b, same shape.
         beta: β > 0.  nll_weight: w ≥ 0 (TRL ``cpo_alpha``, default 1).  label_smoothing: ε ∈ [0, 0.5].
-        chosen_lengths: L_t > 0 (same shape) to make the NLL a per-token mean, as in TRL; else summed.
+        chosen_lengths: L_t > 0 (same shape): each sequence's NLL becomes its per-token mean −a_i/L_i, so
+            under "mean" the NLL term is mean_i(−a_i/L_i). TRL's ``CPOTrainer`` and Liger-Kernel take instead
+            the token mean over the whole batch, Σ_i(−a_i)/Σ_i L_i (``nn.CrossEntropyLoss`` over every chosen
+            token); that is exactly ``chosen_lengths=None, nll_weight=w·B/Σ_i L_i, reduction="mean"``
+            (B pairs). The two agree when every L_i is equal. None: the summed −a_i.
         reduction: "mean" | "sum" | "none".
 
     Returns:
@@ -402,7 +406,7 @@ def cpo_loss(
         >>> print(np.round(out.loss, 4))   # log 2 + 2/4
         1.1931
 
-    References: Xu et al. 2024 (arXiv:2401.08417) Eq. 3–6; SPEC-MATH §2 item 2, §5, §7 D7, D13.
+    References: Xu et al. 2024 (arXiv:2401.08417) Eq. 3–6; spec/README.md §3, §10 (D7, D13).
     See also: ``cpo_loss_grad``, ``simpo_loss``, ``dpkd_loss`` (reference_free=True).
     """
     return _cpo("cpo_loss", policy_chosen_logps, policy_rejected_logps, beta, nll_weight, chosen_lengths,
@@ -430,7 +434,7 @@ def cpo_loss_grad(
         [-1.] [0.5]
 
     Args/Raises: exactly as ``cpo_loss`` (same validation, same messages).
-    References: SPEC-MATH §5 (gradients).
+    References: spec/README.md §3 (gradients).
     See also: ``cpo_loss``.
     """
     return _cpo("cpo_loss_grad", policy_chosen_logps, policy_rejected_logps, beta, nll_weight,
@@ -488,7 +492,7 @@ def simpo_loss(
         >>> print(np.round(out.loss, 4))   # z = 2·(−1) − 2·(−2) − 2 = 0
         0.6931
 
-    References: Meng et al. 2024 (arXiv:2405.14734) Eq. 6; SPEC-MATH §2 item 1, §5, §7 D6.
+    References: Meng et al. 2024 (arXiv:2405.14734) Eq. 6; spec/README.md §3, §10 (D6).
     See also: ``simpo_loss_grad``, ``cpo_loss``.
     """
     return _simpo("simpo_loss", policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
@@ -518,7 +522,7 @@ def simpo_loss_grad(
         [-0.5] [0.3333]
 
     Args/Raises: exactly as ``simpo_loss`` (same validation, same messages).
-    References: SPEC-MATH §5 (gradients).
+    References: spec/README.md §3 (gradients).
     See also: ``simpo_loss``.
     """
     return _simpo("simpo_loss_grad", policy_chosen_logps, policy_rejected_logps, chosen_lengths,
@@ -590,7 +594,7 @@ def dpop_loss(
         >>> print(np.round(dpop_loss(a, b, c, d, beta=0.5, lambda_=1.0).loss, 4))   # softplus(2)
         2.1269
 
-    References: Pal et al. 2024 (arXiv:2402.13228) Eq. 3; SPEC-MATH §3B, §5, §7 D9.
+    References: Pal et al. 2024 (arXiv:2402.13228) Eq. 3; spec/README.md §3, §10 (D9).
     See also: ``dpop_loss_grad``, ``dpkd_loss``, ``dpkd_token_loss`` (form="dpop", the released form).
     """
     return _dpop("dpop_loss", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
@@ -623,7 +627,7 @@ def dpop_loss_grad(
         [-1.3655] [1.3655]
 
     Args/Raises: exactly as ``dpop_loss`` (same validation, same messages).
-    References: SPEC-MATH §5 (gradients).
+    References: spec/README.md §3 (gradients).
     See also: ``dpop_loss``.
     """
     return _dpop("dpop_loss_grad", policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

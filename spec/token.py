@@ -1,6 +1,6 @@
-"""Token-level DPKD, the released code's argmax-preference loss (SPEC-MATH §3B; CONVENTIONS.md).
+"""Token-level DPKD, the released code's argmax-preference loss (spec/README.md §4; CONVENTIONS.md).
 
-Symbols (SPEC-MATH §1, §3B). At each position i of a ``[..., T, V]`` logits array:
+Symbols (spec/README.md §0, §4). At each position i of a ``[..., T, V]`` logits array:
 
 * S_i, T_i ∈ R^V — student and teacher logits; Q_i = log_softmax(S_i), P_i = log_softmax(T_i) (float64);
 * y^t_i = argmax_v P_i (the teacher's greedy token: "chosen"), y^s_i = argmax_v Q_i (the student's:
@@ -12,7 +12,7 @@ Symbols (SPEC-MATH §1, §3B). At each position i of a ``[..., T, V]`` logits ar
 * β > 0, ε = label smoothing, λ = the DPOP weight; m_i ∈ {0, 1} the loss mask.
 
 Because y^t maximises P and y^s maximises Q, h_i ≤ 0 everywhere, with equality exactly where the argmaxes
-agree (SPEC-MATH §3B fact 1): the loss is an argmax-matching margin loss, minimal (log 2 for "sigmoid",
+agree (spec/README.md §4 (structural facts)): the loss is an argmax-matching margin loss, minimal (log 2 for "sigmoid",
 1/(4β²) for "ipo") and with zero gradient wherever the student's greedy token already equals the teacher's.
 
 It uses the same mechanism as the distillation baselines (``dpkd.spec.distill``): both log-softmaxes from
@@ -115,7 +115,7 @@ def dpkd_token_loss(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> TokenPreferenceLoss:
-    """Token-level DPKD (LMOps ``get_distil_loss``, flag ``--seqKD-DPO``; SPEC-MATH §3B, §7 D1).
+    """Token-level DPKD (LMOps ``get_distil_loss``, flag ``--seqKD-DPO``; spec/README.md §4, §10 (D1)).
 
     Per position (symbols in the module docstring), in the released code's three forms:
 
@@ -126,7 +126,7 @@ def dpkd_token_loss(
     Reduction over loss positions: mean = Σ m ℓ / (normalizer or Σ m), sum = Σ m ℓ, none = m ℓ.
     This is the paper's loss applied per position with argmax tokens under teacher forcing, not the
     sequence-level Eq. 8/9 (for those see ``dpkd_loss``). log-softmax is float64 here (the released code
-    runs it in bfloat16, SPEC-MATH §7 D14).
+    runs it in bfloat16, spec/README.md §10 (D14)).
 
     Args:
         student_logits: ``[..., T, V]`` float (the policy, q_θ).
@@ -187,7 +187,7 @@ def dpkd_token_loss_grad(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> dict[str, np.ndarray]:
-    """Gradients of S = sum(dpkd_token_loss(...).loss), the argmaxes held constant (SPEC-MATH §3B fact 2).
+    """Gradients of S = sum(dpkd_token_loss(...).loss), the argmaxes held constant (spec/README.md §4 (gradient)).
 
     With w_i = ∂S/∂ℓ_i (m_i/denominator, or m_i), g_i = dℓ_i/dh_i, e_v the one-hot vector of v, and
     q_i = softmax(S_i), p_i = softmax(T_i):

@@ -457,7 +457,7 @@ def check_lm_head_shapes(
 
 
 def check_same_vocab(func: str, name: str, vocab: int, ref_name: str, ref_vocab: int) -> None:
-    """Teacher and student distributions are compared entry by entry: one vocabulary (ANCHORS bug #16)."""
+    """Teacher and student distributions are compared entry by entry: one vocabulary."""
     if vocab != ref_vocab:
         fail(func, name, f"has vocabulary size {vocab} but `{ref_name}` has {ref_vocab}; "
                          "teacher and student must share one vocabulary (pad or slice the lm_head first)")

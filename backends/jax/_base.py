@@ -52,6 +52,7 @@ __all__ = [
     "check_labels",
     "check_labelled_rows",
     "check_binary",
+    "ValueChecks",
     "softplus",
     "smoothed_sigmoid_loss",
     "log_softmax",
@@ -159,6 +160,30 @@ def check_labelled_rows(func: str, name: str, labels: jax.Array, ignore_index: i
                 lambda: v.check_labelled_rows(func, name, False, ignore_index))
 
 
+class ValueChecks:
+    """The data-dependent checks of one call, as the framework-free checks of ``dpkd.spec.fused`` call them:
+    each runs as it is added (``value_check``: eager, or a checkify check inside ``checked``); ``run`` has
+    nothing left to do (the Torch backend's collects them for one host transfer)."""
+
+    def __init__(self, func: str):
+        self.func = func
+
+    def finite_array(self, name: str, x: jax.Array | None) -> None:
+        check_finite(self.func, name, x)
+
+    def labels_in_vocab(self, name: str, labels: jax.Array, vocab_size: int, ignore_index: int) -> None:
+        check_labels(self.func, name, labels, vocab_size, ignore_index)
+
+    def binary(self, name: str, mask: jax.Array) -> None:
+        check_binary(self.func, name, mask)
+
+    def labelled_rows(self, name: str, labels: jax.Array, ignore_index: int) -> None:
+        check_labelled_rows(self.func, name, labels, ignore_index)
+
+    def run(self) -> None:
+        return None
+
+
 def check_binary(func: str, name: str, mask: jax.Array) -> None:
     if mask.dtype != jnp.bool_:
         value_check(jnp.all((mask == 0) | (mask == 1)), lambda: v.check_binary_mask(func, name, False))
@@ -251,7 +276,7 @@ def softplus(z: jax.Array) -> jax.Array:
 
 
 def smoothed_sigmoid_loss(z: jax.Array, label_smoothing: float) -> jax.Array:
-    """cDPO: (1−ε)·softplus(−z) + ε·softplus(z) = −(1−ε) log σ(z) − ε log σ(−z) (SPEC-MATH §3A, §5)."""
+    """cDPO: (1−ε)·softplus(−z) + ε·softplus(z) = −(1−ε) log σ(z) − ε log σ(−z) (spec/README.md §2, §3)."""
     loss = softplus(-z)
     if label_smoothing == 0.0:
         return loss

@@ -19,8 +19,6 @@ from . import _base
 
 __all__ = [
     "describe",
-    "check_lm_head",
-    "check_values",
     "project",
     "chunk_logps",
     "logp_backprop",
@@ -43,18 +41,6 @@ def describe(x: Any) -> v.ArrayInfo | None:
     return v.ArrayInfo(tuple(x.shape), x.dtype, kind)
 
 
-def check_lm_head(func: str, hidden: jax.Array, weight: jax.Array, bias: jax.Array | None, *,
-                  names: tuple[str, str, str], lead: tuple[int, ...] | None = None) -> None:
-    v.check_lm_head(func, describe(hidden), describe(weight), describe(bias), names=names, lead=lead)
-
-
-def check_values(func: str, floats: dict[str, jax.Array | None], labels: dict[str, jax.Array],
-                 vocab_size: int, ignore_index: int) -> None:
-    """Finite floats, then labels in [0, V) or ``ignore_index`` (eager; see ``_base.value_check``)."""
-    for name, x in floats.items():
-        _base.check_finite(func, name, x)
-    for name, lab in labels.items():
-        _base.check_labels(func, name, lab, vocab_size, ignore_index)
 
 
 # --------------------------------------------------------------------------------------------------

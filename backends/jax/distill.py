@@ -1,4 +1,4 @@
-"""Token-level distillation baselines (SPEC-MATH §6, §11) in JAX: cross-entropy, forward/reverse KL,
+"""Token-level distillation baselines (spec/README.md §5) in JAX: cross-entropy, forward/reverse KL,
 generalised JSD (TRL's GKD convention) and AKL, plus the first-token divergence of Table 3.
 
 Common: p = softmax(T/τ), q = softmax(S/τ) (no τ² factor); mask and normalizer as ``dpkd_token_loss``
@@ -108,26 +108,14 @@ def cross_entropy(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    """Token cross-entropy of a model on dataset labels (SFT / LM loss; SPEC-MATH §6 "SFT", §3C CE_D).
-
-    Formula: ℓ_i = −log q_i[y_i], q_i = softmax(logits_i), on positions with y_i ≠ ignore_index
-    (m_i = 1[y_i ≠ ignore_index]); mean = Σ m ℓ / (normalizer or Σ m), sum = Σ m ℓ, none = m ℓ.
-
-    Args:
-        logits: [..., T, V] float.  labels: [..., T] integer, in [0, V) or ``ignore_index``.
-        ignore_index, normalizer, reduction: static options (normalizer only with "mean"; without it the
-            mean divides by the number of non-ignored labels, which must be > 0 — error on ``labels``).
-
-    Returns:
-        A scalar, or [..., T] (0 at ignored positions) under "none"; in the compute dtype.
+    """``dpkd.spec.cross_entropy`` in JAX: token cross-entropy of a model on dataset labels (SFT / LM loss;
+    spec/README.md §5 "SFT", §7 CE_D). Formula, arguments, errors and references: the spec function. Dtypes and checks
+    (options static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> round(float(cross_entropy(jnp.zeros((1, 2, 2)), jnp.array([[0, -100]]))), 6)
         0.693147
-
-    References: Hinton et al. 2015 (the hard-label term of KD); microsoft/LMOps ``dpkd/main.py``.
-    See also: ``forward_kl``, ``token_logps``.
     """
     func = "cross_entropy"
     o = _base.options(func, ignore_index=ignore_index, normalizer=normalizer, reduction=reduction)
@@ -148,27 +136,15 @@ def forward_kl(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    """Token-level forward KL, KL(p_i‖q_i) (word-level KD; SPEC-MATH §6, §3C FKD_Dp).
-
-    Formula: ℓ_i = Σ_v p_i(v)[log p_i(v) − log q_i(v)], p_i = softmax(T_i/τ), q_i = softmax(S_i/τ). The true
-    KL (LMOps uses the cross-entropy −Σ p log q: same ∂/∂S, different ∂/∂T). No τ² factor.
-
-    Args:
-        student_logits: [..., T, V] float (student q_θ).  teacher_logits: [..., T, V] (teacher p).
-        mask: [..., T] bool or 0/1.  temperature: τ > 0.  normalizer, reduction: as ``dpkd_token_loss``.
-        (temperature, normalizer, reduction are static under jit.)
-
-    Returns:
-        A scalar, or [..., T] values m_i ℓ_i under "none".
+    """``dpkd.spec.forward_kl`` in JAX: token-level forward KL, KL(p_i‖q_i) (word-level KD; spec/README.md §5, §7
+    FKD_Dp). Formula, arguments, errors and references: the spec function. Dtypes and checks (options static under
+    ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> s, t = jnp.array([[[0.0, 1.0]]]), jnp.array([[[1.0, 0.0]]])
         >>> round(float(forward_kl(s, t, jnp.ones((1, 1)))), 6)  # (2σ(1) − 1)·1
         0.462117
-
-    References: Hinton et al. 2015; Agarwal et al. 2024 (GKD, β = 0).
-    See also: ``reverse_kl``, ``generalized_jsd``, ``akl``, ``cross_entropy``.
     """
     func = "forward_kl"
     return _divergence(func, lambda: _forward, student_logits, teacher_logits, mask, temperature=temperature,
@@ -184,19 +160,15 @@ def reverse_kl(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    """Token-level reverse KL, KL(q_i‖p_i) (SPEC-MATH §6 "Reverse KL").
-
-    Formula: ℓ_i = Σ_v q_i(v)[log q_i(v) − log p_i(v)], q_i = softmax(S_i/τ), p_i = softmax(T_i/τ).
-    Arguments, reduction and errors as ``forward_kl``.
+    """``dpkd.spec.reverse_kl`` in JAX: token-level reverse KL, KL(q_i‖p_i) (spec/README.md §5 "Reverse KL"). Formula,
+    arguments, errors and references: the spec function. Dtypes and checks (options static under ``jit``):
+    ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> s, t = jnp.array([[[0.0, 0.0]]]), jnp.array([[[0.0, 0.0]]])
         >>> float(reverse_kl(s, t, jnp.ones((1, 1))))
         0.0
-
-    References: Agarwal et al. 2024 (GKD, β = 1); Gu et al. 2023 (MiniLLM).
-    See also: ``forward_kl``, ``generalized_jsd``, ``akl``.
     """
     func = "reverse_kl"
     return _divergence(func, lambda: _reverse, student_logits, teacher_logits, mask, temperature=temperature,
@@ -213,24 +185,15 @@ def generalized_jsd(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    """Generalised Jensen–Shannon divergence, TRL's GKD convention (SPEC-MATH §11; Agarwal et al. 2024).
-
-    Formula, for 0 < β < 1, with M_i = (1−β) q_i + β p_i (log M as a log-sum-exp):
-        ℓ_i = β KL(p_i‖M_i) + (1−β) KL(q_i‖M_i);
-    β = 0 → KL(p_i‖q_i) (forward), β = 1 → KL(q_i‖p_i) (reverse): a convention with a discontinuity at
-    both ends (the mixture form tends to 0 there). β = 1/2 is the ordinary JSD (≤ log 2).
-
-    Args:
-        beta: β ∈ [0, 1] (static), the teacher's weight in the mixture. Others as ``forward_kl``.
+    """``dpkd.spec.generalized_jsd`` in JAX: generalised Jensen–Shannon divergence, TRL's GKD convention (spec/README.md
+    §5; Agarwal et al. 2024). Formula, arguments, errors and references: the spec function. Dtypes and checks (options
+    static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> s, t = jnp.array([[[-50.0, 50.0]]]), jnp.array([[[50.0, -50.0]]])
         >>> round(float(generalized_jsd(s, t, jnp.ones((1, 1)))), 6)  # disjoint supports: log 2
         0.693147
-
-    References: Agarwal et al. 2024 (GKD); TRL ``GKDTrainer.generalized_jsd_loss``.
-    See also: ``forward_kl``, ``reverse_kl``.
     """
     func = "generalized_jsd"
     return _divergence(func, _jsd_piece, student_logits, teacher_logits, mask, beta=beta, temperature=temperature,
@@ -247,27 +210,15 @@ def akl(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
-    """Adaptive KL (AKL; Wu et al. 2024, official ``wutaiqiang/LLM_KD_AKL``; SPEC-MATH §6, §11).
-
-    Formula: sort p_i descending (stable) with cumulative mass C_k; the head H is the first sorted token
-    plus every token with C_k ≤ μ; with p, q detached,
-        g_head = Σ_{v∈H} |p_i(v) − q_i(v)|,  g_tail = Σ_{v∉H} |p_i(v) − q_i(v)|,
-        w_h = g_head/(g_head + g_tail),  w_t = 1 − w_h,
-        ℓ_i = w_h KL(p_i‖q_i) + w_t KL(q_i‖p_i);
-    at p_i = q_i (0/0 in the official code) w_h = w_t = 1/2 and ℓ_i = 0, with a finite gradient.
-
-    Args:
-        mu: μ ∈ (0, 1) (static), the head's probability mass. Others as ``forward_kl``.
+    """``dpkd.spec.akl`` in JAX: adaptive KL (AKL; Wu et al. 2024, official ``wutaiqiang/LLM_KD_AKL/AKL.py``;
+    spec/README.md §5). Formula, arguments, errors and references: the spec function. Dtypes and checks (options static
+    under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> x = jnp.array([[[1.0, 2.0, 3.0]]])
         >>> float(akl(x, x, jnp.ones((1, 1))))
         0.0
-
-    References: Wu et al. 2024, "Rethinking Kullback-Leibler Divergence in Knowledge Distillation for
-    Large Language Models", arXiv:2404.02657.
-    See also: ``forward_kl``, ``reverse_kl``.
     """
     func = "akl"
     return _divergence(func, _akl_piece, student_logits, teacher_logits, mask, mu=mu, temperature=temperature,
@@ -275,26 +226,14 @@ def akl(
 
 
 def first_token_divergence(student_logits: jax.Array, teacher_logits: jax.Array) -> dict:
-    """First-response-token KLD and rKLD of the paper's Table 3 (SPEC-MATH §2 "Sec 4.5", literal reading).
-
-    Formula: kld = mean over positions of KL(p‖q), rkld = mean of KL(q‖p), p = softmax(teacher_logits),
-    q = softmax(student_logits), temperature 1, averaged over every leading position (one per prompt).
-
-    Args:
-        student_logits: [..., V] float, the student's next-token logits at each prompt's first response
-            position.  teacher_logits: [..., V], same shape.
-
-    Returns:
-        ``{"kld": float, "rkld": float}`` — Python floats when called eagerly (the spec's type); 0-dim arrays
-        when traced (under jit/vmap/grad), so the function composes too.
+    """``dpkd.spec.first_token_divergence`` in JAX: first-response-token KLD and rKLD of the paper's Table 3
+    (spec/README.md §6, the literal reading). Formula, arguments, errors and references: the spec function. Dtypes and
+    checks (options static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> first_token_divergence(jnp.zeros((2, 3)), jnp.zeros((2, 3)))
         {'kld': 0.0, 'rkld': 0.0}
-
-    References: Li et al. 2024, Sec. 4.5 / Table 3 (no formula given; SPEC-MATH §10 item 3).
-    See also: ``forward_kl``, ``reverse_kl``.
     """
     func = "first_token_divergence"
     v.check_student_teacher_shapes(func, _base.shape_of(student_logits), _base.shape_of(teacher_logits), None,

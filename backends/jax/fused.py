@@ -34,7 +34,7 @@ from dpkd.spec.fused import DEFAULT_CHUNK_BYTES, NamedSequenceLoss, auto_chunk_s
 from dpkd.spec.results import FusedPreferenceLoss, PreferenceLoss, TeacherLMHead, TeacherLogps
 
 from . import _base, sequence
-from ._lm_head import accum_dtype, check_lm_head, check_values, chunk_logps, describe, logp_backprop, pad_rows, project
+from ._lm_head import accum_dtype, chunk_logps, describe, logp_backprop, pad_rows, project
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -149,10 +149,8 @@ def linear_token_logps(
     """
     func = "linear_token_logps"
     size = v.check_chunk_options(func, chunk_size, ignore_index)
-    check_lm_head(func, hidden, weight, bias, names=("hidden", "weight", "bias"))
-    v.check_label_array(func, "labels", describe(labels), tuple(hidden.shape[:-1]))
-    check_values(func, {"hidden": hidden, "weight": weight, "bias": bias}, {"labels": labels}, weight.shape[0],
-                 ignore_index)
+    contract.check_logps_call(func, describe, _base.ValueChecks(func), hidden=hidden, weight=weight, bias=bias,
+                              labels=labels, ignore_index=ignore_index)
     dtype = _base.compute_dtype(hidden, weight, bias)
     lead = tuple(labels.shape)
     rows = hidden.reshape(-1, hidden.shape[-1]).astype(dtype)
@@ -331,19 +329,12 @@ def fused_sequence_loss(
     v.check_fused_mode(func, mode, reduction)
     size = v.check_chunk_options(func, chunk_size, ignore_index)
     loss_fn = contract.sequence_loss_function(func, loss, sequence)
-    v.check_fused_sequence_inputs(func, *(describe(x) for x in (chosen_hidden, rejected_hidden, weight, bias,
-                                                                  chosen_labels, rejected_labels)))
+    kind = contract.check_sequence_call(
+        func, describe, _base.ValueChecks(func), chosen_hidden=chosen_hidden, rejected_hidden=rejected_hidden,
+        weight=weight, bias=bias, chosen_labels=chosen_labels, rejected_labels=rejected_labels, teacher=teacher,
+        teacher_required=teacher_required, length_labels=contract.length_labels(loss_fn, use_lengths),
+        ignore_index=ignore_index)
     vocab = weight.shape[0]
-    kind = v.check_fused_teacher(func, teacher, describe, vocab=vocab, lead_c=tuple(chosen_hidden.shape[:2]),
-                                 lead_s=tuple(rejected_hidden.shape[:2]), required=teacher_required)
-    floats: dict[str, Any] = {f"teacher.{name}": x for name, x in zip(teacher._fields, teacher)} \
-        if kind != "none" else {}
-    floats.update({"chosen_hidden": chosen_hidden, "rejected_hidden": rejected_hidden, "weight": weight,
-                   "bias": bias})
-    labels = {"chosen_labels": chosen_labels, "rejected_labels": rejected_labels}
-    check_values(func, floats, labels, vocab, ignore_index)
-    for name in contract.length_labels(loss_fn, use_lengths):
-        _base.check_labelled_rows(func, name, labels[name], ignore_index)
 
     dtype = _base.compute_dtype(chosen_hidden, weight, bias)
     teacher_arrays = None

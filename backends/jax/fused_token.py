@@ -218,26 +218,6 @@ def fused_token_loss(
                         ignore_index=ignore_index, func=func, hidden_name="student_hidden")
 
 
-def _check_token_inputs(func: str, hidden_name: str, student_hidden: jax.Array, weight: jax.Array,
-                        target: jax.Array, teacher: tuple[jax.Array | None, ...], bias: jax.Array | None,
-                        target_is_labels: bool, ignore_index: int) -> str:
-    """Shapes, dtypes, then values of one fused token call; returns the target's argument name."""
-    teacher_hidden, teacher_weight, teacher_bias = teacher
-    target_name = v.check_fused_token_inputs(
-        func, describe(student_hidden), describe(weight), describe(bias), describe(target),
-        teacher_hidden=describe(teacher_hidden), teacher_weight=describe(teacher_weight),
-        teacher_bias=describe(teacher_bias), target_is_labels=target_is_labels, hidden_name=hidden_name)
-    for name, x in ((hidden_name, student_hidden), ("weight", weight), ("bias", bias),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_bias", teacher_bias)):
-        _base.check_finite(func, name, x)
-    if target_is_labels:
-        _base.check_labels(func, target_name, target, weight.shape[0], ignore_index)
-    else:
-        _base.check_binary(func, target_name, target)
-    return target_name
-
-
 def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: jax.Array, weight: jax.Array,
                  target: jax.Array, *, teacher_hidden: jax.Array | None, teacher_weight: jax.Array | None,
                  bias: jax.Array | None, teacher_bias: jax.Array | None, normalizer: float | None, reduction: str,
@@ -248,9 +228,10 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: jax.Array, 
     normalizer = v.check_normalizer_option(func, normalizer, reduction)
     size = v.check_chunk_options(func, chunk_size, ignore_index)
     row_fn = _row_loss(func, row_loss)
-    target_name = _check_token_inputs(func, hidden_name, student_hidden, weight, target,
-                                      (teacher_hidden, teacher_weight, teacher_bias), bias, target_is_labels,
-                                      ignore_index)
+    target_name = contract.check_token_call(
+        func, describe, _base.ValueChecks(func), hidden_name=hidden_name, student_hidden=student_hidden,
+        weight=weight, bias=bias, target=target, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias, target_is_labels=target_is_labels, ignore_index=ignore_index)
     lead = tuple(student_hidden.shape[:-1])
     dtype = _base.compute_dtype(student_hidden, weight, bias)
     flat_target = target.reshape(-1)

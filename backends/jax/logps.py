@@ -1,4 +1,4 @@
-"""Per-token and per-sequence log-probabilities of labels under logits (SPEC-MATH §3A), in JAX.
+"""Per-token and per-sequence log-probabilities of labels under logits (spec/README.md §1), in JAX.
 
 These produce the four inputs a, b, c, d of every sequence-level loss: run a model teacher-forced on a
 response, take ``sequence_logps`` of its logits at the response positions. log-softmax runs in float32 or
@@ -56,32 +56,15 @@ def picked_logps(inputs: LabelInputs) -> jax.Array:
 
 
 def token_logps(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100) -> jax.Array:
-    """Log-probability of each label under the softmax of its logits; 0 at ignored positions.
-
-    Symbols: ℓ_j ∈ R^V the logits at position j, y_j its label, m_j = 1[y_j ≠ ignore_index].
-
-    Formula (SPEC-MATH §3A):  o_j = m_j · (ℓ_{j,y_j} − logsumexp(ℓ_j)).
-
-    Args:
-        logits: float array [..., T, V] (any float dtype; the math runs in float32 or wider).
-        labels: integer array [..., T]; each entry in [0, V) or equal to ``ignore_index``.
-        ignore_index: static; the label value that marks a position without loss (default -100).
-
-    Returns:
-        array [..., T] in the compute dtype (float32 for bfloat16/float16 logits).
-
-    Raises:
-        DPKDInputError: shapes disagree, ``labels`` not integer; eagerly (or under ``checked``): NaN/Inf in
-        ``logits``, a label outside the vocabulary that is not ``ignore_index``.
+    """``dpkd.spec.token_logps`` in JAX: log-probability of each label under the softmax of its logits; 0 at ignored
+    positions. Formula, arguments, errors and references: the spec function. Dtypes and checks (options static under
+    ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> logits = jnp.array([[[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]]])
         >>> [round(x, 4) for x in token_logps(logits, jnp.array([[0, 2, -100]]))[0].tolist()]
         [-0.4076, -1.0986, 0.0]
-
-    References: paper Eq. 8 (log q_θ(y|x) = Σ_j log q_θ(y_j | x, y_<j)).
-    See also: ``sequence_logps``, ``shift_for_causal_lm``, ``dpkd.spec.token_logps``.
     """
     func = "token_logps"
     ignore = _base.options(func, ignore_index=ignore_index)["ignore_index"]
@@ -91,20 +74,9 @@ def token_logps(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -10
 def sequence_logps(
     logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100
 ) -> tuple[jax.Array, jax.Array]:
-    """Summed log-probability of each row's labels, and the number of labels counted.
-
-    Formula (SPEC-MATH §3A, paper Eq. 8):  log q(y|x) = Σ_j m_j log_softmax(ℓ_j)[y_j],  |y| = Σ_j m_j.
-
-    A row whose labels are all ``ignore_index`` gives (0.0, 0): no error here — the loss that receives a
-    zero length refuses it.
-
-    Args:
-        logits: float array [..., T, V].
-        labels: integer array [..., T]; in [0, V) or ``ignore_index``.
-        ignore_index: static; the label value excluded from both the sum and the count.
-
-    Returns:
-        ``(sum_logps, n_tokens)``: [...] in the compute dtype, and [...] int64 (int32 without x64).
+    """``dpkd.spec.sequence_logps`` in JAX: summed log-probability of each row's labels, and the number of labels
+    counted. Formula, arguments, errors and references: the spec function. Dtypes and checks (options static under
+    ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -112,8 +84,6 @@ def sequence_logps(
         >>> s, n = sequence_logps(logits, jnp.array([[0, 2, -100]]))
         >>> round(float(s[0]), 4), n.tolist()
         (-1.5062, [2])
-
-    See also: ``token_logps``, ``dpkd_loss`` (takes these sums and counts), ``dpkd.spec.sequence_logps``.
     """
     func = "sequence_logps"
     ignore = _base.options(func, ignore_index=ignore_index)["ignore_index"]
@@ -122,27 +92,15 @@ def sequence_logps(
 
 
 def shift_for_causal_lm(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Align a causal LM's next-token logits with its labels: drop the last logit and the first label.
-
-    Formula: logits[..., :-1, :] predicts labels[..., 1:] (position j's logits score token j + 1).
-
-    Args:
-        logits: array [..., T, V] with T ≥ 2.
-        labels: array [..., T] (the input ids, with ``ignore_index`` on positions without loss).
-
-    Returns:
-        ``(logits[..., :-1, :], labels[..., 1:])``, dtypes unchanged.
-
-    Raises:
-        DPKDInputError: shapes disagree, or T < 2 (nothing would be left to score).
+    """``dpkd.spec.shift_for_causal_lm`` in JAX: align a causal LM's next-token logits with its labels: drop the last
+    logit and the first label. Formula, arguments, errors and references: the spec function. Dtypes and checks (options
+    static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> lg, lb = shift_for_causal_lm(jnp.zeros((2, 5, 7)), jnp.zeros((2, 5), dtype=jnp.int32))
         >>> lg.shape, lb.shape
         ((2, 4, 7), (2, 4))
-
-    See also: ``token_logps``, ``sequence_logps``.
     """
     func = "shift_for_causal_lm"
     _base.require(func, logits=logits, labels=labels)

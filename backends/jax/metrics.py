@@ -19,23 +19,14 @@ def implicit_reward(
     beta: float = 0.1,
     lengths: jax.Array | None = None,
 ) -> jax.Array:
-    """The DPO implicit reward of a response, elementwise (paper Eq. 29).
-
-    Formula: r = β·(log q_θ(y|x) − log p(y|x)) [/ |y| when ``lengths`` is given].
-
-    Args:
-        policy_logps: [...] summed student log-probs.  reference_logps: [...] summed teacher log-probs.
-        beta: β > 0 (static).  lengths: optional [...] token counts, > 0.
-
-    Returns:
-        [...] in the compute dtype (differentiable; the losses' rewards are the detached version).
+    """``dpkd.spec.implicit_reward`` in JAX: the DPO/DPKD implicit reward of a response, elementwise. Formula,
+    arguments, errors and references: the spec function. Dtypes and checks (options static under ``jit``):
+    ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> implicit_reward(jnp.array([-4.0]), jnp.array([-2.0]), beta=0.5, lengths=jnp.array([2])).tolist()
         [-0.5]
-
-    See also: ``dpkd_loss`` (its rewards), ``preference_metrics``.
     """
     func = "implicit_reward"
     beta = _base.options(func, beta=beta)["beta"]
@@ -55,19 +46,9 @@ def preference_metrics(
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
 ) -> dict:
-    """TRL's DPO metrics for a batch of (teacher output, student output) pairs.
-
-    Formula, with chosen_rewards = β(a − c)[/L_t] and rejected_rewards = β(b − d)[/L_s] (as ``dpkd_loss``):
-        rewards/chosen = mean chosen_rewards, rewards/rejected = mean rejected_rewards,
-        rewards/accuracies = mean 1[chosen_rewards > rejected_rewards],
-        rewards/margins = mean (chosen_rewards − rejected_rewards),
-        logps/chosen = mean a, logps/rejected = mean b.
-
-    Args:
-        a, b, c, d as ``dpkd_loss`` (one shape, non-empty); beta (static); optional lengths (both or neither).
-
-    Returns:
-        dict of Python floats when called eagerly; of 0-dim arrays when traced (jit/vmap).
+    """``dpkd.spec.preference_metrics`` in JAX: the metrics TRL's DPOTrainer logs, for one batch of (y_t, y_s) pairs.
+    Formula, arguments, errors and references: the spec function. Dtypes and checks (options static under ``jit``):
+    ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -75,9 +56,6 @@ def preference_metrics(
         ...                        beta=1.0)
         >>> m["rewards/margins"], m["rewards/accuracies"]
         (2.0, 1.0)
-
-    References: TRL ``DPOTrainer`` logged metrics; paper Eq. 29.
-    See also: ``dpkd_loss``, ``implicit_reward``.
     """
     func = "preference_metrics"
     beta = _base.options(func, beta=beta)["beta"]

@@ -1,4 +1,4 @@
-"""The full training objective for JAX losses (SPEC-MATH §3C, §7 D4).
+"""The full training objective for JAX losses (spec/README.md §7, §10 (D4)).
 
     L = (1 − α)·sft + α·distil + λ·[(1 − κ)·pt_lm + κ·pt_kd]
 
@@ -30,31 +30,13 @@ def objective(
     *,
     config: ObjectiveConfig,
 ) -> jax.Array:
-    """Combine the reduced losses of one step into the training loss.
-
-    Symbols: sft = CE on the training labels (CE_D); distil = the distillation loss (``dpkd_loss``,
-    ``dpkd_token_loss`` or a baseline); pt_lm = CE on the pre-training batch (CE_Dp); pt_kd = forward KD on
-    it (FKD_Dp); α, λ, κ from ``config``.
-
-    Formula (SPEC-MATH §3C; paper Algorithm 1 is α = 1, κ = 0):
-        L = (1 − α)·sft + α·distil + λ·[(1 − κ)·pt_lm + κ·pt_kd]
-    A term whose coefficient is 0 may be None (it is then left out); one with a non-zero coefficient is
-    required (error names it).
-
-    Args:
-        sft_loss, distil_loss, pt_lm_loss, pt_kd_loss: finite float scalars (or arrays of one shape).
-        config: an ``ObjectiveConfig`` (``PAPER_OBJECTIVE``, ``RELEASED_OBJECTIVE``, ``DISTIL_ONLY``);
-            static under jit.
-
-    Returns:
-        array of the common shape (0-d for scalars), in the compute dtype.
+    """``dpkd.spec.objective`` in JAX: combine the reduced losses of one step into the training loss. Formula,
+    arguments, errors and references: the spec function. Dtypes and checks (options static under ``jit``):
+    ``dpkd.backends.jax``.
 
     Example:
         >>> float(objective(2.0, 3.0, 4.0, 1.0, config=RELEASED_OBJECTIVE))  # 1 + 1.5 + 1 + 0.25
         3.75
-
-    References: Li et al. 2024 Algorithm 1; LMOps dpkd/main.py ``get_lmpt_loss``; SPEC-MATH §3C.
-    See also: ``ObjectiveConfig``, ``dpkd.spec.objective_grad``.
     """
     func = "objective"
     _base.options(func, config=config)

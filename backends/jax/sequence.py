@@ -1,4 +1,4 @@
-"""Sequence-level preference losses (paper Eq. 8 / Eq. 9 and the Table 2 variants) in JAX.
+"""Sequence-level preference losses (paper Eq. 8 / Eq. 9, the Table 2 variants, hinge, robust) in JAX.
 
 Naming, as in DPO trainers: policy = the student q_θ, reference = the teacher p, chosen = the teacher's
 output y_t, rejected = the student's output y_s. Per example
@@ -7,11 +7,11 @@ output y_t, rejected = the student's output y_s. Per example
     b = log q_θ(y_s|x)  (policy_rejected_logps)    d = log p(y_s|x)  (reference_rejected_logps)
     L_t = |y_t|  (chosen_lengths)                  L_s = |y_s|  (rejected_lengths)
 
-One mechanism serves every loss (SPEC-MATH §3A, §5): ``_base.sequence_inputs`` checks and casts the inputs once,
-``_base.margin`` builds the two per-side log-ratios r_t = (a − c)/L_t and r_s = (b − d)/L_s (reference terms
-absent for the reference-free losses, lengths absent when not normalising), and ``_result`` reduces the
-per-element losses and attaches the detached rewards. Each public loss is a few lines on top. Gradients are
-``jax.grad``'s; they equal the spec's ``*_grad`` (conformance/).
+One mechanism serves every loss (spec/README.md §2, §3): ``_base.sequence_inputs`` checks and casts the inputs once,
+``_base.margin`` builds the two per-side log-ratios r_t = (a − c)/L_t and r_s = (b − d)/L_s (reference terms absent for
+the reference-free losses, lengths absent when not normalising), and ``_result`` reduces the per-element losses and
+attaches the detached rewards. Each public loss is a few lines on top. Gradients are ``jax.grad``'s; they equal the
+spec's ``*_grad`` (conformance/).
 
 Every function is pure and composes with ``jax.jit`` (options static: ``dpkd.backends.jax.jit``),
 ``jax.vmap`` over a leading axis of problems, and ``jax.grad`` / ``jax.value_and_grad``.
@@ -73,32 +73,9 @@ def dpkd_loss(
     reference_free: bool = False,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """Sequence-level DPKD: the DPO loss with the teacher as the reference model (paper Eq. 8 / Eq. 9).
-
-    Symbols: a, b, c, d the summed log-probs (policy = student q_θ, reference = teacher p, chosen = teacher
-    output y_t, rejected = student output y_s); L_t, L_s the two responses' token counts; β; ε the label
-    smoothing (cDPO).
-
-    Formula:
-        h = (a − c) − (b − d)                       (Eq. 8, no lengths)
-        h = (a − c)/L_t − (b − d)/L_s               (Eq. 9, both lengths given)
-        ℓ = (1−ε)·softplus(−βh) + ε·softplus(βh)    (= −log σ(βh) for ε = 0)
-    ``reference_free=True`` sets c = d = 0 (the reference arrays may then be None).
-
-    Args:
-        policy_chosen_logps: a, float array of any shape [...] (usually [B]).
-        policy_rejected_logps: b, same shape.
-        reference_chosen_logps: c, same shape (may be None only with ``reference_free=True``).
-        reference_rejected_logps: d, same shape (may be None only with ``reference_free=True``).
-        chosen_lengths, rejected_lengths: L_t, L_s (int or float arrays, > 0, same shape); both or
-            neither. Arrays: they are traced under jit, not static.
-        beta: β > 0.  label_smoothing: ε ∈ [0, 0.5].  reference_free: bool.
-        reduction: "mean" (default, the paper's E), "sum" (Algorithm 1's Σ) or "none".
-        (beta, label_smoothing, reference_free, reduction are static under jit.)
-
-    Returns:
-        ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``: loss scalar (or [...] under "none")
-        in the compute dtype; rewards β(a − c)[/L_t] and β(b − d)[/L_s], [...], detached.
+    """``dpkd.spec.dpkd_loss`` in JAX: sequence-level DPKD: the DPO loss with the teacher as the reference model (paper
+    Eq. 8 / Eq. 9). Formula, arguments, errors and references: the spec function. Dtypes and checks (options static
+    under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -106,9 +83,6 @@ def dpkd_loss(
         ...                 beta=0.7)
         >>> round(float(out.loss), 4), round(float(out.chosen_rewards[0]), 4), float(out.rejected_rewards[0])
         (4.9074, -4.9, 0.0)
-
-    References: Li et al. 2024 (arXiv:2406.19774) Eq. 8, Eq. 9; Rafailov et al. 2023 Eq. 7; SPEC-MATH §3A.
-    See also: ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss``, ``dpkd.spec.dpkd_loss_grad``.
     """
     func = "dpkd_loss"
     o = _base.options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free,
@@ -137,32 +111,15 @@ def ipo_loss(
     length_normalize: bool = True,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """IPO with the teacher as reference: a squared loss pulling the margin to 1/(2τ).
-
-    Formula (paper Table 2; Azar et al. 2024 Eq. 17):
-        h = (a − c)/L_t − (b − d)/L_s     (length_normalize=True, TRL's length-averaged log-probs)
-        h = (a − c) − (b − d)             (length_normalize=False, the summed form)
-        ℓ = (h − 1/(2τ))²
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
-            a, b, c, d, float arrays of one shape [...].
-        tau: τ > 0 (static).
-        chosen_lengths, rejected_lengths: required (> 0) when ``length_normalize=True``; must be None
-            when it is False.
-        length_normalize: static bool choosing the margin.  reduction: "mean" | "sum" | "none" (static).
-
-    Returns:
-        ``PreferenceLoss``; rewards τ(a − c)[/L_t], τ(b − d)[/L_s].
+    """``dpkd.spec.ipo_loss`` in JAX: IPO with the teacher as reference: a squared loss pulling the margin to 1/(2τ).
+    Formula, arguments, errors and references: the spec function. Dtypes and checks (options static under ``jit``):
+    ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> z = jnp.zeros(2)
         >>> float(ipo_loss(z, z, z, z, length_normalize=False).loss)
         25.0
-
-    References: Azar et al. 2024 (arXiv:2310.12036) Eq. 17; SPEC-MATH §5.
-    See also: ``dpkd_loss``, ``dpkd_token_loss`` (form="ipo").
     """
     func = "ipo_loss"
     o = _base.options(func, tau=tau, length_normalize=length_normalize, reduction=reduction)
@@ -190,28 +147,14 @@ def cpo_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """CPO: a reference-free preference term plus an NLL term on the teacher's output.
-
-    Formula (paper Table 2 with its typo corrected; Xu et al. 2024):
-        z = β(a − b)
-        ℓ = (1−ε)·softplus(−z) + ε·softplus(z) − w·a / L_t     (−w·a without ``chosen_lengths``)
-
-    Args:
-        policy_chosen_logps: a = log q_θ(y_t|x) [...].  policy_rejected_logps: b = log q_θ(y_s|x) [...].
-        beta: β > 0.  nll_weight: w ≥ 0.  label_smoothing: ε ∈ [0, 0.5]  (static).
-        chosen_lengths: optional L_t > 0 [...] (the NLL term becomes a per-token mean).
-        reduction: "mean" | "sum" | "none" (static).
-
-    Returns:
-        ``PreferenceLoss``; rewards βa, βb.
+    """``dpkd.spec.cpo_loss`` in JAX: CPO: a reference-free preference term plus an NLL term on the teacher's output.
+    Formula, arguments, errors and references: the spec function. Dtypes and checks (options static under ``jit``):
+    ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> round(float(cpo_loss(jnp.array([-2.0]), jnp.array([-2.0])).loss), 4)  # log 2 + 2
         2.6931
-
-    References: Xu et al. 2024 (arXiv:2401.08417); SPEC-MATH §5.
-    See also: ``simpo_loss``, ``dpkd_loss`` (reference_free=True).
     """
     func = "cpo_loss"
     o = _base.options(func, beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
@@ -239,29 +182,15 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """SimPO: reference-free, length-normalised, with a target margin γ inside σ.
-
-    Formula (Meng et al. 2024 Eq. 6):
-        z = β·a/L_t − β·b/L_s − γ
-        ℓ = (1−ε)·softplus(−z) + ε·softplus(z)
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps: a, b [...].
-        chosen_lengths, rejected_lengths: L_t, L_s > 0 [...], required.
-        beta: β > 0.  gamma: γ (any finite real).  label_smoothing: ε ∈ [0, 0.5]  (static).
-        reduction: "mean" | "sum" | "none" (static).
-
-    Returns:
-        ``PreferenceLoss``; rewards βa/L_t, βb/L_s.
+    """``dpkd.spec.simpo_loss`` in JAX: SimPO: reference-free, length-normalised, with a target margin γ inside σ.
+    Formula, arguments, errors and references: the spec function. Dtypes and checks (options static under ``jit``):
+    ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> z, n = jnp.zeros(1), jnp.ones(1)
         >>> round(float(simpo_loss(z, z, chosen_lengths=n, rejected_lengths=n, gamma=0.0).loss), 4)
         0.6931
-
-    References: Meng et al. 2024 (arXiv:2405.14734); SPEC-MATH §5.
-    See also: ``cpo_loss``, ``dpkd_loss``.
     """
     func = "simpo_loss"
     o = _base.options(func, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
@@ -288,31 +217,15 @@ def dpop_loss(
     form: str = "smaug",
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """DPO-Positive: DPKD plus a penalty when the student's log-prob of the teacher output falls below the
-    teacher's.
-
-    Formula, with h = (a − c) − (b − d) (Eq. 8) and P = max(0, c − a):
-        form="smaug":    ℓ = softplus(−β(h − λP))     (Pal et al. 2024 Eq. 3: inside σ, scaled by β)
-        form="released": ℓ = softplus(−βh) + λP       (LMOps ``--DPOP``: outside σ, not scaled)
-    P's derivative uses k = 1[c > a] (strict, no subgradient at c = a) — written as a ``where``, not
-    ``jnp.maximum`` (whose tie gradient is ½).
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
-            a, b, c, d, float arrays of one shape [...].
-        beta: β > 0.  lambda_: λ ≥ 0.  form: "smaug" | "released".  reduction (all static).
-
-    Returns:
-        ``PreferenceLoss``; rewards β(a − c), β(b − d).
+    """``dpkd.spec.dpop_loss`` in JAX: DPO-Positive: DPKD plus a penalty when the student's log-prob of the teacher
+    output falls below the teacher's. Formula, arguments, errors and references: the spec function. Dtypes and checks
+    (options static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
         >>> z = jnp.zeros(1)
         >>> round(float(dpop_loss(z - 1.0, z, z, z, beta=1.0, lambda_=1.0, form="released").loss), 4)
         2.3133
-
-    References: Pal et al. 2024 (arXiv:2402.13228) Eq. 3; SPEC-MATH §5.
-    See also: ``dpkd_loss``, ``dpkd_token_loss`` (form="dpop").
     """
     func = "dpop_loss"
     o = _base.options(func, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
@@ -341,8 +254,9 @@ def hinge_loss(
     beta: float = 0.1,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """``dpkd.spec.hinge_loss``: max(0, 1 − βh) (SLiC-HF; TRL ``loss_type="hinge"``), h as in ``dpkd_loss``;
-    the gradient is 0 at the kink βh = 1, as the spec's.
+    """``dpkd.spec.hinge_loss`` in JAX: the hinge preference loss (SLiC-HF) with the teacher as reference: a margin of
+    1/β, then no gradient. Formula, arguments, errors and references: the spec function. Dtypes and checks (options
+    static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -372,8 +286,9 @@ def robust_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """``dpkd.spec.robust_loss``: [(1 − ε)·softplus(−βh) − ε·softplus(βh)] / (1 − 2ε) (robust DPO; TRL
-    ``loss_type="robust"``), h as in ``dpkd_loss``.
+    """``dpkd.spec.robust_loss`` in JAX: robust DPO with the teacher as reference: the DPO loss de-biased for
+    preferences flipped with rate ε. Formula, arguments, errors and references: the spec function. Dtypes and checks
+    (options static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp

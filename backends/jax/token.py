@@ -1,4 +1,4 @@
-"""Token-level DPKD, the released code's argmax-preference loss (SPEC-MATH §3B), in JAX."""
+"""Token-level DPKD, the released code's argmax-preference loss (spec/README.md §4), in JAX."""
 
 from __future__ import annotations
 
@@ -26,36 +26,9 @@ def dpkd_token_loss(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> TokenPreferenceLoss:
-    """Token-level DPKD (LMOps ``get_distil_loss``, flag ``--seqKD-DPO``): at every loss position the
-    teacher's greedy token is "chosen" and the student's greedy token is "rejected".
-
-    Symbols: S, T the student/teacher logits at one position; Q = log_softmax(S), P = log_softmax(T);
-    y^t = argmax T, y^s = argmax S (ties → lowest index; taken on the logits themselves, which have the
-    same argmax as P and Q without the rounding of the shift); m the mask.
-
-    Formula (SPEC-MATH §3B):
-        a = Q[y^t], b = Q[y^s], c = P[y^t], d = P[y^s]
-        h = (a − b) − (c − d) = (S[y^t] − S[y^s]) − (T[y^t] − T[y^s])   (reference_free: h = a − b)
-        sigmoid: ℓ = (1−ε)·softplus(−βh) + ε·softplus(βh)
-        ipo:     ℓ = (h − 1/(2β))²
-        dpop:    ℓ = softplus(−βh) + λ·max(0, c − a)   (derivative k = 1[c > a])
-        loss = Σ m·ℓ / (normalizer or Σ m)  ("mean"),  Σ m·ℓ ("sum"),  m·ℓ [..., T] ("none")
-    h is formed from raw logit gaps (the softmax normalisers cancel exactly), so ∂h/∂S = e_{y^t} − e_{y^s}
-    with no cancellation error; h ≤ 0 everywhere, = 0 where the argmaxes agree.
-
-    Args:
-        student_logits: float [..., T, V] (trainable).  teacher_logits: float [..., T, V], same vocabulary.
-        mask: [..., T] bool or 0/1 numbers — the loss positions.
-        beta: β > 0.  form: "sigmoid" | "ipo" | "dpop".  label_smoothing: ε ∈ [0, 0.5], sigmoid only.
-        reference_free: drop the teacher log-ratio.  lambda_: λ ≥ 0 (dpop).
-        normalizer: the mean's denominator (global loss-token count, for exact gradient accumulation);
-            only with reduction="mean".  reduction: "mean" | "sum" | "none".
-        (Every keyword argument is static under jit: ``dpkd.backends.jax.jit`` marks them.)
-
-    Returns:
-        ``TokenPreferenceLoss(loss, agreement_rate, chosen_rewards, rejected_rewards)``: loss scalar (or
-        [..., T]); agreement_rate = Σ m·1[y^t = y^s] / max(Σ m, 1); rewards β(a − c)·m and β(b − d)·m
-        [..., T], detached. Float outputs in the compute dtype (float32 for bfloat16 logits).
+    """``dpkd.spec.dpkd_token_loss`` in JAX: token-level DPKD (LMOps ``get_distil_loss``, flag ``--seqKD-DPO``;
+    spec/README.md §4, §10 (D1)). Formula, arguments, errors and references: the spec function. Dtypes and checks
+    (options static under ``jit``): ``dpkd.backends.jax``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -63,9 +36,6 @@ def dpkd_token_loss(
         >>> out = dpkd_token_loss(s, t, jnp.array([[True, True]]), beta=1.0)
         >>> round(float(out.loss), 4), float(out.agreement_rate)
         (2.3556, 0.5)
-
-    References: microsoft/LMOps ``dpkd`` (released code); Li et al. 2024 (arXiv:2406.19774); SPEC-MATH §3B.
-    See also: ``dpkd_loss`` (sequence level), ``forward_kl``, ``dpkd.spec.dpkd_token_loss_grad``.
     """
     func = "dpkd_token_loss"
     o = _base.options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,

@@ -165,6 +165,14 @@ class ValueChecks:
         if t is not None and t.is_floating_point():
             self._add(torch.isfinite(t).all(), lambda ok: v.check_finite(self.func, name, bool(ok)))
 
+    def finite_array(self, name: str, t: torch.Tensor | None) -> None:
+        """The finite check of a (large) hidden-state or lm_head array, as two read-only reductions.
+
+        max and min propagate NaN and are ±inf exactly when an entry is, so the [2]-element check is
+        equivalent to ``isfinite(t).all()`` without its four full-size temporaries."""
+        if t is not None and self.enabled and t.numel() > 0:
+            self.finite(name, torch.stack([t.detach().amax(), t.detach().amin()]))
+
     def positive(self, name: str, t: torch.Tensor | None) -> None:
         if t is not None:
             self._add((t > 0).all(), lambda ok: v.check_positive_lengths(self.func, name, bool(ok)))
@@ -207,7 +215,7 @@ def softplus(z: torch.Tensor) -> torch.Tensor:
 
 
 def smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """cDPO: (1−ε)·softplus(−z) + ε·softplus(z) = −(1−ε) log σ(z) − ε log σ(−z) (SPEC-MATH §3A, §5)."""
+    """cDPO: (1−ε)·softplus(−z) + ε·softplus(z) = −(1−ε) log σ(z) − ε log σ(−z) (spec/README.md §2, §3)."""
     loss = softplus(-z)
     if label_smoothing == 0.0:
         return loss

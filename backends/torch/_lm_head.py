@@ -18,12 +18,10 @@ from typing import Any
 import torch
 from dpkd.spec import validation as v
 
-from ._base import ValueChecks, dtype_name
+from ._base import dtype_name
 
 __all__ = [
     "describe",
-    "check_lm_head",
-    "finite",
     "project",
     "softmax_stats_",
     "chunk_logps",
@@ -48,20 +46,6 @@ def describe(t: Any) -> v.ArrayInfo | None:
     kind = "floating" if t.is_floating_point() else "integer" if integer else "other"
     return v.ArrayInfo(tuple(t.shape), dtype_name(t.dtype), kind, t.device)
 
-
-def check_lm_head(func: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
-                  names: tuple[str, str, str], lead: tuple[int, ...] | None = None) -> None:
-    v.check_lm_head(func, describe(hidden), describe(weight), describe(bias), names=names, lead=lead)
-
-
-def finite(checks: ValueChecks, name: str, t: torch.Tensor | None) -> None:
-    """The finite check of a (large) hidden-state or lm_head array, as two read-only reductions.
-
-    max and min propagate NaN and are ±inf exactly when an entry is, so the [2]-element check below is
-    equivalent to ``isfinite(t).all()`` without its four full-size temporaries (which cost more than the
-    softmax of a chunk at V = 32k)."""
-    if t is not None and checks.enabled and t.numel() > 0:
-        checks.finite(name, torch.stack([t.detach().amax(), t.detach().amin()]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +138,7 @@ def backprop_logp_chunk(exp_logits: torch.Tensor, rows: torch.Tensor, weight: to
     G = g·(onehot − softmax) = diag(r)·E + onehot·g with r = −g/total, so both products take E as it is
     and the row factors act on [rows, H] matrices: grad_rows = r ⊙ (E @ W) + g ⊙ W[label], grad_weight
     += Eᵀ(r ⊙ rows) + scatter of g ⊙ rows at the labels. No pass over the [rows, V] buffer is spent on
-    forming G (on a CPU each such pass costs about as much as 1–2% of the three GEMMs)."""
+    forming G (each such pass over the buffer is time beyond the GEMMs; benchmarks/RESULTS.md)."""
     r = -g if total is None else -g / total
     if grad_rows is not None:
         torch.mm(exp_logits, weight, out=grad_rows)

@@ -1,4 +1,4 @@
-"""Distillation baselines in PyTorch (SPEC-MATH §6): cross-entropy, forward/reverse KL, generalised JSD, AKL.
+"""Distillation baselines in PyTorch (spec/README.md §5): cross-entropy, forward/reverse KL, generalised JSD, AKL.
 
 Common: p = softmax(T/τ), q = softmax(S/τ) (no τ² factor: TRL's GKD convention). Every divergence is
 written from log-softmax values, so p·log p is 0·(finite) = 0 where p underflows: finite for any finite
@@ -42,22 +42,14 @@ def cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, normalizer: float | None = None,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """SFT / LM cross-entropy on labels: ℓ_j = −log q_j[y_j] on non-ignored positions (SPEC-MATH §6).
-
-    Args:
-        logits: [..., T, V] float; labels: [..., T] integer in [0, V) or ``ignore_index``.
-        normalizer: global count of non-ignored labels (> 0, "mean" only); default: this call's count.
-        reduction: "mean" (Σ ℓ / count) | "sum" | "none" ([..., T], 0 at ignored positions).
-
-    Returns:
-        float32 (float64 for float64 logits) scalar, or [..., T] under "none".
+    """``dpkd.spec.cross_entropy`` in PyTorch: token cross-entropy of a model on dataset labels (SFT / LM loss;
+    spec/README.md §5 "SFT", §7 CE_D). Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> round(cross_entropy(torch.zeros(1, 2, 4), torch.tensor([[1, -100]])).item(), 4)   # log 4
         1.3863
-
-    See also: ``token_logps``, ``forward_kl``, ``dpkd.spec.cross_entropy``.
     """
     func = "cross_entropy"
     o = options(func, ignore_index=ignore_index, normalizer=normalizer, reduction=reduction)
@@ -78,22 +70,13 @@ def forward_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
     normalizer: float | None = None, reduction: str = "mean",
 ) -> torch.Tensor:
-    """Forward KL(p‖q) = Σ_v p (log p − log q) per token (word-level KD; SPEC-MATH §6).
-
-    The true KL, not the cross-entropy form: the gradient w.r.t. the student logits is the same,
-    (q − p)/τ per token.
-
-    Args: student_logits, teacher_logits [..., T, V] (same dtype/device); mask [..., T];
-        temperature: τ > 0; normalizer; reduction.
-
-    Returns: the reduced loss, or m·ℓ [..., T] under "none".
+    """``dpkd.spec.forward_kl`` in PyTorch: token-level forward KL, KL(p_i‖q_i) (word-level KD; spec/README.md §5, §7
+    FKD_Dp). Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> forward_kl(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
         0.0
-
-    See also: ``reverse_kl``, ``generalized_jsd``, ``ForwardKL``, ``dpkd.spec.forward_kl``.
     """
     lp = _tempered("forward_kl", student_logits, teacher_logits, mask, temperature, normalizer, reduction)
     return reduce_tokens(kl_divergence(lp.log_p, lp.log_q), lp.mask, reduction, lp.denominator)
@@ -103,16 +86,13 @@ def reverse_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, temperature: float = 1.0,
     normalizer: float | None = None, reduction: str = "mean",
 ) -> torch.Tensor:
-    """Reverse KL(q‖p) = Σ_v q (log q − log p) per token (SPEC-MATH §6).
-
-    Args/Returns: as ``forward_kl``.
+    """``dpkd.spec.reverse_kl`` in PyTorch: token-level reverse KL, KL(q_i‖p_i) (spec/README.md §5 "Reverse KL").
+    Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> reverse_kl(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
         0.0
-
-    See also: ``forward_kl``, ``ReverseKL``, ``dpkd.spec.reverse_kl``.
     """
     lp = _tempered("reverse_kl", student_logits, teacher_logits, mask, temperature, normalizer, reduction)
     return reduce_tokens(kl_divergence(lp.log_q, lp.log_p), lp.mask, reduction, lp.denominator)
@@ -122,20 +102,14 @@ def generalized_jsd(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, beta: float = 0.5,
     temperature: float = 1.0, normalizer: float | None = None, reduction: str = "mean",
 ) -> torch.Tensor:
-    """Generalised JSD in TRL's GKD convention (SPEC-MATH §11).
-
-    Formula: 0 < β < 1: M = (1−β)q + βp, JSD_β = β KL(p‖M) + (1−β) KL(q‖M); β = 0 → KL(p‖q) (forward),
-    β = 1 → KL(q‖p) (reverse). The mixture form tends to 0 at both ends, so the end points are a
-    convention with a discontinuity (documented, tested). log M is a logaddexp of log-probabilities.
-
-    Args: as ``forward_kl`` plus beta: β ∈ [0, 1].
+    """``dpkd.spec.generalized_jsd`` in PyTorch: generalised Jensen–Shannon divergence, TRL's GKD convention
+    (spec/README.md §5; Agarwal et al. 2024). Formula, arguments, errors and references: the spec function. Dtypes and
+    checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> generalized_jsd(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
         0.0
-
-    See also: ``forward_kl``, ``reverse_kl``, ``GeneralizedJSD``, ``dpkd.spec.generalized_jsd``.
     """
     lp = _tempered("generalized_jsd", student_logits, teacher_logits, mask, temperature, normalizer, reduction,
                    beta=beta)
@@ -154,22 +128,14 @@ def akl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *, mu: float = 0.5,
     temperature: float = 1.0, normalizer: float | None = None, reduction: str = "mean",
 ) -> torch.Tensor:
-    """Adaptive KL (Wu et al. 2024, official AKL.py; SPEC-MATH §6): head/tail-weighted forward + reverse KL.
-
-    Formula: sort p descending (stable), C_k its cumulative sums; head H = {first sorted token} ∪
-    {tokens with C_k ≤ μ}; g_head = Σ_H |p − q|, g_tail = Σ_{not H} |p − q| (detached);
-    ℓ = w_h KL(p‖q) + w_t KL(q‖p), w_h = g_head/(g_head + g_tail), w_t = 1 − w_h. When p = q
-    (g_head + g_tail = 0) the weights are 1/2 and both KLs vanish: ℓ = 0, not the official code's NaN.
-    Gradients treat w_h, w_t as constants.
-
-    Args: as ``forward_kl`` plus mu: μ ∈ (0, 1).
+    """``dpkd.spec.akl`` in PyTorch: adaptive KL (AKL; Wu et al. 2024, official ``wutaiqiang/LLM_KD_AKL/AKL.py``;
+    spec/README.md §5). Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> akl(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.ones(1, 1)).item()
         0.0
-
-    See also: ``forward_kl``, ``reverse_kl``, ``AKL``, ``dpkd.spec.akl``.
     """
     lp = _tempered("akl", student_logits, teacher_logits, mask, temperature, normalizer, reduction, mu=mu)
     log_q, log_p = lp.log_q, lp.log_p

@@ -14,8 +14,8 @@ logits are ``chunk × V`` whatever N is; the results equal the materialised path
   sequence's pair is done. So when whole pairs fit the chunk budget the loss and its gradient come out of
   ONE pass (3 GEMMs: forward, grad_hidden, grad_weight) and backward only scales by the upstream scalar
   ("single_pass"); otherwise, or under ``reduction="none"``, it falls back to ``linear_token_logps``
-  ("two_pass"). The chosen and rejected rows of a pair go through ONE product (on a CPU a 256-row GEMM ran
-  ~1.6× slower per row than a 512-row one).
+  ("two_pass"). The chosen and rejected rows of a pair go through ONE product (narrower GEMMs run slower per
+  row on a CPU; benchmarks/RESULTS.md).
 
 The teacher side (its hidden size may differ from the student's) runs without gradient: it is frozen in
 distillation. The loss is the backend's own (``dpkd.backends.torch.sequence``), named by a
@@ -35,16 +35,7 @@ from dpkd.spec.results import FusedPreferenceLoss, TeacherLMHead, TeacherLogps
 
 from . import sequence
 from ._base import ValueChecks, compute_dtype
-from ._lm_head import (
-    HandedGradients,
-    LMHeadGrads,
-    backprop_logp_chunk,
-    check_lm_head,
-    chunk_logps,
-    describe,
-    finite,
-    project,
-)
+from ._lm_head import HandedGradients, LMHeadGrads, backprop_logp_chunk, chunk_logps, describe, project
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -151,13 +142,8 @@ def linear_token_logps(
     """
     func = "linear_token_logps"
     size = v.check_chunk_options(func, chunk_size, ignore_index)
-    check_lm_head(func, hidden, weight, bias, names=("hidden", "weight", "bias"))
-    v.check_label_array(func, "labels", describe(labels), tuple(hidden.shape[:-1]))
-    checks = ValueChecks(func)
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        finite(checks, name, t)
-    checks.labels_in_vocab("labels", labels, weight.shape[0], ignore_index)
-    checks.run()
+    contract.check_logps_call(func, describe, ValueChecks(func), hidden=hidden, weight=weight, bias=bias, labels=labels,
+                              ignore_index=ignore_index)
 
     lead = tuple(labels.shape)
     dtype = compute_dtype(hidden.dtype)
@@ -210,8 +196,8 @@ def _slice(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
 def _chunk_rows(chosen: torch.Tensor, rejected: torch.Tensor, sl: slice) -> torch.Tensor:
     """The chosen rows then the rejected rows of the pairs ``sl``, as one [n·(T_c + T_s), ...] matrix.
 
-    One GEMM over all of a chunk's rows: on a CPU, products with 256 rows ran ~1.6× slower per row than
-    with 512 (oneDNN/MKL, H = 512, V = 32000), so the two sides are not projected separately."""
+    One GEMM over all of a chunk's rows: on a CPU a product with fewer rows runs slower per row
+    (benchmarks/RESULTS.md), so the two sides are not projected separately."""
     return torch.cat([chosen[sl].reshape(-1, *chosen.shape[2:]), rejected[sl].reshape(-1, *rejected.shape[2:])])
 
 
@@ -330,19 +316,6 @@ def _two_pass_sequence(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tenso
     return FusedPreferenceLoss(out.loss, *(x.detach() for x in (out.chosen_rewards, out.rejected_rewards, a, b)))
 
 
-def _checked_teacher(func: str, teacher: object, weight: torch.Tensor, lead_c: tuple[int, ...],
-                     lead_s: tuple[int, ...], required: bool, checks: ValueChecks
-                     ) -> TeacherLMHead | TeacherLogps | None:
-    """The validated teacher, detached (it is frozen); its finite checks join ``checks``."""
-    kind = v.check_fused_teacher(func, teacher, describe, vocab=weight.shape[0], lead_c=lead_c, lead_s=lead_s,
-                                 required=required)
-    if kind == "none":
-        return None
-    for name, t in zip(teacher._fields, teacher):  # type: ignore[union-attr]
-        finite(checks, f"teacher.{name}", t)
-    return type(teacher)(*(None if t is None else t.detach() for t in teacher))  # type: ignore[arg-type]
-
-
 def fused_sequence_loss(
     loss: NamedSequenceLoss | Any,
     chosen_hidden: torch.Tensor,
@@ -394,19 +367,13 @@ def fused_sequence_loss(
     v.check_fused_mode(func, mode, reduction)
     size = v.check_chunk_options(func, chunk_size, ignore_index)
     loss_fn = contract.sequence_loss_function(func, loss, sequence)
-    v.check_fused_sequence_inputs(func, *(describe(x) for x in (chosen_hidden, rejected_hidden, weight, bias,
-                                                                  chosen_labels, rejected_labels)))
-    checks = ValueChecks(func)
-    teacher = _checked_teacher(func, teacher, weight, tuple(chosen_hidden.shape[:2]),
-                               tuple(rejected_hidden.shape[:2]), teacher_required, checks)
-    for name, t in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden), ("weight", weight),
-                    ("bias", bias)):
-        finite(checks, name, t)
-    for name, labels in (("chosen_labels", chosen_labels), ("rejected_labels", rejected_labels)):
-        checks.labels_in_vocab(name, labels, weight.shape[0], ignore_index)
-    for name in contract.length_labels(loss_fn, use_lengths):
-        checks.labelled_rows(name, chosen_labels if name == "chosen_labels" else rejected_labels, ignore_index)
-    checks.run()
+    kind = contract.check_sequence_call(
+        func, describe, ValueChecks(func), chosen_hidden=chosen_hidden, rejected_hidden=rejected_hidden,
+        weight=weight, bias=bias, chosen_labels=chosen_labels, rejected_labels=rejected_labels, teacher=teacher,
+        teacher_required=teacher_required, length_labels=contract.length_labels(loss_fn, use_lengths),
+        ignore_index=ignore_index)
+    # the teacher is frozen: no gradient flows into it
+    teacher = None if kind == "none" else type(teacher)(*(None if t is None else t.detach() for t in teacher))
 
     dtype = compute_dtype(chosen_hidden.dtype)
     lengths = ((chosen_labels != ignore_index).sum(1), (rejected_labels != ignore_index).sum(1)) if use_lengths \

@@ -25,7 +25,7 @@ from dpkd.spec.results import TokenPreferenceLoss
 
 from . import distill, token
 from ._base import ValueChecks, compute_dtype
-from ._lm_head import HandedGradients, LMHeadGrads, backprop_chunk, describe, finite
+from ._lm_head import HandedGradients, LMHeadGrads, backprop_chunk, describe
 
 __all__ = [
     "TOKEN_LOSS_BUFFERS",
@@ -210,28 +210,6 @@ def fused_token_loss(
                         ignore_index=ignore_index, func=func, hidden_name="student_hidden")
 
 
-def _check_token_inputs(func: str, hidden_name: str, student_hidden: torch.Tensor, weight: torch.Tensor,
-                        target: torch.Tensor, teacher: tuple[torch.Tensor | None, ...], bias: torch.Tensor | None,
-                        target_is_labels: bool, ignore_index: int) -> str:
-    """Shapes, dtypes, then values of one fused token call; returns the target's argument name."""
-    teacher_hidden, teacher_weight, teacher_bias = teacher
-    target_name = v.check_fused_token_inputs(
-        func, describe(student_hidden), describe(weight), describe(bias), describe(target),
-        teacher_hidden=describe(teacher_hidden), teacher_weight=describe(teacher_weight),
-        teacher_bias=describe(teacher_bias), target_is_labels=target_is_labels, hidden_name=hidden_name)
-    checks = ValueChecks(func)
-    for name, t in ((hidden_name, student_hidden), ("weight", weight), ("bias", bias),
-                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                    ("teacher_bias", teacher_bias)):
-        finite(checks, name, t)
-    if target_is_labels:
-        checks.labels_in_vocab(target_name, target, weight.shape[0], ignore_index)
-    else:
-        checks.binary(target_name, target)
-    checks.run()
-    return target_name
-
-
 def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: torch.Tensor, weight: torch.Tensor,
                  target: torch.Tensor, *, teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None,
                  bias: torch.Tensor | None, teacher_bias: torch.Tensor | None, normalizer: float | None,
@@ -242,9 +220,10 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: torch.Tenso
     normalizer = v.check_normalizer_option(func, normalizer, reduction)
     size = v.check_chunk_options(func, chunk_size, ignore_index)
     row_fn = _row_loss(func, row_loss)
-    target_name = _check_token_inputs(func, hidden_name, student_hidden, weight, target,
-                                      (teacher_hidden, teacher_weight, teacher_bias), bias, target_is_labels,
-                                      ignore_index)
+    target_name = contract.check_token_call(
+        func, describe, ValueChecks(func), hidden_name=hidden_name, student_hidden=student_hidden, weight=weight,
+        bias=bias, target=target, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias, target_is_labels=target_is_labels, ignore_index=ignore_index)
     lead = tuple(student_hidden.shape[:-1])
     dtype = compute_dtype(student_hidden.dtype)
     flat_target = target.reshape(-1)

@@ -1,4 +1,4 @@
-"""Per-token and per-sequence log-probabilities of labels under logits, in PyTorch (SPEC-MATH §3A).
+"""Per-token and per-sequence log-probabilities of labels under logits, in PyTorch (spec/README.md §1).
 
 These produce the four inputs a, b, c, d of every sequence-level loss. The log-softmax normaliser is a
 ``logsumexp`` in float32 or wider (float64 for float64 logits), whatever the logits' dtype; only the
@@ -57,34 +57,14 @@ def _token_logps(func: str, logits: torch.Tensor, labels: torch.Tensor, ignore: 
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100) -> torch.Tensor:
-    """Log-probability of each label under the softmax of its logits; 0 at ignored positions.
-
-    Symbols: ℓ_j ∈ R^V the logits at position j, y_j its label, m_j = 1[y_j ≠ ignore_index].
-
-    Formula (SPEC-MATH §3A):  o_j = m_j · (ℓ_{j,y_j} − logsumexp(ℓ_j)).
-
-    Labels must already be aligned with the logits (``shift_for_causal_lm`` for a causal LM).
-
-    Args:
-        logits: float tensor [..., T, V] (any float dtype; the math runs in float32, float64 for float64).
-        labels: integer tensor [..., T], same device; entries in [0, V) or ``ignore_index``.
-        ignore_index: label value that marks a position without loss (default -100).
-
-    Returns:
-        tensor [..., T] in float32 (float64 for float64 logits); differentiable w.r.t. ``logits``.
-
-    Raises:
-        DPKDInputError: shapes disagree, ``labels`` not integer, devices differ, NaN/Inf in ``logits``, a
-        label outside the vocabulary that is not ``ignore_index`` (value checks eager only).
+    """``dpkd.spec.token_logps`` in PyTorch: log-probability of each label under the softmax of its logits; 0 at ignored
+    positions. Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> logits = torch.tensor([[[2.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]]])
         >>> token_logps(logits, torch.tensor([[0, 2, -100]])).round(decimals=4)
         tensor([[-0.4076, -1.0986,  0.0000]])
-
-    References: paper Eq. 8 (log q_θ(y|x) = Σ_j log q_θ(y_j | x, y_<j)).
-    See also: ``sequence_logps``, ``shift_for_causal_lm``, ``dpkd.spec.token_logps``.
     """
     func = "token_logps"
     return _token_logps(func, logits, labels, v.check_options(func, ignore_index=ignore_index)["ignore_index"])[0]
@@ -93,20 +73,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's labels, and the number of labels counted.
-
-    Formula (SPEC-MATH §3A, paper Eq. 8):  log q(y|x) = Σ_j m_j log_softmax(ℓ_j)[y_j],  |y| = Σ_j m_j.
-
-    A row whose labels are all ``ignore_index`` gives (0.0, 0): the loss that receives the zero length
-    refuses it.
-
-    Args:
-        logits: float tensor [..., T, V].
-        labels: integer tensor [..., T]; in [0, V) or ``ignore_index``.
-        ignore_index: label value excluded from both the sum and the count.
-
-    Returns:
-        ``(sum_logps, n_tokens)``: [...] in float32 (float64 for float64 logits), and int64 [...].
+    """``dpkd.spec.sequence_logps`` in PyTorch: summed log-probability of each row's labels, and the number of labels
+    counted. Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
@@ -114,8 +82,6 @@ def sequence_logps(
         >>> s, n = sequence_logps(logits, torch.tensor([[0, 2, -100]]))
         >>> s.round(decimals=4), n
         (tensor([-1.5062]), tensor([2]))
-
-    See also: ``token_logps``, ``dpkd_loss`` (takes these sums and counts as lengths).
     """
     func = "sequence_logps"
     ignore = v.check_options(func, ignore_index=ignore_index)["ignore_index"]
@@ -124,27 +90,15 @@ def sequence_logps(
 
 
 def shift_for_causal_lm(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align a causal LM's next-token logits with its labels: drop the last logit and the first label.
-
-    Formula: logits[..., :-1, :] predicts labels[..., 1:] (position j's logits score token j + 1).
-
-    Args:
-        logits: tensor [..., T, V] with T ≥ 2.
-        labels: tensor [..., T] (input ids, ``ignore_index`` where there is no loss).
-
-    Returns:
-        ``(logits[..., :-1, :], labels[..., 1:])`` — views, dtypes unchanged.
-
-    Raises:
-        DPKDInputError: shapes disagree, or T < 2.
+    """``dpkd.spec.shift_for_causal_lm`` in PyTorch: align a causal LM's next-token logits with its labels: drop the
+    last logit and the first label. Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> lg, lb = shift_for_causal_lm(torch.zeros(2, 5, 7), torch.zeros(2, 5, dtype=torch.long))
         >>> tuple(lg.shape), tuple(lb.shape)
         ((2, 4, 7), (2, 4))
-
-    See also: ``token_logps``, ``sequence_logps``.
     """
     func = "shift_for_causal_lm"
     require(func, logits=logits, labels=labels)

@@ -26,19 +26,13 @@ def implicit_reward(
     policy_logps: torch.Tensor, reference_logps: torch.Tensor, *, beta: float = 0.1,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Implicit reward r̂ = β (log q_θ(y) − log p(y)) [/ |y|], elementwise (paper Eq. 29, Sec. 4.3).
-
-    Args: policy_logps, reference_logps [...] (student, teacher; same shape/dtype/device);
-        beta: β > 0; lengths: |y| [...] (> 0) or None.
-
-    Returns: detached tensor [...] (float32 for low-precision inputs).
+    """``dpkd.spec.implicit_reward`` in PyTorch: the DPO/DPKD implicit reward of a response, elementwise. Formula,
+    arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> implicit_reward(torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.5)
         tensor([0.5000])
-
-    See also: ``preference_metrics``, ``dpkd.spec.implicit_reward``.
     """
     func = "implicit_reward"
     v.check_options(func, beta=beta)
@@ -60,13 +54,8 @@ def preference_metrics(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """TRL-named metrics of a preference batch (policy = student, reference = teacher, chosen = y_t).
-
-    Formula: chosen_rewards = β(a−c)[/L_t], rejected_rewards = β(b−d)[/L_s] (as ``dpkd_loss``);
-    ``rewards/chosen``, ``rewards/rejected`` their means, ``rewards/accuracies`` = mean 1[chosen > rejected],
-    ``rewards/margins`` = mean(chosen − rejected), ``logps/chosen`` = mean a, ``logps/rejected`` = mean b.
-
-    Returns: dict of Python floats.
+    """``dpkd.spec.preference_metrics`` in PyTorch: the metrics TRL's DPOTrainer logs, for one batch of (y_t, y_s)
+    pairs. Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
@@ -74,8 +63,6 @@ def preference_metrics(
         ...                        torch.tensor([-2.0]), beta=1.0)
         >>> m["rewards/margins"], m["rewards/accuracies"]
         (2.0, 1.0)
-
-    See also: ``dpkd_loss``, ``implicit_reward``, ``dpkd.spec.preference_metrics``.
     """
     func = "preference_metrics"
     v.check_options(func, beta=beta)
@@ -101,21 +88,14 @@ def preference_metrics(
 
 
 def first_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
-    """KLD and rKLD at the first response position (the paper's Table 3), averaged over prompts.
-
-    Formula: p = softmax(T), q = softmax(S); kld = mean KL(p‖q), rkld = mean KL(q‖p) over every leading
-    position; temperature 1.
-
-    Args: student_logits, teacher_logits [..., V] (same shape, dtype and device).
-
-    Returns: ``{"kld": float, "rkld": float}``.
+    """``dpkd.spec.first_token_divergence`` in PyTorch: first-response-token KLD and rKLD of the paper's Table 3
+    (spec/README.md §6, the literal reading). Formula, arguments, errors and references: the spec function. Dtypes and
+    checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> first_token_divergence(torch.zeros(2, 5), torch.zeros(2, 5))
         {'kld': 0.0, 'rkld': 0.0}
-
-    See also: ``forward_kl``, ``reverse_kl``, ``dpkd.spec.first_token_divergence``.
     """
     func = "first_token_divergence"
     v.check_student_teacher_shapes(func, shape_of(student_logits), shape_of(teacher_logits), None, min_ndim=1)

@@ -1,4 +1,4 @@
-"""The full training objective for tensors (SPEC-MATH §3C); the config and presets are the spec's own.
+"""The full training objective for tensors (spec/README.md §7); the config and presets are the spec's own.
 
 ``ObjectiveConfig`` and the presets are plain Python data with no array math, so they are re-exported
 from ``dpkd.spec.objective`` (one definition, one validation); only the combination is written in torch.
@@ -25,28 +25,14 @@ def objective(
     *,
     config: ObjectiveConfig,
 ) -> torch.Tensor:
-    """Combine the reduced losses of one step into the training loss.
-
-    Formula (SPEC-MATH §3C; paper Algorithm 1 step 7 is α = 1, κ = 0):
-        L = (1 − α)·sft + α·distil + λ·[(1 − κ)·pt_lm + κ·pt_kd]
-    A term whose coefficient is 0 may be None (it is left out, not multiplied by 0); one with a non-zero
-    coefficient is required.
-
-    Args:
-        sft_loss, distil_loss, pt_lm_loss, pt_kd_loss: finite scalars (or tensors of one shape, one
-            device), e.g. the outputs of ``cross_entropy``, ``dpkd_token_loss(...).loss``, ``forward_kl``.
-        config: an ``ObjectiveConfig`` (``PAPER_OBJECTIVE``, ``RELEASED_OBJECTIVE``, ``DISTIL_ONLY``).
-
-    Returns:
-        tensor of the common shape, differentiable w.r.t. every term used.
+    """``dpkd.spec.objective`` in PyTorch: combine the reduced losses of one step into the training loss. Formula,
+    arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> objective(torch.tensor(2.0), torch.tensor(0.8), torch.tensor(4.0), torch.tensor(1.0),
         ...           config=RELEASED_OBJECTIVE)
         tensor(2.6500)
-
-    See also: ``dpkd.spec.objective``, ``ObjectiveConfig``.
     """
     func = "objective"
     v.check_options(func, config=config)

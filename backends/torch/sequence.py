@@ -1,14 +1,15 @@
-"""Sequence-level preference losses in PyTorch: DPKD (paper Eq. 8/9), IPO, CPO, SimPO, DPOP.
+"""Sequence-level preference losses in PyTorch: DPKD (paper Eq. 8/9), IPO, CPO, SimPO, DPOP, hinge, robust.
 
 Naming (the DPO-trainer convention, so these drop into an existing trainer): **policy = the student q_θ,
 reference = the teacher p, chosen = the teacher's output y_t, rejected = the student's output y_s.**
 a = policy_chosen_logps, b = policy_rejected_logps, c = reference_chosen_logps,
 d = reference_rejected_logps (summed log-probs, e.g. from ``sequence_logps``); L_t, L_s their lengths.
 
-One mechanism serves every loss: ``_prepare`` validates and casts the arrays (spec order: options,
-presence, shapes, device/dtype, values), ``_ratio`` forms one side's log-ratio (policy − reference)[/L],
-and ``_finish`` reduces and detaches the rewards. Each loss adds only its own margin and per-pair formula.
-Reference (teacher) tensors are not detached: as in TRL the caller decides (pass them under no_grad).
+One mechanism serves every loss: ``_prepare`` validates and casts the arrays (spec order: options, presence, shapes,
+device/dtype, values), ``_ratio`` forms one side's log-ratio (policy − reference)[/L] (``_eq9_ratios`` both, for the
+losses on the Eq. 8 / Eq. 9 margin), and ``_finish`` reduces and detaches the rewards. Each loss adds only its own
+margin and per-pair formula. Reference (teacher) tensors are not detached: as in TRL the caller decides (pass them under
+no_grad).
 """
 
 from __future__ import annotations
@@ -75,26 +76,9 @@ def dpkd_loss(
     reference_free: bool = False,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """Sequence-level DPKD: teacher output preferred over student output, teacher as the reference.
-
-    Symbols: a, b, c, d as in the module docstring; β temperature; ε label smoothing (cDPO).
-
-    Formula (SPEC-MATH §3A): h = (a − c) − (b − d) (paper Eq. 8), or with lengths
-    h = (a − c)/L_t − (b − d)/L_s (Eq. 9); ℓ = (1−ε)·softplus(−βh) + ε·softplus(βh).
-    ``reference_free=True`` sets c = d = 0. Without lengths and with ε = 0 this is TRL's DPO "sigmoid"
-    loss with ref_model = teacher, chosen = teacher output, rejected = student output.
-
-    Args:
-        policy_chosen_logps: a [...], student log q_θ(y_t) (any float dtype; all four share one).
-        policy_rejected_logps: b [...], student log q_θ(y_s).
-        reference_chosen_logps: c [...], teacher log p(y_t) (may be None with ``reference_free``).
-        reference_rejected_logps: d [...], teacher log p(y_s) (may be None with ``reference_free``).
-        chosen_lengths, rejected_lengths: L_t, L_s [...] (> 0, int or float), both or neither.
-        beta: β > 0. label_smoothing: ε ∈ [0, 0.5]. reduction: "mean" | "sum" | "none".
-
-    Returns:
-        ``PreferenceLoss(loss, chosen_rewards, rejected_rewards)``; rewards β(a−c)[/L_t], β(b−d)[/L_s],
-        detached, per example; loss in float32 (float64 for float64 inputs).
+    """``dpkd.spec.dpkd_loss`` in PyTorch: sequence-level DPKD: the DPO loss with the teacher as the reference model
+    (paper Eq. 8 / Eq. 9). Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
@@ -102,9 +86,6 @@ def dpkd_loss(
         ...                 torch.tensor([-6.0]), beta=0.5)
         >>> round(out.loss.item(), 4)   # h = (−5+3) − (−4+6) = −4; softplus(2)
         2.1269
-
-    References: DPKD paper Eq. 8, 9; Rafailov et al. 2023 Eq. 7; Mitchell 2023 (cDPO).
-    See also: ``ipo_loss``, ``dpop_loss``, ``dpkd_token_loss``, ``DPKDLoss``, ``dpkd.spec.dpkd_loss``.
     """
     func = "dpkd_loss"
     options(func, beta=beta, label_smoothing=label_smoothing, reference_free=reference_free, reduction=reduction)
@@ -128,25 +109,14 @@ def ipo_loss(
     length_normalize: bool = True,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """IPO with the teacher as reference (Azar et al. 2024 Eq. 17; DPKD Table 2).
-
-    Formula (SPEC-MATH §5): ℓ = (h − 1/(2τ))², h = (a−c)/L_t − (b−d)/L_s (``length_normalize=True``,
-    TRL's convention, lengths required) or h = (a−c) − (b−d) (``length_normalize=False``, lengths must be
-    None).
-
-    Args: a, b, c, d [...] as in ``dpkd_loss``; tau: τ > 0; chosen_lengths/rejected_lengths: L_t, L_s;
-        length_normalize: which margin; reduction: "mean" | "sum" | "none".
-
-    Returns:
-        ``PreferenceLoss(loss, τ(a−c)[/L_t], τ(b−d)[/L_s])``, rewards detached.
+    """``dpkd.spec.ipo_loss`` in PyTorch: IPO with the teacher as reference: a squared loss pulling the margin to
+    1/(2τ). Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> z = torch.zeros(1)
         >>> ipo_loss(z, z, z, z, tau=0.5, length_normalize=False).loss.item()   # (0 − 1)²
         1.0
-
-    See also: ``dpkd_loss``, ``IPOLoss``, ``dpkd.spec.ipo_loss``.
     """
     func = "ipo_loss"
     o = options(func, tau=tau, length_normalize=length_normalize, reduction=reduction)
@@ -171,22 +141,13 @@ def cpo_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """CPO (Xu et al. 2024; DPKD Table 2 with q_θ(y_s) in the denominator): reference-free plus NLL.
-
-    Formula (SPEC-MATH §5): z = β(a − b); ℓ = (1−ε)softplus(−z) + ε softplus(z) + w·(−a[/L_t]).
-
-    Args: a, b [...]; beta: β > 0; nll_weight: w ≥ 0; chosen_lengths: L_t (divides the NLL term);
-        label_smoothing: ε ∈ [0, 0.5]; reduction.
-
-    Returns:
-        ``PreferenceLoss(loss, βa, βb)``, rewards detached.
+    """``dpkd.spec.cpo_loss`` in PyTorch: CPO: a reference-free preference term plus an NLL term on the teacher's
+    output. Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> round(cpo_loss(torch.tensor([-2.0]), torch.tensor([-2.0])).loss.item(), 4)   # log 2 + 2
         2.6931
-
-    See also: ``simpo_loss``, ``CPOLoss``, ``dpkd.spec.cpo_loss``.
     """
     func = "cpo_loss"
     options(func, beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing, reduction=reduction)
@@ -211,23 +172,14 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """SimPO (Meng et al. 2024): reference-free, length-normalised, target margin γ inside σ.
-
-    Formula (SPEC-MATH §5): z = βa/L_t − βb/L_s − γ; ℓ = (1−ε)softplus(−z) + ε softplus(z).
-
-    Args: a, b [...]; chosen_lengths, rejected_lengths: L_t, L_s (required, > 0); beta: β > 0;
-        gamma: γ (any finite real); label_smoothing: ε ∈ [0, 0.5]; reduction.
-
-    Returns:
-        ``PreferenceLoss(loss, βa/L_t, βb/L_s)``, rewards detached.
+    """``dpkd.spec.simpo_loss`` in PyTorch: SimPO: reference-free, length-normalised, with a target margin γ inside σ.
+    Formula, arguments, errors and references: the spec function. Dtypes and checks: ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> one = torch.ones(1)
         >>> round(simpo_loss(-one, -one, chosen_lengths=one, rejected_lengths=one, gamma=0.0).loss.item(), 4)
         0.6931
-
-    See also: ``cpo_loss``, ``SimPOLoss``, ``dpkd.spec.simpo_loss``.
     """
     func = "simpo_loss"
     options(func, beta=beta, gamma=gamma, label_smoothing=label_smoothing, reduction=reduction)
@@ -252,24 +204,15 @@ def dpop_loss(
     form: str = "smaug",
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """DPOP, in the Smaug paper's form or the released DPKD code's form (SPEC-MATH §5, §7).
-
-    Formula: h = (a − c) − (b − d), P = max(0, c − a);
-    smaug (Pal et al. 2024 Eq. 3): ℓ = softplus(−β(h − λP)); released: ℓ = softplus(−βh) + λP.
-    The penalty's gradient uses k = 1[c > a] (strict: no gradient at c = a).
-
-    Args: a, b, c, d [...]; beta: β > 0; lambda_: λ ≥ 0; form: "smaug" | "released"; reduction.
-
-    Returns:
-        ``PreferenceLoss(loss, β(a−c), β(b−d))``, rewards detached.
+    """``dpkd.spec.dpop_loss`` in PyTorch: DPO-Positive: DPKD plus a penalty when the student's log-prob of the teacher
+    output falls below the teacher's. Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
         >>> z = torch.zeros(1)
         >>> round(dpop_loss(z - 1, z, z, z, beta=1.0, lambda_=1.0, form="released").loss.item(), 4)
         2.3133
-
-    See also: ``dpkd_loss``, ``DPOPLoss``, ``dpkd.spec.dpop_loss``.
     """
     func = "dpop_loss"
     options(func, beta=beta, lambda_=lambda_, form=form, reduction=reduction)
@@ -297,7 +240,9 @@ def hinge_loss(
     beta: float = 0.1,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """``dpkd.spec.hinge_loss``: max(0, 1 − βh) (SLiC-HF; TRL ``loss_type="hinge"``), h as in ``dpkd_loss``.
+    """``dpkd.spec.hinge_loss`` in PyTorch: the hinge preference loss (SLiC-HF) with the teacher as reference: a margin
+    of 1/β, then no gradient. Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
@@ -325,8 +270,9 @@ def robust_loss(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> PreferenceLoss:
-    """``dpkd.spec.robust_loss``: [(1 − ε)·softplus(−βh) − ε·softplus(βh)] / (1 − 2ε) (robust DPO; TRL
-    ``loss_type="robust"``), h as in ``dpkd_loss``.
+    """``dpkd.spec.robust_loss`` in PyTorch: robust DPO with the teacher as reference: the DPO loss de-biased for
+    preferences flipped with rate ε. Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch

@@ -1,4 +1,4 @@
-"""Token-level DPKD in PyTorch: the released LMOps code's argmax-preference loss (SPEC-MATH §3B).
+"""Token-level DPKD in PyTorch: the released LMOps code's argmax-preference loss (spec/README.md §4).
 
 At every position the teacher's greedy token y^t is preferred over the student's greedy token y^s, with
 the teacher as the reference: a = Q[y^t], b = Q[y^s], c = P[y^t], d = P[y^s] (Q, P the student's and
@@ -41,30 +41,9 @@ def dpkd_token_loss(
     normalizer: float | None = None,
     reduction: str = "mean",
 ) -> TokenPreferenceLoss:
-    """Token-level DPKD of the released code (``get_distil_loss`` with ``--seqKD-DPO``).
-
-    Symbols: S, T the student/teacher logits [..., T, V]; Q = log_softmax(S), P = log_softmax(T);
-    y^t = argmax T, y^s = argmax S (ties → lowest index); m the mask; β, ε, λ as below.
-
-    Formula (SPEC-MATH §3B): h = (a − b) − (c − d) (``reference_free``: h = a − b), per token
-      sigmoid: ℓ = (1−ε)softplus(−βh) + ε softplus(βh);  ipo: ℓ = (h − 1/(2β))²;
-      dpop: ℓ = softplus(−βh) + λ·max(0, c − a)  (gradient with k = 1[c > a]);
-    mean = Σ mℓ / (normalizer or Σ m), sum = Σ mℓ, none = m·ℓ. h ≤ 0 everywhere, so ℓ ≥ log 2
-    (sigmoid); only the entries y^t and y^s of S receive gradient (except under dpop).
-
-    Args:
-        student_logits: [..., T, V], any float dtype (math in float32, float64 for float64).
-        teacher_logits: [..., T, V], same shape, dtype and device (not detached: the caller decides).
-        mask: [..., T] bool or 0/1 numbers (1 = loss token), same device.
-        beta: β > 0 (code ``--dpo-beta``). form: "sigmoid" | "ipo" | "dpop".
-        label_smoothing: ε ∈ [0, 0.5], sigmoid form only. reference_free: drop the teacher terms.
-        lambda_: λ ≥ 0 (dpop). normalizer: global loss-token count (> 0, "mean" only) for exact gradient
-        accumulation. reduction: "mean" | "sum" | "none".
-
-    Returns:
-        ``TokenPreferenceLoss(loss, agreement_rate, chosen_rewards, rejected_rewards)``: the loss (float32
-        for low-precision inputs), the fraction of loss tokens whose argmaxes agree (0-dim), and the
-        per-token rewards β(a−c)·m, β(b−d)·m [..., T] (detached).
+    """``dpkd.spec.dpkd_token_loss`` in PyTorch: token-level DPKD (LMOps ``get_distil_loss``, flag ``--seqKD-DPO``;
+    spec/README.md §4, §10 (D1)). Formula, arguments, errors and references: the spec function. Dtypes and checks:
+    ``dpkd.backends.torch``.
 
     Example:
         >>> import torch
@@ -72,9 +51,6 @@ def dpkd_token_loss(
         >>> out = dpkd_token_loss(S, T, torch.ones(1, 1), beta=1.0)
         >>> round(out.loss.item(), 4), out.agreement_rate.item()   # h = (0 − 1) − (2 − 0) = −3
         (3.0486, 0.0)
-
-    References: microsoft/LMOps dpkd/main.py ``get_distil_loss``; DPKD paper §3.
-    See also: ``dpkd_loss`` (sequence level, paper Eq. 8/9), ``DPKDTokenLoss``, ``dpkd.spec.dpkd_token_loss``.
     """
     func = "dpkd_token_loss"
     normalizer = options(func, beta=beta, form=form, label_smoothing=label_smoothing, reference_free=reference_free,

@@ -286,6 +286,80 @@ def sequence_distillation_loss(args, policy_chosen, policy_rejected, reference_c
 # --------------------------------------------------------------------------------------------------
 
 
+def _token_terms(args, batch, labels, n_tokens, student, teacher, vocab, device, coef
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Token mode: both models teacher-forced on the dataset batch; (loss terms, metrics)."""
+    terms: dict[str, torch.Tensor] = {}
+    s_logits = _logits(student, batch.tokens.to(device))
+    with torch.no_grad():
+        t_logits = _logits(teacher, batch.tokens.to(device))
+    if coef["sft_loss"]:
+        terms["sft_loss"] = vocab_parallel_cross_entropy(s_logits, labels, normalizer=float(n_tokens),
+                                                         vocab_size=vocab)
+    terms["distil_loss"], extra = token_distillation_loss(args, s_logits, t_logits, labels != -100,
+                                                          normalizer=float(n_tokens), vocab=vocab)
+    return terms, {k: v * batch.mask.sum() / n_tokens for k, v in extra.items()}
+
+
+def _responses(args, step, mine, pairs, student, teacher, tok, vocab, device) -> tuple[list, list]:
+    """(y_t, y_s) of this rank's prompts: y_s sampled from the current student, y_t the dataset response or,
+    with ``--teacher-generate``, sampled from the teacher; seeded per (step, example)."""
+    prompts = [pairs[i][0] for i in mine]
+    gens = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * 65_537 + i) for i in mine]
+    y_s = generate(student, prompts, max_new=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                   vocab=vocab, generators=gens, temperature=args.temperature, device=device)
+    if args.teacher_generate:
+        tgens = [torch.Generator(device=device).manual_seed(args.seed * 7 + step * 65_537 + i) for i in mine]
+        y_t = generate(teacher, prompts, max_new=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       vocab=vocab, generators=tgens, temperature=args.temperature, device=device)
+    else:
+        y_t = [pairs[i][1] for i in mine]
+    # an empty sample (cut at max_new=0) cannot be length-normalised: it scores its EOS instead
+    return y_t, [y if y else [tok.eos_id] for y in y_s]
+
+
+def _sequence_terms(args, step, mine, pairs, batch, labels, n_tokens, student, teacher, tok, vocab, device, coef
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Sequence mode (Algorithm 1): the four summed log-probs of (y_t, y_s) and the sequence loss."""
+    prompts = [pairs[i][0] for i in mine]
+    y_t, y_s = _responses(args, step, mine, pairs, student, teacher, tok, vocab, device)
+    chosen = D.collate(list(zip(prompts, y_t, strict=True)), pad_id=tok.pad_id)
+    rejected = D.collate(list(zip(prompts, y_s, strict=True)), pad_id=tok.pad_id)
+    ct, rt = chosen.tokens.to(device), rejected.tokens.to(device)
+    cl, rl = chosen.labels.to(device), rejected.labels.to(device)
+    a, n_t = vocab_parallel_sequence_logps(_logits(student, ct), cl, vocab_size=vocab)
+    b, n_s = vocab_parallel_sequence_logps(_logits(student, rt), rl, vocab_size=vocab)
+    with torch.no_grad():
+        c, _ = vocab_parallel_sequence_logps(_logits(teacher, ct), cl, vocab_size=vocab)
+        d, _ = vocab_parallel_sequence_logps(_logits(teacher, rt), rl, vocab_size=vocab)
+    out = sequence_distillation_loss(args, a, b, c, d, chosen_lengths=n_t, rejected_lengths=n_s)
+    terms = {"distil_loss": out.loss / args.global_batch}
+    if coef["sft_loss"]:
+        terms["sft_loss"] = vocab_parallel_cross_entropy(_logits(student, batch.tokens.to(device)), labels,
+                                                         normalizer=float(n_tokens), vocab_size=vocab)
+    margins = (out.chosen_rewards - out.rejected_rewards)
+    metrics = {"rewards/margins": margins.sum() / args.global_batch,
+               "rewards/accuracies": (margins > 0).float().sum() / args.global_batch,
+               "student_len": n_s.float().sum() / args.global_batch}
+    return terms, metrics
+
+
+def _pt_terms(mine, pt_pairs, student, teacher, tok, vocab, device, coef) -> dict[str, torch.Tensor]:
+    """The pre-training terms on D_p: LM cross-entropy and (with its coefficient) forward KD."""
+    pt = D.collate([pt_pairs[i] for i in mine], pad_id=tok.pad_id)
+    pt_tokens, pt_labels = pt.tokens.to(device), pt.labels.to(device)
+    n_pt = float(_dp_sum(pt.mask.sum().to(device).float()))
+    ps_logits = _logits(student, pt_tokens)
+    terms = {"pt_lm_loss": vocab_parallel_cross_entropy(ps_logits, pt_labels, normalizer=n_pt, vocab_size=vocab)}
+    if coef["pt_kd_loss"]:
+        with torch.no_grad():
+            pt_t_logits = _logits(teacher, pt_tokens)
+        # forward KL: the released code's teacher–student cross-entropy minus the constant teacher entropy
+        terms["pt_kd_loss"] = vocab_parallel_forward_kl(ps_logits, pt_t_logits, pt.mask.to(device),
+                                                        normalizer=n_pt, vocab_size=vocab)
+    return terms
+
+
 def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, vocab, device
                ) -> dict[str, torch.Tensor]:
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -296,65 +370,18 @@ def train_step(args, step, batch_rows, pairs, pt_pairs, student, teacher, tok, v
     coef = cfg.coefficients()
     terms: dict[str, torch.Tensor | None] = {"sft_loss": None, "distil_loss": None, "pt_lm_loss": None,
                                                "pt_kd_loss": None}
-    metrics: dict[str, torch.Tensor] = {}
     batch = D.collate([pairs[i] for i in mine], pad_id=tok.pad_id)
     labels = batch.labels.to(device)
     n_tokens = _dp_sum(batch.mask.sum().to(device).float())
 
     if args.mode == "token":
-        s_logits = _logits(student, batch.tokens.to(device))
-        with torch.no_grad():
-            t_logits = _logits(teacher, batch.tokens.to(device))
-        if coef["sft_loss"]:
-            terms["sft_loss"] = vocab_parallel_cross_entropy(s_logits, labels, normalizer=float(n_tokens),
-                                                             vocab_size=vocab)
-        terms["distil_loss"], extra = token_distillation_loss(args, s_logits, t_logits, labels != -100,
-                                                              normalizer=float(n_tokens), vocab=vocab)
-        metrics.update({k: v * batch.mask.sum() / n_tokens for k, v in extra.items()})
+        mode_terms, metrics = _token_terms(args, batch, labels, n_tokens, student, teacher, vocab, device, coef)
     else:
-        prompts = [pairs[i][0] for i in mine]
-        gens = [torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step * 65_537 + i) for i in mine]
-        y_s = generate(student, prompts, max_new=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                       vocab=vocab, generators=gens, temperature=args.temperature, device=device)
-        if args.teacher_generate:
-            tgens = [torch.Generator(device=device).manual_seed(args.seed * 7 + step * 65_537 + i) for i in mine]
-            y_t = generate(teacher, prompts, max_new=args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                           vocab=vocab, generators=tgens, temperature=args.temperature, device=device)
-        else:
-            y_t = [pairs[i][1] for i in mine]
-        # an empty sample (cut at max_new=0) cannot be length-normalised: it scores its EOS instead
-        y_s = [y if y else [tok.eos_id] for y in y_s]
-        chosen = D.collate(list(zip(prompts, y_t, strict=True)), pad_id=tok.pad_id)
-        rejected = D.collate(list(zip(prompts, y_s, strict=True)), pad_id=tok.pad_id)
-        ct, rt = chosen.tokens.to(device), rejected.tokens.to(device)
-        cl, rl = chosen.labels.to(device), rejected.labels.to(device)
-        a, n_t = vocab_parallel_sequence_logps(_logits(student, ct), cl, vocab_size=vocab)
-        b, n_s = vocab_parallel_sequence_logps(_logits(student, rt), rl, vocab_size=vocab)
-        with torch.no_grad():
-            c, _ = vocab_parallel_sequence_logps(_logits(teacher, ct), cl, vocab_size=vocab)
-            d, _ = vocab_parallel_sequence_logps(_logits(teacher, rt), rl, vocab_size=vocab)
-        out = sequence_distillation_loss(args, a, b, c, d, chosen_lengths=n_t, rejected_lengths=n_s)
-        terms["distil_loss"] = out.loss / args.global_batch
-        if coef["sft_loss"]:
-            terms["sft_loss"] = vocab_parallel_cross_entropy(_logits(student, batch.tokens.to(device)), labels,
-                                                             normalizer=float(n_tokens), vocab_size=vocab)
-        margins = (out.chosen_rewards - out.rejected_rewards)
-        metrics["rewards/margins"] = margins.sum() / args.global_batch
-        metrics["rewards/accuracies"] = (margins > 0).float().sum() / args.global_batch
-        metrics["student_len"] = n_s.float().sum() / args.global_batch
-
+        mode_terms, metrics = _sequence_terms(args, step, mine, pairs, batch, labels, n_tokens, student, teacher,
+                                              tok, vocab, device, coef)
+    terms.update(mode_terms)
     if coef["pt_lm_loss"] or coef["pt_kd_loss"]:
-        pt = D.collate([pt_pairs[i] for i in mine], pad_id=tok.pad_id)
-        pt_tokens, pt_labels = pt.tokens.to(device), pt.labels.to(device)
-        n_pt = float(_dp_sum(pt.mask.sum().to(device).float()))
-        ps_logits = _logits(student, pt_tokens)
-        terms["pt_lm_loss"] = vocab_parallel_cross_entropy(ps_logits, pt_labels, normalizer=n_pt, vocab_size=vocab)
-        if coef["pt_kd_loss"]:
-            with torch.no_grad():
-                pt_t_logits = _logits(teacher, pt_tokens)
-            # forward KL: the released code's teacher–student cross-entropy minus the constant teacher entropy
-            terms["pt_kd_loss"] = vocab_parallel_forward_kl(ps_logits, pt_t_logits, pt.mask.to(device),
-                                                            normalizer=n_pt, vocab_size=vocab)
+        terms.update(_pt_terms(mine, pt_pairs, student, teacher, tok, vocab, device, coef))
     loss = objective(terms["sft_loss"], terms["distil_loss"], terms["pt_lm_loss"], terms["pt_kd_loss"], config=cfg)
     loss.backward()
     metrics.update({k: t for k, t in terms.items() if t is not None})
@@ -500,6 +527,20 @@ def _build(source: models.ModelSource, args, device):
     return model.to(device)
 
 
+def _teacher_and_student(args, tok, device) -> tuple[Any, models.ModelSource, Any, models.ModelSource]:
+    """The frozen teacher and the student in training mode, with their sources; one vocabulary."""
+    t_source, s_source = _sources(args, tok, run_config.max_positions_needed(args))
+    teacher, student = _build(t_source, args, device), _build(s_source, args, device)
+    if t_source.shape.vocab_size != s_source.shape.vocab_size:
+        raise SystemExit(f"teacher vocabulary {t_source.shape.vocab_size} != student vocabulary "
+                         f"{s_source.shape.vocab_size}")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    return teacher, t_source, student, s_source
+
+
 def run(args: argparse.Namespace) -> list[dict[str, float]]:
     """Train; returns the logged metrics (global, identical on every rank)."""
     device = _init(args)
@@ -529,16 +570,9 @@ def _run(args: argparse.Namespace, device) -> list[dict[str, float]]:
     pairs = D.encode(records, tok, max_prompt=args.max_prompt, max_length=args.max_length)
     # the pre-training batch D_p: the same records as plain LM text (every next token is a target)
     pt_pairs = [(p[:1], p[1:] + r) for p, r in pairs]
-    t_source, s_source = _sources(args, tok, run_config.max_positions_needed(args))
-    teacher, student = _build(t_source, args, device), _build(s_source, args, device)
+    teacher, t_source, student, s_source = _teacher_and_student(args, tok, device)
     t_shape, s_shape = t_source.shape, s_source.shape
-    if t_shape.vocab_size != s_shape.vocab_size:
-        raise SystemExit(f"teacher vocabulary {t_shape.vocab_size} != student vocabulary {s_shape.vocab_size}")
     vocab = s_shape.vocab_size
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.train()
     optimizer = torch.optim.AdamW(_param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.lr_tmax or args.steps,
                                                            eta_min=args.lr_min)

@@ -1,4 +1,6 @@
-"""Vocab-parallel log-probabilities, argmax and sampling over a tensor-parallel group (DESIGN.md §6).
+"""Vocab-parallel log-probabilities, argmax and sampling over a tensor-parallel group.
+
+See integrations/megatron/README.md, "Vocab-parallel primitives".
 
 Each function is ``dpkd.backends.torch``'s function of the same name with the prefix ``vocab_parallel_``:
 its logits argument is this rank's vocabulary shard ``[..., V_local]`` (Megatron-Core's
@@ -9,7 +11,7 @@ Megatron-Core's tensor-model-parallel group) and ``vocab_size`` (the true vocabu
 one is padded to a multiple of TP: the padded columns are masked to −inf).
 
 Collectives: O(N) floats each for N rows; never an all-gather of [N, V]. See ``_collectives`` for the
-gradient convention and MEGATRON-CPU.md for why it matters.
+gradient convention (and integrations/megatron/README.md).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def gather_owned(xm: torch.Tensor, index: torch.Tensor, shard: Shard, keep: torc
     """Per-rank partial of x[..., index] (global indices): the owner contributes the value, others 0.
 
     Sum the result over ranks (``reduce_sum``) to get the replicated gathered value; the gradient then
-    reaches only the owner's entry, which is exact (MEGATRON-CPU.md: "Target log-prob")."""
+    reaches only the owner's entry, which is exact (``_collectives``)."""
     local = index - shard.start
     owned = (local >= 0) & (local < shard.local)
     if keep is not None:
@@ -163,7 +165,7 @@ def vocab_parallel_token_logps(
 ) -> torch.Tensor:
     """Per-token log q(label) over a vocab-sharded logits tensor; 0 where ``labels == ignore_index``.
 
-    Formula (SPEC-MATH §3A): o_j = m_j (ℓ_{j, y_j} − logZ_j), with ℓ_{j, y_j} gathered by the owning rank
+    Formula (spec/README.md §1): o_j = m_j (ℓ_{j, y_j} − logZ_j), with ℓ_{j, y_j} gathered by the owning rank
     (others contribute 0) and summed over ranks, and logZ from ``vocab_parallel_logsumexp``.
 
     Args:

@@ -1,4 +1,4 @@
-"""Fused, token-chunked log-probabilities over a vocab-sharded lm_head weight (DESIGN.md §5 and §6).
+"""Fused, token-chunked log-probabilities over a vocab-sharded lm_head weight (integrations/megatron/README.md).
 
 ``vocab_parallel_linear_token_logps(hidden, weight_shard, labels)`` = ``vocab_parallel_token_logps(hidden @
 weight_shardᵀ, labels)`` without ever holding more than ``chunk_size × V_local`` logits: the forward keeps
@@ -111,8 +111,8 @@ def vocab_parallel_linear_token_logps(
 ) -> torch.Tensor:
     """Per-token log q(label) with q = softmax(hidden · Wᵀ + b), W sharded over the vocabulary, chunked.
 
-    Formula: o_j = m_j (x_{j, y_j} − logsumexp_v x_{j, v}), x_j = W h_j + b (SPEC-MATH §3A), computed
-    ``chunk_size`` tokens at a time; gradients by recomputation (DESIGN.md §5).
+    Formula: o_j = m_j (x_{j, y_j} − logsumexp_v x_{j, v}), x_j = W h_j + b (spec/README.md §1), computed
+    ``chunk_size`` tokens at a time; gradients by recomputation (spec/CONVENTIONS.md "The fused lm_head path").
 
     Args:
         hidden: [..., H] replicated over the TP group (e.g. the final-LayerNorm output of a GPTModel).

@@ -1,10 +1,10 @@
 """Vocab-parallel token-level losses: cross-entropy, forward/reverse KL, generalised JSD, token-level DPKD.
 
-Same names and arguments as ``dpkd.backends.torch`` with the prefix ``vocab_parallel_`` (DESIGN.md §6): the
-logits are this rank's vocabulary shards [..., T, V_local]; ``mask``/``labels`` are global; keyword-only
-``group`` and ``vocab_size`` as in ``vocab_parallel``. The loss is replicated on every rank and its backward
-gives each rank the exact gradient of its own shards (student AND teacher: the caller decides what to
-detach, as in the single-process backend).
+Same names and arguments as ``dpkd.backends.torch`` with the prefix ``vocab_parallel_`` (see
+integrations/megatron/README.md): the logits are this rank's vocabulary shards [..., T, V_local];
+``mask``/``labels`` are global; keyword-only ``group`` and ``vocab_size`` as in ``vocab_parallel``. The loss
+is replicated on every rank and its backward gives each rank the exact gradient of its own shards (student AND
+teacher: the caller decides what to detach, as in the single-process backend).
 
 Conventions (spec/CONVENTIONS.md): p = softmax(T/τ) (teacher), q = softmax(S/τ) (student), no τ² factor;
 reduction "mean" = Σ m ℓ / (normalizer or Σ m), "sum" = Σ m ℓ, "none" = m · ℓ [..., T].
@@ -129,7 +129,7 @@ def vocab_parallel_forward_kl(
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Forward KL(p‖q) = Σ_v p_v (log p_v − log q_v) per token (SPEC-MATH §6), over vocab shards.
+    """Forward KL(p‖q) = Σ_v p_v (log p_v − log q_v) per token (spec/README.md §5), over vocab shards.
 
     Args: student_logits, teacher_logits [..., T, V_local] shards; mask [..., T] global.
     Returns: reduced loss (replicated) or [..., T] under "none".
@@ -181,7 +181,7 @@ def vocab_parallel_generalized_jsd(
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Generalised JSD (TRL GKD convention, SPEC-MATH §11) over vocab shards.
+    """Generalised JSD (TRL GKD convention, spec/README.md §5) over vocab shards.
 
     0 < β < 1: M = (1−β) q + β p, JSD_β = β KL(p‖M) + (1−β) KL(q‖M); β = 0 → KL(p‖q), β = 1 → KL(q‖p)
     (a documented discontinuity at both end points). log M is formed per column by logaddexp, so it needs
@@ -222,7 +222,7 @@ def vocab_parallel_dpkd_token_loss(
     group: dist.ProcessGroup | None = None,
     vocab_size: int | None = None,
 ) -> TokenPreferenceLoss:
-    """Token-level DPKD of the released code (SPEC-MATH §3B) over vocab-sharded logits.
+    """Token-level DPKD of the released code (spec/README.md §4) over vocab-sharded logits.
 
     Symbols: Q = log_softmax(S), P = log_softmax(T); y^t = argmax T, y^s = argmax S (global, ties → lowest
     index); a = Q[y^t], b = Q[y^s], c = P[y^t], d = P[y^s]; h = (a − b) − (c − d) (reference_free: a − b).

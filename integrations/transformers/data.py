@@ -4,7 +4,7 @@ A record has the Dolly-15k schema ``{"instruction", "context", "response", "cate
 preprocessed files name the same fields ``input`` and ``output``; both spellings are accepted.
 
 The prompt template is the Alpaca-style one MiniLLM's ``process_data_dolly.py`` (and so the DPKD code) uses;
-the filters are those of the paper's Sec. 4.1 (SPEC-MATH §2): instruction and response longer than 10 words,
+the filters are those of the paper's Sec. 4.1: instruction and response longer than 10 words,
 prompt at most 256 tokens, prompt + response at most 512 tokens. Every dropped record is counted with its
 reason (:class:`FilterReport`); nothing disappears silently.
 

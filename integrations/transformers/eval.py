@@ -1,11 +1,11 @@
 """Evaluation by generation: Rouge-L and exact match, overall and per golden-response-length bucket.
 
-Metrics as in the MiniLLM/DPKD evaluation (SPEC-MATH §4, step 9): Rouge-L F-measure from ``rouge-score``
+Metrics as in the MiniLLM/DPKD evaluation (spec/README.md §10, D20): Rouge-L F-measure from ``rouge-score``
 with the Porter stemmer, and exact match after SQuAD-style normalisation (lower-case, drop punctuation and
 the articles a/an/the, collapse whitespace); each is the maximum over an example's references, ×100, then
 averaged. Buckets (Sec. 4.6, Tables 4–5) by the golden response's word count: ``0-30`` (≤ 30 words),
 ``30-70`` (31–70), ``>70`` (the paper leaves units and boundaries open; words and these edges are our
-choice, SPEC-MATH §10.4). Also the first-response-token KLD/rKLD to a teacher (Sec. 4.5).
+choice). Also the first-response-token KLD/rKLD to a teacher (Sec. 4.5).
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@ at how the log-probabilities are produced:
 
 * materialised (``fused=False``): ``model(...).logits`` [B, T, V] and the ordinary backend losses
   (``cross_entropy``, ``forward_kl``, ``dpkd_token_loss``, ``sequence_logps`` + a sequence loss);
-* fused (``fused=True``, DESIGN.md §5): the last hidden state the lm_head consumes (the base model's
-  ``last_hidden_state``: after GPT-2's ``ln_f``, after OPT's ``final_layer_norm`` / ``project_out``) and the
-  lm_head weight (and bias), through ``fused_cross_entropy``, ``fused_forward_kl``, ``fused_dpkd_token_loss``,
-  ``fused_sequence_loss`` and ``linear_token_logps`` — chunked over tokens, the [N, V] logits never exist.
+* fused (``fused=True``; spec/CONVENTIONS.md, "The fused lm_head path"): the last hidden state the lm_head
+  consumes (the base model's ``last_hidden_state``: after GPT-2's ``ln_f``, after OPT's ``final_layer_norm`` /
+  ``project_out``) and the lm_head weight (and bias), through ``fused_cross_entropy``, ``fused_forward_kl``,
+  ``fused_dpkd_token_loss``, ``fused_sequence_loss`` and ``linear_token_logps`` — chunked over tokens, the
+  [N, V] logits never exist.
 
 Both give the same values and gradients (float64: equal to rounding; ``tests/transformers/test_hf_fused.py``).
 Rows are already shifted (``shift_for_causal_lm``): row t predicts ``labels[:, t]``.
@@ -95,7 +96,7 @@ def model_head(model: Any, batch: SequenceBatch, *, fused: bool, chunk_size: int
 
 
 def cross_entropy(out: HeadOutput, *, normalizer: float) -> torch.Tensor:
-    """Σ_t −log q(label_t) / normalizer over the labelled rows (SPEC-MATH §6, the SFT / LM term)."""
+    """Σ_t −log q(label_t) / normalizer over the labelled rows (spec/README.md §5, the SFT / LM term)."""
     tb = _tb()
     if not out.fused:
         return tb.cross_entropy(out.logits, out.labels, normalizer=normalizer)
@@ -105,7 +106,7 @@ def cross_entropy(out: HeadOutput, *, normalizer: float) -> torch.Tensor:
 
 def forward_kl(student: HeadOutput, teacher: HeadOutput, *, normalizer: float, temperature: float = 1.0
                ) -> torch.Tensor:
-    """Σ_t KL(p_t‖q_t) / normalizer over the student's labelled rows (word-level KD, SPEC-MATH §6)."""
+    """Σ_t KL(p_t‖q_t) / normalizer over the student's labelled rows (word-level KD, spec/README.md §5)."""
     tb = _tb()
     if not student.fused:
         return tb.forward_kl(student.logits, teacher.logits, student.mask, temperature=temperature,
@@ -116,7 +117,7 @@ def forward_kl(student: HeadOutput, teacher: HeadOutput, *, normalizer: float, t
 
 
 def dpkd_token_loss(student: HeadOutput, teacher: HeadOutput, *, normalizer: float, **options: Any) -> Any:
-    """Token-level DPKD (SPEC-MATH §3B) → TokenPreferenceLoss; ``options`` as in ``dpkd_token_loss``."""
+    """Token-level DPKD (spec/README.md §4) → TokenPreferenceLoss; ``options`` as in ``dpkd_token_loss``."""
     tb = _tb()
     if not student.fused:
         return tb.dpkd_token_loss(student.logits, teacher.logits, student.mask, normalizer=normalizer, **options)
@@ -141,7 +142,7 @@ def token_divergence(name: str, student: HeadOutput, teacher: HeadOutput, *, nor
 
 
 def token_logps(out: HeadOutput) -> torch.Tensor:
-    """log q(label_t) per labelled row [B, T-1], 0 elsewhere (SPEC-MATH §1)."""
+    """log q(label_t) per labelled row [B, T-1], 0 elsewhere (spec/README.md §1)."""
     tb = _tb()
     if not out.fused:
         return tb.token_logps(out.logits, out.labels)
@@ -149,7 +150,7 @@ def token_logps(out: HeadOutput) -> torch.Tensor:
 
 
 def sequence_logps(out: HeadOutput) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ_t log q(label_t) per row [B], labelled-token count per row [B] int64) — SPEC-MATH Eq. 8."""
+    """(Σ_t log q(label_t) per row [B], labelled-token count per row [B] int64): paper Eq. 8, spec/README.md §1."""
     tb = _tb()
     if not out.fused:
         return tb.sequence_logps(out.logits, out.labels)

@@ -95,7 +95,7 @@ _fingerprints: dict[tuple[str, int, int], str] = {}
 
 
 def gguf_fingerprint(gguf_path: str | Path) -> str:
-    """SHA-256 (hex) of the file's bytes (~0.5 s for 98 MB; remembered per path, size and mtime)."""
+    """SHA-256 (hex) of the file's bytes (remembered per path, size and mtime)."""
     path = Path(gguf_path)
     if not path.is_file():
         raise FileNotFoundError(f"gguf_fingerprint: `gguf_path` {str(path)!r} is not a file")

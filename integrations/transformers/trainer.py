@@ -12,7 +12,7 @@ the names of ``TrainingArguments`` (``per_device_train_batch_size``, ``gradient_
 ``logps/rejected``, ``grad_norm``, ``learning_rate``), TensorBoard event files under ``<output_dir>/runs``,
 ``save_pretrained`` checkpoints and ``train(resume_from_checkpoint=...)``.
 
-The loop, one optimizer step (Algorithm 1 of the paper) — each stage one method below:
+The loop, one optimizer step (paper Algorithm 1; spec/README.md §7) — each stage one method below:
   1. ``_prepare``: draw ``gradient_accumulation_steps`` micro-batches of prompts x from the data stream
      (a seeded permutation per epoch, indexed by the *global* step; this rank's share of each), and
      everything the method needs: y_t (dataset, pre-generated with its cached log p(y_t), or sampled from
@@ -131,7 +131,7 @@ class DistillConfig:
     fsdp: str = ""
     fsdp_config: dict[str, Any] | str | None = None
     deepspeed: dict[str, Any] | str | None = None
-    # objective: a preset name (OBJECTIVE_PRESETS) or an ObjectiveConfig
+    # objective (spec/README.md §7): a preset name (OBJECTIVE_PRESETS) or an ObjectiveConfig
     objective: Any = "paper"
     # teacher / student outputs and sampling (the same for every method)
     teacher_outputs: str = "dataset"  # dataset | pregenerated | online

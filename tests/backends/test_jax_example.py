@@ -29,5 +29,5 @@ def test_example_trains_and_the_loss_falls(kind):
     assert all(x == x and abs(x) < float("inf") for x in losses)
     assert last < 0.75 * first, proc.stdout
     if kind == "token":
-        assert last >= 0.6931  # the token loss is bounded below by log 2 (SPEC-MATH §3B, fact 1)
+        assert last >= 0.6931  # the token loss is bounded below by log 2 (spec/README.md §4, structural facts)
     assert elapsed < 60, f"the example took {elapsed:.1f} s"

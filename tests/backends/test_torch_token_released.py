@@ -1,6 +1,6 @@
-"""Token-level DPKD equals the released LMOps code's formula (SPEC-MATH §3B), on a hand-worked example.
+"""Token-level DPKD equals the released LMOps code's formula (spec/README.md §4), on a hand-worked example.
 
-The released ``get_distil_loss`` (flag --seqKD-DPO), as SPEC-MATH §3B states it:
+The released ``get_distil_loss`` (flag --seqKD-DPO), as spec/README.md §4 states it:
   Q = log_softmax(S), P = log_softmax(T); y^t = argmax P, y^s = argmax Q;
   a = Q[y^t], b = Q[y^s], c = P[y^t], d = P[y^s];  logits = (a − b) − (c − d)
   losses = −logσ(β·logits) (default), (logits − 1/(2β))² (--ipo), −logσ(β·logits) + λ·max(0, c − a) (--DPOP)
@@ -50,7 +50,7 @@ def released_formula(S, T, mask, beta, form="sigmoid", lam=50.0, reference_free=
 # position 2 (mask 0): S = [0, 0, 5], T = [5, 0, 0]; would give h = −10 but does not count.
 #
 # loss (mean over the two loss tokens) = (log(1 + e) + log 2) / 2 ≈ 1.0032044; agreement rate = 1/2.
-# Gradient w.r.t. S (SPEC-MATH §3B fact 2): only position 0, (m/Σm)·dℓ/dh·(e_{y^t} − e_{y^s}) with
+# Gradient w.r.t. S (spec/README.md §4 (gradient)): only position 0, (m/Σm)·dℓ/dh·(e_{y^t} − e_{y^s}) with
 #   dℓ/dh = −β·σ(−βh) = −0.2·σ(1) ≈ −0.1462117, so ∂L/∂S[0] = [−0.0731059, +0.0731059, 0]; ∂L/∂T[0] is
 #   its negative (h depends on T through −(T[y^t] − T[y^s])); every other entry 0.
 # IPO form: ℓ_0 = (−5 − 1/(2·0.2))² = 56.25, ℓ_1 = (0 − 2.5)² = 6.25 → mean 31.25.
@@ -122,7 +122,8 @@ def test_equals_released_formula_on_random_inputs(form: str, reference_free: boo
 
 
 def test_h_never_positive_and_agreement_is_minimal() -> None:
-    """SPEC-MATH §3B fact 1: per-token ℓ ≥ log 2, equal (with zero gradient) exactly where argmaxes agree."""
+    """spec/README.md §4 (structural facts): per-token ℓ ≥ log 2, equal (with zero gradient) exactly where the
+    argmaxes agree."""
     g = torch.Generator().manual_seed(2)
     S = torch.randn(4, 8, 5, generator=g, dtype=torch.float64)
     T = torch.randn(4, 8, 5, generator=g, dtype=torch.float64)

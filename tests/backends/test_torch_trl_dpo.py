@@ -120,3 +120,25 @@ def test_trl_mapping_end_to_end_from_logits() -> None:
     for x, y in zip(torch.autograd.grad(ours, (student_t, student_s)),
                     torch.autograd.grad(theirs, (student_t, student_s)), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-14)
+
+
+def test_cpo_nll_maps_exactly_onto_trls_batch_token_mean() -> None:
+    """TRL's CPOTrainer: losses.mean() + cpo_alpha·nll, nll = nn.CrossEntropyLoss over every chosen token of
+    the batch = Σ_i(−a_i)/Σ_i L_i; ours with lengths is mean_i(−a_i/L_i). The documented mapping
+    (chosen_lengths=None, nll_weight = w·B/Σ L_i) gives TRL's value and gradient exactly."""
+    g = torch.Generator().manual_seed(2)
+    B, T, V, beta, w = 4, 6, 9, 0.3, 0.7
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 2:] = -100  # lengths 2, 6, 4, 6
+    labels[2, 4:] = -100
+    b = -torch.rand(B, generator=g, dtype=torch.float64) * 10
+    a, n = dt.sequence_logps(logits, labels)
+    nll = torch.nn.CrossEntropyLoss()(logits.reshape(-1, V), labels.reshape(-1))  # TRL's cross_entropy_loss
+    trl = (-F.logsigmoid(beta * (a - b))).mean() + w * nll
+    mapped = dt.cpo_loss(a, b, beta=beta, nll_weight=w * B / float(n.sum())).loss
+    torch.testing.assert_close(mapped, trl, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad(mapped, logits, retain_graph=True), torch.autograd.grad(trl, logits)):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-15)
+    per_sequence = dt.cpo_loss(a, b, beta=beta, nll_weight=w, chosen_lengths=n).loss  # mean_i(−a_i/L_i)
+    assert abs(float((per_sequence - trl).detach())) > 1e-3  # a different normalisation when the lengths differ

@@ -1,4 +1,4 @@
-"""Independent re-derivation of every dpkd.spec loss / metric / gradient from SPEC-MATH.md + CONVENTIONS.md.
+"""Independent re-derivation of every dpkd.spec loss / metric / gradient from spec/README.md + CONVENTIONS.md.
 
 The reference values are computed in plain Python (``math`` + loops over lists, ``math.fsum`` for sums);
 NumPy is used only to build seeded inputs and to call ``dpkd.spec``. Agreement is required to
@@ -477,7 +477,7 @@ def test_dpkd_token_loss(seed, case, reduction, normalizer):
     Sl, Tl, mask = token_inputs(seed)
     lam = case.get("lam", 50.0)
     rows = ref_token(list3(Sl), list3(Tl), list3(mask), case["beta"], case["form"], case["eps"], case["rf"], lam)
-    # structural fact 1 (SPEC-MATH §3B): h <= 0 everywhere unless reference-free (then a - b <= 0 too)
+    # structural fact 1 (spec/README.md §4): h <= 0 everywhere unless reference-free (then a - b <= 0 too)
     assert all(r["h"] <= 1e-15 for r in rows)
     m_in = mask.astype(bool) if seed == 1 else mask  # bool and 0/1 masks
     out = S.dpkd_token_loss(Sl, Tl, m_in, beta=case["beta"], form=case["form"], label_smoothing=case["eps"],
@@ -663,7 +663,7 @@ def rkl_pos_grad(logq, logp):
     q = [math.exp(v) for v in logq]
     p = [math.exp(v) for v in logp]
     r = kl(logq, logp)
-    return ([q[k] * (logq[k] - logp[k] - r) for k in range(len(q))],   # SPEC-MATH §6
+    return ([q[k] * (logq[k] - logp[k] - r) for k in range(len(q))],   # spec/README.md §5
             [p[k] - q[k] for k in range(len(q))])
 
 
