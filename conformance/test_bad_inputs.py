@@ -1,4 +1,4 @@
-"""The bad-input battery (spec/CONVENTIONS.md, CONVENTIONS.md): every invalid call raises ``DPKDInputError``
+"""The bad-input battery (spec/CONVENTIONS.md, "General": Errors): every invalid call raises ``DPKDInputError``
 whose message names the function and the argument, and every backend raises the SAME message as the
 spec. Cases come from the registry: option ranges, unknown reductions/forms, NaN/Inf, shapes, lengths ≤ 0,
 labels outside the vocabulary, vocabulary mismatch, empty means, one-sided lengths, normalizer misuse."""

@@ -14,10 +14,10 @@ builds r_t, r_s, h and their partial derivatives (``_eq9_margin`` both, for the 
 ``_Core`` turns a per-element loss and its per-element partials into the reduced result or the gradient dict. Each
 public loss is then a few lines on top.
 
-Validation order (CONVENTIONS.md "Errors"): options (``reduction``, ``form``, scalars in signature order),
-then which arguments are needed (the lengths pair), then presence (required arrays not None), shapes
-(all exactly equal, no broadcasting), dtypes (float or integer), then values: finite (signature order),
-lengths > 0 (chosen, then rejected), and a non-empty input under ``reduction="mean"``.
+Validation order (spec/CONVENTIONS.md, "General", Errors): options (``reduction``, ``form``, scalars in signature
+order), then which arguments are needed (the lengths pair), then presence (required arrays not None), shapes (all
+exactly equal, no broadcasting), dtypes (float or integer), then values: finite (signature order), lengths > 0 (chosen,
+then rejected), and a non-empty input under ``reduction="mean"``.
 
 Gradients: ``<loss>_grad(<same arguments>)`` returns ``{argument name: ∂S/∂argument}`` for the float
 array arguments (the four log-prob arrays when given; lengths never), S = sum(loss output).
