@@ -47,11 +47,11 @@ class JobConfig:
     dataset_responses: str = "golden"  # the responses of D: golden | teacher (the teacher's greedy outputs)
     n_train: int = 2000
     n_valid: int = 64
-    n_test: int = 100
+    n_test: int = 200
     n_pretrain: int = 2000
     teacher_d_model: int = 64
     teacher_layers: int = 2
-    teacher_steps: int = 400
+    teacher_steps: int = 1200
     teacher_lr: float = 1e-3
     student_family: str = "gpt2"
     student_d_model: int = 32
@@ -62,11 +62,11 @@ class JobConfig:
     student_heads: int | None = None
     student_kv_heads: int | None = None
     student_intermediate: int | None = None
-    init_steps: int = 150
-    method_steps: int = 40
+    init_steps: int = 600
+    method_steps: int = 100
     batch_size: int = 16
-    student_lr: float = 1e-3
-    warmup_steps: int = 5
+    student_lr: float = 2e-3
+    warmup_steps: int = 10
     max_new_tokens: int = 80
     objective: str = "paper"
     teacher_temperature: float = 1.0  # y_t, pre-generated once
@@ -78,7 +78,7 @@ class JobConfig:
     method_args: dict[str, dict[str, Any]] = field(default_factory=lambda: copy.deepcopy(CHOSEN_HPARAMS))
     grid: bool = False  # tune each method's hyper-parameters on the validation split first
     grid_seed: int = 100
-    eval_every: int = 10
+    eval_every: int = 20
     n_probe: int = 32
     threads: int = 1  # torch threads per process: tiny models gain nothing from intra-op threads
     workers: int = 2  # seeds run in this many forked processes at once (the 2 cores of the target machine)

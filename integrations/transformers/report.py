@@ -16,7 +16,7 @@ from typing import Any
 from ..methods import ABLATIONS, METHODS, VARIANTS
 from .eval import BUCKETS
 
-__all__ = ["aggregate", "paired_difference", "summary_markdown", "plot_curves", "T_CRIT_975"]
+__all__ = ["aggregate", "paired_difference", "resolved_pairs", "summary_markdown", "plot_curves", "T_CRIT_975"]
 
 #: t_{0.975, df} for df = 1..30 (two-sided 95%).
 T_CRIT_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -120,6 +120,41 @@ TABLE1_COLS = [("Rouge-L (greedy)", "greedy.rougeL", 2), ("EM (greedy)", "greedy
                ("Rouge-L vs teacher", "vs_teacher.rougeL", 2), ("rKLD₁", "first_token.rkld", 4)]
 
 
+PAIRED_KEYS = (("greedy.rougeL", "greedy Rouge-L"), ("greedy.exact_match", "greedy EM"),
+               ("sampled.rougeL", "sampled Rouge-L"))
+
+
+def resolved_pairs(summary: dict[str, Any], names: list[str], key: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every pair (A, B) of ``names`` whose paired difference in ``key`` the t-test resolves, oriented so that
+    A − B > 0 (uncorrected for the number of pairs: read them with that in mind)."""
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pd = paired_difference(summary[a]["per_seed"][key], summary[b]["per_seed"][key])
+            if pd["verdict"] == "resolved":
+                if pd["mean"] < 0:
+                    a, b = b, a
+                    pd = paired_difference(summary[a]["per_seed"][key], summary[b]["per_seed"][key])
+                out.append((a, b, pd))
+    return out
+
+
+def _resolved_lines(summary: dict[str, Any], names: list[str]) -> list[str]:
+    n_pairs = len(names) * (len(names) - 1) // 2
+    lines = ["", f"Resolved between-method differences (paired t-test, 5%, each of the {n_pairs} pairs tested "
+             "on its own, no multiple-comparison correction; every pair not listed is within noise):", "",
+             "| metric | A − B | mean ± sd over seeds | per seed |", "|---|---|---|---|"]
+    found = False
+    for key, label in PAIRED_KEYS:
+        for a, b, pd in resolved_pairs(summary, names, key):
+            found = True
+            seeds = ", ".join(f"{x:+.2f}" for x in pd["per_seed"])
+            lines.append(f"| {label} | {_title(a)} − {_title(b)} | {pd['mean']:+.2f} ± {pd['sd']:.2f} | {seeds} |")
+    if not found:
+        lines.append("| – | none | – | – |")
+    return lines
+
+
 def _paired_lines(summary: dict[str, Any], names: list[str], ref: str, key: str, label: str) -> list[str]:
     lines = [f"| {label}: method − {_title(ref)} | mean ± sd over seeds | per seed | verdict |", "|---|---|---|---|"]
     for name in names:
@@ -149,9 +184,10 @@ def summary_markdown(summary: dict[str, Any], cfg: Any, train_report: Any, test_
     table1 = [n for n in names if n not in VARIANTS and n not in ABLATIONS]
     lines += _table(summary, table1, TABLE1_COLS)
     if "dpkd" in summary:
-        for key, label in (("greedy.rougeL", "Rouge-L"), ("greedy.exact_match", "EM")):
-            lines += ["", f"Paired differences with DPKD (Eq. 9), greedy {label}:", ""]
+        for key, label in PAIRED_KEYS:
+            lines += ["", f"Paired differences with DPKD (Eq. 9), {label}:", ""]
             lines += _paired_lines(summary, names, "dpkd", key, label)
+    lines += _resolved_lines(summary, [n for n in table1 if n not in ("teacher", "sft_start")])
     variants = [n for n in names if n in VARIANTS]
     if variants:
         lines += ["", "**Table 2** (preference forms)", ""]

@@ -54,6 +54,10 @@ def test_aggregate_and_tables():
     md = summary_markdown(s, cfg, report, report)
     assert "| SFT | 71.00 ± 1.00 |" in md and "| DPKD (Eq. 9) |" in md and "**Table 3**" in md
     assert "| SFT | -5.17 ± 0.29 | -5.00, -5.50, -5.00 | resolved |" in md  # the paired line, Rouge-L
+    resolved = md.split("Resolved between-method differences")[1].split("**Table")[0]
+    assert "| greedy Rouge-L | DPKD (Eq. 9) − SFT | +5.17 ± 0.29 | +5.00, +5.50, +5.00 |" in resolved  # oriented A > B
+    assert "greedy EM" not in resolved  # identical EM per seed: nothing to resolve
+    assert "w/o LM loss" not in resolved  # ablations are not between-method pairs of Table 1
 
 
 def test_progress_plain_lines_when_not_a_terminal():
