@@ -52,12 +52,18 @@ def describe(t: Any) -> v.ArrayInfo | None:
 # Per-chunk kernels
 
 
-def project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out ← rows @ weightᵀ (+ bias): the chunk's logits."""
-    if bias is None:
-        torch.mm(rows, weight.t(), out=out)
+def project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            scale: float = 1.0) -> None:
+    """out ← (rows @ weightᵀ (+ bias))·scale: the chunk's logits (÷ τ inside the GEMM: no extra pass)."""
+    if scale == 1.0:
+        if bias is None:
+            torch.mm(rows, weight.t(), out=out)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=out)
+    elif bias is None:
+        out.addmm_(rows, weight.t(), beta=0.0, alpha=scale)  # beta = 0: out's old contents are not read
     else:
-        torch.addmm(bias, rows, weight.t(), out=out)
+        torch.addmm(bias, rows, weight.t(), beta=scale, alpha=scale, out=out)
 
 
 def softmax_stats_(buf: torch.Tensor, safe_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +113,13 @@ class LMHeadGrads:
         self.started = True
 
     def add_at_labels(self, labels: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor) -> None:
-        """grad_weight[labels] += scale · rows, grad_bias[labels] += scale (after a first ``add``)."""
+        """grad_weight[labels] += scale · rows, grad_bias[labels] += scale (a sparse gradient with no ``add``
+        before it starts from zero)."""
+        if not self.started:
+            for g in (self.weight, self.bias):
+                if g is not None:
+                    g.zero_()
+            self.started = True
         if self.weight is not None:
             self.weight.index_add_(0, labels, rows * scale[:, None])
         if self.bias is not None:

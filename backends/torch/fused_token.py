@@ -1,14 +1,22 @@
 """The fused, token-chunked lm_head path of the Torch backend: the token-level losses (the sequence-level
-ones and ``linear_token_logps`` are in ``fused.py``; the per-chunk kernels in ``_lm_head.py``).
+ones and ``linear_token_logps`` are in ``fused.py``; the per-chunk kernels in ``_lm_head.py`` and
+``_token_kernels.py``).
 
 ``fused_token_loss`` (``fused_dpkd_token_loss``, ``fused_forward_kl``, ``fused_reverse_kl``,
 ``fused_generalized_jsd``, ``fused_akl``, ``fused_cross_entropy``) — token-level losses that need the whole
-student and teacher distributions at the same positions: both logit chunks are computed together, the
-backend's own per-token formula (``dpkd.backends.torch.token`` / ``.distill`` under reduction="none",
-named by a ``NamedTokenLoss``) runs on each chunk, and autograd of that chunk gives d loss/d logits.
+student and teacher distributions at the same positions. Only the rows that count (mask ≠ 0, or a label
+≠ ignore_index) are computed. For every chunk of them the student logits S = hidden @ Wᵀ and the teacher
+logits T are formed by one GEMM each (÷ τ inside it), then a kernel of the named loss walks the chunk in
+blocks of a few rows, leaving ℓ per row and d ℓ/d S in S's buffer in a few in-place passes
+(``_token_kernels.py``: one softmax per side, no sort, a two-entry gradient for the sigmoid/IPO token
+DPKD); grad_hidden = G @ W and grad_weight += Gᵀ @ hidden follow, with the row factors on [rows, H].
 Reduced losses take one pass (the gradient is formed during the forward and handed to autograd without a
-copy); ``reduction="none"`` recomputes each chunk in backward. The teacher is frozen (no gradient), and its
-hidden size H_t may differ from the student's H.
+copy); ``reduction="none"`` recomputes each chunk in backward with the upstream gradient. Live memory: two
+[chunk, V] buffers and a few [block, V] scratch buffers, whatever N is.
+
+A caller's own ``RowLoss`` callable runs instead through autograd of the callable on each chunk (its
+gradient taken per chunk, the same single/two-pass structure). The teacher is frozen (no gradient), and
+its hidden size H_t may differ from the student's H.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from dpkd.spec.results import TokenPreferenceLoss
 
 from . import distill, token
 from ._base import ValueChecks, compute_dtype
-from ._lm_head import HandedGradients, LMHeadGrads, backprop_chunk, describe
+from ._lm_head import HandedGradients, LMHeadGrads, backprop_chunk, describe, project
+from ._token_kernels import BlockResult, TokenKernel, token_kernel
 
 __all__ = [
     "TOKEN_LOSS_BUFFERS",
@@ -40,9 +49,16 @@ __all__ = [
     "fused_cross_entropy",
 ]
 
-# Live [chunk, V] buffers per chunk: student and teacher logits plus autograd's temporaries of the
-# per-chunk loss (the sequence/logp paths work in place in one buffer).
-TOKEN_LOSS_BUFFERS = 8
+#: Live [chunk, V] buffers of a named token loss with a teacher: the student's and the teacher's logits
+#: (the kernels' scratch is [block, V]); the default chunk fits them in ``DEFAULT_CHUNK_BYTES``.
+TOKEN_LOSS_BUFFERS = 2
+
+#: Rows per kernel block: the in-place passes of a block stay in cache, and at 2 threads each pass still
+#: splits into halves of 8 × V entries (measured: 2 to 256 rows per block cost the same on one core).
+BLOCK_ROWS = 16
+
+# Live [chunk, V] buffers of a caller's own RowLoss: both logits plus autograd's temporaries.
+_ROW_LOSS_BUFFERS = 8
 
 #: ``row_loss(student_logits [C, V], teacher_logits [C, V] | None, target [C])`` → (m·ℓ [C], extras dict of
 #: detached [C] tensors). ``target`` is the mask chunk (or the labels chunk for cross entropy).
@@ -164,6 +180,148 @@ class _TokenChunkLoss(torch.autograd.Function):
         return grad_h, *head.result(), None
 
 
+# --------------------------------------------------------------------------------------------------
+# Named losses: block kernels (_token_kernels.py) over the rows that count
+
+
+@dataclass(frozen=True)
+class _KernelPlan:
+    kernel: TokenKernel
+    teacher_rows: torch.Tensor | None  # [Na, H_t], the counted rows only
+    teacher_weight: torch.Tensor | None
+    teacher_bias: torch.Tensor | None
+    labels: torch.Tensor | None  # [Na] (cross entropy)
+    chunk_size: int
+    extras: dict[str, torch.Tensor]  # [Na] each, filled by the forward
+
+
+def _backprop_blocks(results: list[BlockResult], s: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                     factor: torch.Tensor | float, grad_rows: torch.Tensor | None, head: LMHeadGrads) -> None:
+    """d(Σ factor·ℓ)/d(rows, W, b) of one chunk from its blocks' gradients: the dense part diag(r)·s through
+    the two GEMMs (r on [rows, H]), each sparse part as a gather/scatter of W and rows."""
+    if results[0].dense is not None:
+        r = torch.cat([res.dense for res in results]) * factor
+        if grad_rows is not None:
+            torch.mm(s, weight, out=grad_rows).mul_(r[:, None])
+        head.add(s, rows * r[:, None], bias_rows=r)
+    elif grad_rows is not None:
+        grad_rows.zero_()
+    for slot in range(len(results[0].sparse)):
+        index = torch.cat([res.sparse[slot][0] for res in results])
+        coef = torch.cat([res.sparse[slot][1] for res in results]) * factor
+        if grad_rows is not None:
+            grad_rows.addcmul_(weight.index_select(0, index), coef[:, None])
+        head.add_at_labels(index, rows, coef)
+
+
+def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 factor: torch.Tensor | float | None, needs: tuple[bool, ...]
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """ℓ per counted row [Na] and, unless ``factor`` is None, the gradients of Σ factor·ℓ (``factor`` a
+    number, or [Na] upstream values) in the inputs ``needs`` marks. Fills ``plan.extras``."""
+    kernel = plan.kernel
+    n, vocab = rows.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs if factor is not None else (False, False, False)
+    scale = 1.0 / kernel.temperature
+    loss = rows.new_empty(n)
+    grad_rows = torch.empty_like(rows) if need_h else None
+    head = LMHeadGrads(weight, bias, need_w, need_b)
+    size = min(plan.chunk_size, n)
+    buf_s = rows.new_empty(size, vocab)
+    buf_t = rows.new_empty(size, vocab) if kernel.teacher else None
+    block = min(BLOCK_ROWS, size)
+    scratch = [rows.new_empty(block, vocab) for _ in range(kernel.scratch)]
+    for i0 in range(0, n, size):
+        sl = slice(i0, min(i0 + size, n))
+        s = buf_s[: sl.stop - i0]
+        project(rows[sl], weight, bias, s, scale)
+        t = None
+        if buf_t is not None:
+            t = buf_t[: sl.stop - i0]
+            project(plan.teacher_rows[sl], plan.teacher_weight, plan.teacher_bias, t, scale)
+        results = []
+        for b0 in range(0, s.shape[0], block):
+            bl = slice(b0, min(b0 + block, s.shape[0]))
+            rows_here = slice(i0 + bl.start, i0 + bl.stop)
+            labels = None if plan.labels is None else plan.labels[rows_here]
+            res = kernel.block(s[bl], None if t is None else t[bl], labels, [x[: bl.stop - b0] for x in scratch])
+            loss[rows_here] = res.loss
+            for key, value in res.extras.items():
+                plan.extras.setdefault(key, rows.new_zeros(n))[rows_here] = value
+            results.append(res)
+        if need_h or need_w or need_b:
+            f = factor[sl] * scale if isinstance(factor, torch.Tensor) else factor * scale
+            _backprop_blocks(results, s, rows[sl], weight, f, None if grad_rows is None else grad_rows[sl], head)
+    return loss, (grad_rows, *head.result())
+
+
+class _KernelTokenLoss(torch.autograd.Function):
+    """Σ ℓ over the counted rows, scaled (reduced: single pass), or ℓ per counted row (two pass)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: _KernelPlan,
+                scale: float | None) -> torch.Tensor:
+        ctx.plan, ctx.scale = plan, scale
+        needs = tuple(ctx.needs_input_grad[:3])
+        if scale is None:  # per-row outputs: the upstream gradient is only known in backward
+            ctx.save_for_backward(rows, weight, bias)
+            return _kernel_pass(plan, rows, weight, bias, None, needs)[0]
+        loss, grads = _kernel_pass(plan, rows, weight, bias, scale, needs)
+        ctx.grads = HandedGradients(grads, lambda: _kernel_pass(plan, rows, weight, bias, scale, needs)[1])
+        return loss.sum() * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.scale is not None:
+            return (*ctx.grads.hand_out(grad_out), None, None)
+        rows, weight, bias = ctx.saved_tensors
+        _, grads = _kernel_pass(ctx.plan, rows, weight, bias, grad_out.to(rows.dtype),
+                                tuple(ctx.needs_input_grad[:3]))
+        return (*grads, None, None)
+
+
+def _check_kernel_options(func: str, row_loss: NamedTokenLoss, dtype: torch.dtype, target_is_labels: bool) -> None:
+    """The named loss's own option checks (its messages, its order), run once on a one-row input: the
+    kernels take the options as given."""
+    bound = contract.token_loss_function(func, row_loss, token, distill)
+    logits = torch.zeros(1, 2, dtype=dtype)
+    target = torch.zeros(1, dtype=torch.long) if target_is_labels else torch.ones(1)
+    with v.reported_as(func, {**contract.TOKEN_ARGUMENTS, "logits": "hidden"}):
+        bound(logits, logits, target)
+
+
+def _kernel_token(kernel: TokenKernel, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  teacher: tuple[torch.Tensor | None, ...], target: torch.Tensor, *, target_is_labels: bool,
+                  ignore_index: int, scale: float | None, chunk_size: int | None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The named loss on the rows that count (mask ≠ 0 / label ≠ ignore_index): the rest contribute 0 to
+    the loss, its gradient and every per-token output, so they are never projected."""
+    n = rows.shape[0]
+    counted = (target != ignore_index) if target_is_labels else (target != 0)
+    index = None if bool(counted.all()) else counted.nonzero().squeeze(1)
+
+    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x if x is None or index is None else x.index_select(0, index)
+
+    teacher_rows, teacher_weight, teacher_bias = teacher
+    if not kernel.teacher:
+        teacher_rows = teacher_weight = teacher_bias = None
+    active = pick(rows)
+    size = chunk_size or auto_chunk_size(weight.shape[0], n_rows=active.shape[0], itemsize=rows.element_size(),
+                                         buffers=TOKEN_LOSS_BUFFERS if kernel.teacher else 1)
+    plan = _KernelPlan(kernel, pick(teacher_rows), teacher_weight, teacher_bias,
+                       pick(target) if target_is_labels else None, size, {})
+    if active.shape[0] == 0:
+        out = rows.new_zeros(()) if scale is not None else rows.new_zeros(n)
+        return out + 0.0 * (rows.sum() + weight.sum()), {}  # a zero with the graph the caller expects
+    out = _KernelTokenLoss.apply(active, weight, bias, plan, scale)
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        return x if index is None else x.new_zeros(n).index_copy(0, index, x)
+
+    return (out if scale is not None else spread(out)), {k: spread(x) for k, x in plan.extras.items()}
+
+
 def fused_token_loss(
     row_loss: NamedTokenLoss | RowLoss,
     student_hidden: torch.Tensor,
@@ -236,21 +394,26 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: torch.Tenso
             v.check_nonempty(func, target_name, float(count))
         scale = 1.0 / (normalizer if normalizer is not None else float(count))
     rows = student_hidden.reshape(-1, student_hidden.shape[-1]).to(dtype).contiguous()
-    n = rows.shape[0]
-    itemsize = rows.element_size()
-    size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=itemsize, buffers=TOKEN_LOSS_BUFFERS)
-    plan = _TokenPlan(
-        row_loss=row_fn, target=flat_target,
-        teacher_hidden=None if teacher_hidden is None else
-        teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).to(dtype).contiguous(),
-        teacher_weight=None if teacher_weight is None else teacher_weight.detach().to(dtype).contiguous(),
-        teacher_bias=None if teacher_bias is None else teacher_bias.detach().to(dtype),
-        chunk_size=size, scale=scale, extras={},
-    )
-    with v.reported_as(func, {**contract.TOKEN_ARGUMENTS, "logits": hidden_name}):
-        out = _TokenChunkLoss.apply(rows, weight.to(dtype).contiguous(), None if bias is None else bias.to(dtype),
-                                    plan)
-    extras = {k: t.reshape(lead) for k, t in plan.extras.items()}
+    teacher = (None if teacher_hidden is None else
+               teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).to(dtype).contiguous(),
+               None if teacher_weight is None else teacher_weight.detach().to(dtype).contiguous(),
+               None if teacher_bias is None else teacher_bias.detach().to(dtype))
+    w = weight.to(dtype).contiguous()
+    bb = None if bias is None else bias.to(dtype)
+    kernel = token_kernel(row_loss.name, row_loss.kwargs) if isinstance(row_loss, NamedTokenLoss) else None
+    if kernel is not None:
+        _check_kernel_options(func, row_loss, dtype, target_is_labels)
+        out, extras = _kernel_token(kernel, rows, w, bb, teacher, flat_target, target_is_labels=target_is_labels,
+                                    ignore_index=ignore_index, scale=scale, chunk_size=size)
+    else:
+        size = size or auto_chunk_size(weight.shape[0], n_rows=rows.shape[0], itemsize=rows.element_size(),
+                                       buffers=_ROW_LOSS_BUFFERS)
+        plan = _TokenPlan(row_loss=row_fn, target=flat_target, teacher_hidden=teacher[0], teacher_weight=teacher[1],
+                          teacher_bias=teacher[2], chunk_size=size, scale=scale, extras={})
+        with v.reported_as(func, {**contract.TOKEN_ARGUMENTS, "logits": hidden_name}):
+            out = _TokenChunkLoss.apply(rows, w, bb, plan)
+        extras = plan.extras
+    extras = {k: t.reshape(lead) for k, t in extras.items()}
     return (out.reshape(lead) if reduction == "none" else out), extras
 
 
