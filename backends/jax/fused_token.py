@@ -35,6 +35,7 @@ from dpkd.spec.results import TokenPreferenceLoss
 
 from . import _base, distill, token
 from ._lm_head import accum_dtype, describe, pad_rows, project
+from ._token_kernels import TokenKernel, token_kernel
 
 __all__ = [
     "TOKEN_LOSS_BUFFERS",
@@ -55,9 +56,12 @@ __all__ = [
 #: is reused across calls.
 RowLoss = Callable[[jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
-# Live [chunk, V] arrays per chunk in the backward (student and teacher logits, the softmaxes and the VJP's
-# temporaries), as the Torch backend counts them.
-TOKEN_LOSS_BUFFERS = 8
+#: Live [chunk, V] arrays per chunk of a named token loss: both logits, the softmaxes and the gradient
+#: that XLA keeps between its fusions.
+TOKEN_LOSS_BUFFERS = 4
+
+# ... of a caller's own RowLoss (its VJP's temporaries too), as the Torch backend counts them.
+_ROW_LOSS_BUFFERS = 8
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,155 @@ def _token_rows_jit(rows, weight, bias, teacher_rows, teacher_weight, teacher_bi
 
 
 # --------------------------------------------------------------------------------------------------
+# Named losses: chunk kernels (_token_kernels.py), the loss and its gradient in one scan
+
+
+def _kernel_chunks(kernel: TokenKernel, chunk_size: int, rows, weight, bias, aux, factor):
+    """(ℓ·live [N], extras [N], gradients of Σ factor·ℓ or None) over chunks of ``chunk_size`` rows.
+
+    ``aux`` = (teacher rows, weight, bias, labels, live [N] 0/1, n_live): the counted rows come first, so
+    a chunk past ``n_live`` holds none and is skipped. ``factor`` [N] or None (values only)."""
+    t_rows, t_weight, t_bias, labels, live, n_live = aux
+    n, size = rows.shape
+    k = n // chunk_size
+    scale = 1.0 / kernel.temperature
+    acc = accum_dtype(weight.dtype)
+
+    def compute(carry, xs):
+        grad_w, grad_b = carry
+        _, rows_k, t_k, lab_k, live_k, f_k = xs
+        s = project(rows_k, weight, bias) * scale
+        t = None if t_k is None else jax.lax.stop_gradient(project(t_k, t_weight, t_bias)) * scale
+        res = kernel(s, t, lab_k)
+        out = (res.loss * live_k, {key: x * live_k for key, x in res.extras.items()})
+        if f_k is None:
+            return carry, (*out, None)
+        f = (f_k * live_k * scale).astype(rows.dtype)
+        grad_rows = jnp.zeros_like(rows_k)
+        if res.dense is not None:
+            g = (res.dense * f[:, None]).astype(rows.dtype)
+            grad_rows = g @ weight
+            grad_w = grad_w + (g.T @ rows_k).astype(acc)
+            if bias is not None:
+                grad_b = grad_b + g.sum(0).astype(acc)
+        for index, coef in res.sparse:
+            c = coef * f
+            grad_rows = grad_rows + c[:, None] * weight[index]
+            grad_w = grad_w.at[index].add((c[:, None] * rows_k).astype(acc))
+            if bias is not None:
+                grad_b = grad_b.at[index].add(c.astype(acc))
+        return (grad_w, grad_b), (*out, grad_rows)
+
+    def step(carry, xs):
+        shapes = jax.eval_shape(compute, carry, xs)[1]
+
+        def skip(carry, _):  # a chunk of padding and uncounted rows only
+            return carry, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        return jax.lax.cond(xs[0] * chunk_size < n_live, compute, skip, carry, xs)
+
+    init = (jnp.zeros(weight.shape, acc), jnp.zeros(weight.shape[:1], acc))
+    xs = (jnp.arange(k), _chunked(rows, k), _chunked(t_rows, k), _chunked(labels, k), _chunked(live, k),
+          _chunked(factor, k))
+    (grad_w, grad_b), (loss, extras, grad_rows) = jax.lax.scan(step, init, xs)
+    extras = {key: jax.lax.stop_gradient(x.reshape(n)) for key, x in extras.items()}
+    if factor is None:
+        return loss.reshape(n), extras, None
+    grads = (grad_rows.reshape(n, size), grad_w.astype(weight.dtype),
+             None if bias is None else grad_b.astype(bias.dtype))
+    return loss.reshape(n), extras, grads
+
+
+def _no_cotangent(aux):
+    return jax.tree_util.tree_map(lambda _: None, aux)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_rows(kernel, chunk_size, rows, weight, bias, aux):
+    """ℓ per row (0 off the counted rows) and extras; the backward scans again with the upstream values."""
+    return _kernel_chunks(kernel, chunk_size, rows, weight, bias, aux, None)[:2]
+
+
+def _kernel_rows_fwd(kernel, chunk_size, rows, weight, bias, aux):
+    return _kernel_chunks(kernel, chunk_size, rows, weight, bias, aux, None)[:2], (rows, weight, bias, aux)
+
+
+def _kernel_rows_bwd(kernel, chunk_size, res, cotangents):
+    rows, weight, bias, aux = res
+    grads = _kernel_chunks(kernel, chunk_size, rows, weight, bias, aux, cotangents[0])[2]
+    return (*grads, _no_cotangent(aux))
+
+
+_kernel_rows.defvjp(_kernel_rows_fwd, _kernel_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _kernel_total(kernel, chunk_size, rows, weight, bias, aux, factor):
+    """Σ factor·ℓ (the reduced loss) and extras, its gradient formed in the same scan (3 GEMMs + the
+    teacher's, none for the sigmoid/IPO token DPKD); the backward only scales it."""
+    loss, extras, _ = _kernel_chunks(kernel, chunk_size, rows, weight, bias, aux, factor)
+    return jnp.sum(loss * factor), extras
+
+
+def _kernel_total_fwd(kernel, chunk_size, rows, weight, bias, aux, factor):
+    loss, extras, grads = _kernel_chunks(kernel, chunk_size, rows, weight, bias, aux, factor)
+    return (jnp.sum(loss * factor), extras), grads
+
+
+def _kernel_total_bwd(kernel, chunk_size, grads, cotangents):
+    g = cotangents[0]  # the extras carry no gradient
+    scaled = tuple(None if x is None else (g * x).astype(x.dtype) for x in grads)
+    return (*scaled, None, None)
+
+
+_kernel_total.defvjp(_kernel_total_fwd, _kernel_total_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "chunk_size", "target_is_labels", "ignore_index",
+                                             "reduced"))
+def _kernel_jit(rows, weight, bias, teacher_rows, teacher_weight, teacher_bias, target, denominator, *,
+                kernel: TokenKernel, chunk_size: int, target_is_labels: bool, ignore_index: int, reduced: bool):
+    """The named loss over the counted rows (mask ≠ 0 / label ≠ ignore_index), moved first by a stable
+    sort so that chunks past them are skipped; outputs back in the caller's order, cut to N.
+
+    reduced: (Σ ℓ / denominator, extras); else (ℓ per row, extras)."""
+    n = rows.shape[0]
+    counted = (target != ignore_index) if target_is_labels else (target != 0)
+    order = jnp.argsort(~counted, stable=True)
+    n_pad = -n % chunk_size
+    live = pad_rows(counted[order].astype(rows.dtype), n_pad)
+    labels = pad_rows(jnp.where(counted, target, 0)[order], n_pad, 0) if target_is_labels else None
+    t_rows = None
+    if kernel.teacher:
+        t_rows = jax.lax.stop_gradient(pad_rows(teacher_rows[order], n_pad))
+    else:
+        teacher_weight = teacher_bias = None
+    aux = (t_rows, None if teacher_weight is None else jax.lax.stop_gradient(teacher_weight),
+           None if teacher_bias is None else jax.lax.stop_gradient(teacher_bias), labels, live, jnp.sum(counted))
+    rows_p = pad_rows(rows[order], n_pad)
+
+    def unsort(x):
+        return jnp.zeros((n,), x.dtype).at[order].set(x[:n])
+
+    if reduced:
+        factor = jnp.broadcast_to(1.0 / denominator, live.shape).astype(rows.dtype)
+        total, extras = _kernel_total(kernel, chunk_size, rows_p, weight, bias, aux, factor)
+        return total, {key: unsort(x) for key, x in extras.items()}
+    per_row, extras = _kernel_rows(kernel, chunk_size, rows_p, weight, bias, aux)
+    return unsort(per_row), {key: unsort(x) for key, x in extras.items()}
+
+
+def _check_kernel_options(func: str, row_loss: NamedTokenLoss, dtype: Any, target_is_labels: bool) -> None:
+    """The named loss's own option checks (its messages, its order), run once on a one-row input: the
+    kernels take the options as given."""
+    bound = contract.token_loss_function(func, row_loss, token, distill)
+    logits = jnp.zeros((1, 2), dtype)
+    target = jnp.zeros((1,), jnp.int32) if target_is_labels else jnp.ones((1,))
+    with v.reported_as(func, {**contract.TOKEN_ARGUMENTS, "logits": "hidden"}):
+        bound(logits, logits, target)
+
+
+# --------------------------------------------------------------------------------------------------
 # The driver
 
 
@@ -240,11 +393,30 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: jax.Array, 
         _base.value_check(count > 0, lambda: v.check_nonempty(func, target_name, 0.0))
     rows = student_hidden.reshape(-1, student_hidden.shape[-1]).astype(dtype)
     n = rows.shape[0]
+    kernel = token_kernel(row_loss.name, row_loss.options) if isinstance(row_loss, NamedTokenLoss) else None
+    if kernel is not None and n > 0:
+        _check_kernel_options(func, row_loss, dtype, target_is_labels)
+        size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
+                                       buffers=TOKEN_LOSS_BUFFERS)
+        teacher = (None, None, None)
+        if teacher_hidden is not None:
+            teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).astype(dtype),
+                       teacher_weight.astype(dtype), None if teacher_bias is None else teacher_bias.astype(dtype))
+        if reduction == "mean":
+            denominator = jnp.asarray(float(normalizer) if normalizer is not None else count, dtype)
+        else:
+            denominator = jnp.ones((), dtype)
+        out, extras = _kernel_jit(rows, weight.astype(dtype), None if bias is None else bias.astype(dtype),
+                                  *teacher, flat_target, denominator, kernel=kernel, chunk_size=min(size, n),
+                                  target_is_labels=target_is_labels, ignore_index=int(ignore_index),
+                                  reduced=reduction != "none")
+        extras = {key: x.reshape(lead) for key, x in extras.items()}
+        return (out.reshape(lead) if reduction == "none" else out), extras
     if n == 0:  # nothing to chunk: the (empty) sum, or [...] of zeros
         per_row, extras = jnp.zeros((0,), dtype), {}
     else:
         size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
-                                       buffers=TOKEN_LOSS_BUFFERS)
+                                       buffers=_ROW_LOSS_BUFFERS)
         teacher = (None, None, None)
         if teacher_hidden is not None:
             teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).astype(dtype),
