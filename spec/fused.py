@@ -11,7 +11,10 @@ in every backend lives here:
   argument of the compiled computation) — which each backend binds to its own function of that name;
 * the chunk budget (:func:`auto_chunk_size`);
 * how the inner loss's argument names map to the fused function's (:data:`SEQUENCE_ARGUMENTS`,
-  :data:`TOKEN_ARGUMENTS`), so that an error raised inside names the argument the caller passed.
+  :data:`TOKEN_ARGUMENTS`), so that an error raised inside names the argument the caller passed;
+* the TRL/Liger calling layout of a sequence loss (:func:`check_concatenated`): one hidden tensor
+  [2B, T, H] with the chosen rows first, one target tensor, the teacher in the same layout — the
+  backends' ``fused_concatenated`` splits it into the two halves the fused losses take.
 
 The shape checks are in :mod:`dpkd.spec.validation` (``check_fused_sequence_inputs``, …), the teacher
 types and the result type in :mod:`dpkd.spec.results`.
@@ -47,6 +50,7 @@ __all__ = [
     "check_logps_call",
     "check_sequence_call",
     "check_token_call",
+    "check_concatenated",
 ]
 
 #: Bytes one chunk's logits buffer may take when ``chunk_size`` is not given (64 MiB: 524 rows of float32
@@ -349,3 +353,41 @@ def check_token_call(func: str, describe: Callable[[Any], Any], checks: ValueChe
         checks.binary(target_name, target)
     checks.run()
     return target_name
+
+
+# --------------------------------------------------------------------------------------------------
+# The concatenated (TRL / Liger) layout of a sequence loss
+
+
+def check_concatenated(func: str, hidden: v.ArrayInfo, target: v.ArrayInfo, *,
+                       teacher_hidden: v.ArrayInfo | None, teacher_weight: v.ArrayInfo | None,
+                       teacher_logps: v.ArrayInfo | None) -> int:
+    """The shapes of one call in the concatenated layout; returns B, the number of pairs.
+
+    hidden [2B, T, H] (rows 0..B−1 the chosen sequences, B..2B−1 the rejected ones, as TRL's
+    ``concatenated_forward`` and Liger's fused preference losses stack them), target [2B, T] (labels
+    already shifted, ``ignore_index`` on prompt and padding); the teacher as hidden states [2B, T, H_t]
+    with its lm_head, or as summed log-probs [2B] in the same order — not both. The split halves are then
+    checked as the fused loss checks its own arguments."""
+    if len(hidden.shape) != 3:
+        v.fail(func, "hidden", f"must have shape [2B, T, H] (chosen rows first), got {tuple(hidden.shape)}")
+    rows = hidden.shape[0]
+    if rows % 2:
+        v.fail(func, "hidden", f"must stack B chosen then B rejected sequences, got an odd {rows} rows")
+    if tuple(target.shape) != tuple(hidden.shape[:2]):
+        v.fail(func, "target", f"must have shape {tuple(hidden.shape[:2])} (the rows of `hidden`), got "
+                               f"{tuple(target.shape)}")
+    if teacher_hidden is not None and teacher_logps is not None:
+        v.fail(func, "teacher_logps", "cannot be given with `teacher_hidden`: pass the teacher once")
+    if teacher_hidden is not None:
+        if teacher_weight is None:
+            v.fail(func, "teacher_weight", "is required with `teacher_hidden` (the teacher's lm_head)")
+        if len(teacher_hidden.shape) != 3 or tuple(teacher_hidden.shape[:2]) != tuple(hidden.shape[:2]):
+            v.fail(func, "teacher_hidden", f"must have shape [{rows}, {hidden.shape[1]}, H_t] (the rows of "
+                                           f"`hidden`), got {tuple(teacher_hidden.shape)}")
+    elif teacher_weight is not None:
+        v.fail(func, "teacher_weight", "is given without `teacher_hidden`")
+    if teacher_logps is not None and tuple(teacher_logps.shape) != (rows,):
+        v.fail(func, "teacher_logps", f"must have shape ({rows},) (one per row of `hidden`), got "
+                                      f"{tuple(teacher_logps.shape)}")
+    return rows // 2

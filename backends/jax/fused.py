@@ -49,6 +49,7 @@ __all__ = [
     "fused_cpo_loss",
     "fused_simpo_loss",
     "fused_dpop_loss",
+    "fused_concatenated",
 ]
 
 
@@ -428,3 +429,48 @@ def fused_dpop_loss(
 ) -> FusedPreferenceLoss:
     """``dpkd.spec.dpop_loss`` (penalty λ·max(0, c − a) on the summed h) on the student's lm_head."""
     return _named_wrapper("fused_dpop_loss", locals())
+
+
+# --------------------------------------------------------------------------------------------------
+# The concatenated (TRL / Liger) calling layout
+
+
+def fused_concatenated(
+    fused_loss: Callable[..., FusedPreferenceLoss],
+    hidden: jax.Array,
+    weight: jax.Array,
+    target: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    teacher_hidden: jax.Array | None = None,
+    teacher_weight: jax.Array | None = None,
+    teacher_bias: jax.Array | None = None,
+    teacher_logps: jax.Array | None = None,
+    **options: Any,
+) -> FusedPreferenceLoss:
+    """A fused sequence loss (``fused_dpkd_loss`` and siblings) in the layout TRL and Liger call with (the
+    Torch backend's ``fused_concatenated``: the same arguments, result and errors).
+
+    ``hidden`` [2B, T, H]: B chosen sequences then B rejected ones; ``target`` [2B, T] their shifted labels;
+    the teacher as ``teacher_hidden`` [2B, T, H_t] + ``teacher_weight`` (+ ``teacher_bias``) or as
+    ``teacher_logps`` [2B]. Returns ``fused_loss`` of the two halves: the split layout's result.
+
+    Example:
+        >>> B, T, H, V = 2, 5, 8, 11
+        >>> out = fused_concatenated(fused_dpkd_loss, jnp.ones((2 * B, T, H)), jnp.ones((V, H)),
+        ...                          jnp.zeros((2 * B, T), jnp.int32),
+        ...                          teacher_logps=jnp.array([-9.0, -8.0, -12.0, -11.0]))
+        >>> out.policy_chosen_logps.shape
+        (2,)
+    """
+    func = getattr(fused_loss, "__name__", "fused_concatenated")
+    n = contract.check_concatenated(func, describe(hidden), describe(target), teacher_hidden=describe(teacher_hidden),
+                                    teacher_weight=describe(teacher_weight), teacher_logps=describe(teacher_logps))
+    teacher: TeacherLMHead | TeacherLogps | None = None
+    if teacher_hidden is not None:
+        teacher = TeacherLMHead(teacher_hidden[:n], teacher_hidden[n:], teacher_weight, teacher_bias)
+    elif teacher_logps is not None:
+        teacher = TeacherLogps(teacher_logps[:n], teacher_logps[n:])
+    if teacher is not None:
+        options["teacher"] = teacher
+    return fused_loss(hidden[:n], hidden[n:], weight, target[:n], target[n:], bias=bias, **options)

@@ -35,7 +35,7 @@ from dpkd.spec.results import TokenPreferenceLoss
 
 from . import _base, distill, token
 from ._lm_head import accum_dtype, describe, pad_rows, project
-from ._token_kernels import TokenKernel, token_kernel
+from ._token_kernels import ChunkResult, TokenKernel, token_kernel
 
 __all__ = [
     "TOKEN_LOSS_BUFFERS",
@@ -56,9 +56,12 @@ __all__ = [
 #: is reused across calls.
 RowLoss = Callable[[jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
-#: Live [chunk, V] arrays per chunk of a named token loss: both logits, the softmaxes and the gradient
-#: that XLA keeps between its fusions.
-TOKEN_LOSS_BUFFERS = 4
+#: Live [chunk, V] arrays per chunk of a named token loss: the student's logits (rewritten into the
+#: gradient) and the teacher's; the kernels' temporaries are [block, V].
+TOKEN_LOSS_BUFFERS = 2
+
+#: Rows per kernel block (at most; a divisor of the chunk), as in the Torch backend.
+BLOCK_ROWS = 16
 
 # ... of a caller's own RowLoss (its VJP's temporaries too), as the Torch backend counts them.
 _ROW_LOSS_BUFFERS = 8
@@ -173,6 +176,39 @@ def _token_rows_jit(rows, weight, bias, teacher_rows, teacher_weight, teacher_bi
 # Named losses: chunk kernels (_token_kernels.py), the loss and its gradient in one scan
 
 
+def block_rows(chunk_size: int) -> int:
+    """Rows per kernel block: the largest divisor of the chunk up to ``BLOCK_ROWS``."""
+    return next(b for b in range(min(BLOCK_ROWS, chunk_size), 0, -1) if chunk_size % b == 0)
+
+
+def _blocked(kernel: TokenKernel, s, t, labels, f) -> ChunkResult:
+    """``kernel`` over blocks of a few rows of one chunk, in a loop that rewrites the logits ``s`` block by
+    block into the chunk's gradient (dense part × ``f``; in place: XLA updates a loop-carried buffer
+    without a copy). A block's passes stay in cache and its temporaries are [block, V], where one kernel
+    call on the whole chunk keeps several [chunk, V] temporaries and streams each from memory."""
+    c = s.shape[0]
+    b = block_rows(c)
+
+    def piece(x, i):
+        return None if x is None else jax.lax.dynamic_slice_in_dim(x, i * b, b)
+
+    shapes = jax.eval_shape(kernel, piece(s, 0), piece(t, 0), piece(labels, 0))
+    rows_out = jax.tree_util.tree_map(lambda a: jnp.zeros((c, *a.shape[1:]), a.dtype),
+                                      (shapes.loss, shapes.sparse, shapes.extras))
+
+    def body(i, state):
+        g, (loss, sparse, extras) = state
+        res = kernel(piece(g, i), piece(t, i), piece(labels, i))
+        if res.dense is not None and f is not None:
+            g = jax.lax.dynamic_update_slice_in_dim(g, (res.dense * piece(f, i)[:, None]).astype(g.dtype), i * b, 0)
+        out = jax.tree_util.tree_map(lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, i * b, 0),
+                                     (loss, sparse, extras), (res.loss, res.sparse, res.extras))
+        return g, out
+
+    g, (loss, sparse, extras) = jax.lax.fori_loop(0, c // b, body, (s, rows_out))
+    return ChunkResult(loss, g if shapes.dense is not None else None, sparse, extras)
+
+
 def _kernel_chunks(kernel: TokenKernel, chunk_size: int, rows, weight, bias, aux, factor):
     """(ℓ·live [N], extras [N], gradients of Σ factor·ℓ or None) over chunks of ``chunk_size`` rows.
 
@@ -181,22 +217,22 @@ def _kernel_chunks(kernel: TokenKernel, chunk_size: int, rows, weight, bias, aux
     t_rows, t_weight, t_bias, labels, live, n_live = aux
     n, size = rows.shape
     k = n // chunk_size
-    scale = 1.0 / kernel.temperature
+    tau = kernel.temperature
     acc = accum_dtype(weight.dtype)
 
     def compute(carry, xs):
         grad_w, grad_b = carry
         _, rows_k, t_k, lab_k, live_k, f_k = xs
-        s = project(rows_k, weight, bias) * scale
-        t = None if t_k is None else jax.lax.stop_gradient(project(t_k, t_weight, t_bias)) * scale
-        res = kernel(s, t, lab_k)
+        s = project(rows_k, weight, bias) / tau  # as the unfused losses divide
+        t = None if t_k is None else jax.lax.stop_gradient(project(t_k, t_weight, t_bias)) / tau
+        f = None if f_k is None else (f_k * live_k / tau).astype(rows.dtype)  # d(S/τ)/dS = 1/τ
+        res = _blocked(kernel, s, t, lab_k, f)
         out = (res.loss * live_k, {key: x * live_k for key, x in res.extras.items()})
-        if f_k is None:
+        if f is None:
             return carry, (*out, None)
-        f = (f_k * live_k * scale).astype(rows.dtype)
         grad_rows = jnp.zeros_like(rows_k)
         if res.dense is not None:
-            g = (res.dense * f[:, None]).astype(rows.dtype)
+            g = res.dense  # already f-scaled, in the logits' buffer
             grad_rows = g @ weight
             grad_w = grad_w + (g.T @ rows_k).astype(acc)
             if bias is not None:
@@ -396,8 +432,10 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: jax.Array, 
     kernel = token_kernel(row_loss.name, row_loss.options) if isinstance(row_loss, NamedTokenLoss) else None
     if kernel is not None and n > 0:
         _check_kernel_options(func, row_loss, dtype, target_is_labels)
-        size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
-                                       buffers=TOKEN_LOSS_BUFFERS)
+        if not size:  # the byte budget, rounded down to whole blocks
+            size = auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
+                                   buffers=TOKEN_LOSS_BUFFERS if kernel.teacher else 1)
+            size -= size % BLOCK_ROWS if size > BLOCK_ROWS else 0
         teacher = (None, None, None)
         if teacher_hidden is not None:
             teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).astype(dtype),

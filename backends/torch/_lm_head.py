@@ -53,17 +53,17 @@ def describe(t: Any) -> v.ArrayInfo | None:
 
 
 def project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            scale: float = 1.0) -> None:
-    """out ← (rows @ weightᵀ (+ bias))·scale: the chunk's logits (÷ τ inside the GEMM: no extra pass)."""
-    if scale == 1.0:
-        if bias is None:
-            torch.mm(rows, weight.t(), out=out)
-        else:
-            torch.addmm(bias, rows, weight.t(), out=out)
-    elif bias is None:
-        out.addmm_(rows, weight.t(), beta=0.0, alpha=scale)  # beta = 0: out's old contents are not read
+            temperature: float = 1.0) -> None:
+    """out ← (rows @ weightᵀ (+ bias)) / temperature: the chunk's logits.
+
+    The division is a pass of its own, as in the unfused losses (``logits / τ``): folding 1/τ into the
+    GEMM's alpha lets the BLAS round products differently per column, which breaks exact ties."""
+    if bias is None:
+        torch.mm(rows, weight.t(), out=out)
     else:
-        torch.addmm(bias, rows, weight.t(), beta=scale, alpha=scale, out=out)
+        torch.addmm(bias, rows, weight.t(), out=out)
+    if temperature != 1.0:
+        out.div_(temperature)
 
 
 def softmax_stats_(buf: torch.Tensor, safe_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ distillation. The loss is the backend's own (``dpkd.backends.torch.sequence``), 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from dpkd.spec import fused as contract
 from dpkd.spec import validation as v
 from dpkd.spec.fused import DEFAULT_CHUNK_BYTES, NamedSequenceLoss, auto_chunk_size
 from dpkd.spec.results import FusedPreferenceLoss, TeacherLMHead, TeacherLogps
+from torch import nn
 
 from . import sequence
 from ._base import ValueChecks, compute_dtype
@@ -50,6 +52,8 @@ __all__ = [
     "fused_cpo_loss",
     "fused_simpo_loss",
     "fused_dpop_loss",
+    "fused_concatenated",
+    "FusedLinearPreferenceLoss",
 ]
 
 
@@ -469,3 +473,81 @@ def fused_dpop_loss(
 ) -> FusedPreferenceLoss:
     """``dpkd.spec.dpop_loss`` (penalty λ·max(0, c − a) on the summed h) on the student's lm_head."""
     return _named_wrapper("fused_dpop_loss", locals())
+
+
+# --------------------------------------------------------------------------------------------------
+# The concatenated (TRL / Liger) calling layout
+
+
+def fused_concatenated(
+    fused_loss: Callable[..., FusedPreferenceLoss],
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_logps: torch.Tensor | None = None,
+    **options: Any,
+) -> FusedPreferenceLoss:
+    """A fused sequence loss (``fused_dpkd_loss`` and siblings) in the layout TRL and Liger call with.
+
+    ``hidden`` [2B, T, H] stacks the B chosen sequences (the teacher's outputs y_t) then the B rejected ones
+    (the student's y_s); ``target`` [2B, T] their shifted labels with ``options["ignore_index"]`` (default
+    −100) on prompt and padding; the teacher (the reference model) as ``teacher_hidden`` [2B, T, H_t] with
+    ``teacher_weight`` [V, H_t] (+ ``teacher_bias``), or as its summed log-probs ``teacher_logps`` [2B].
+    The halves go to ``fused_loss`` as its chosen and rejected arguments, so the result — the loss, its
+    gradients in ``hidden``/``weight``/``bias``, the rewards and the policy log-probs a, b that a TRL-style
+    trainer logs as ``logps/chosen``/``logps/rejected`` — is the split layout's.
+
+    Example:
+        >>> B, T, H, V = 2, 5, 8, 11
+        >>> w = torch.randn(V, H, requires_grad=True)
+        >>> out = fused_concatenated(fused_dpkd_loss, torch.randn(2 * B, T, H), w, torch.randint(0, V, (2 * B, T)),
+        ...                          teacher_logps=torch.tensor([-9.0, -8.0, -12.0, -11.0]), beta=0.1)
+        >>> out.policy_chosen_logps.shape
+        torch.Size([2])
+    """
+    func = getattr(fused_loss, "__name__", "fused_concatenated")
+    n = contract.check_concatenated(func, describe(hidden), describe(target), teacher_hidden=describe(teacher_hidden),
+                                    teacher_weight=describe(teacher_weight), teacher_logps=describe(teacher_logps))
+    teacher: TeacherLMHead | TeacherLogps | None = None
+    if teacher_hidden is not None:
+        teacher = TeacherLMHead(teacher_hidden[:n], teacher_hidden[n:], teacher_weight, teacher_bias)
+    elif teacher_logps is not None:
+        teacher = TeacherLogps(teacher_logps[:n], teacher_logps[n:])
+    if teacher is not None:
+        options["teacher"] = teacher
+    return fused_loss(hidden[:n], hidden[n:], weight, target[:n], target[n:], bias=bias, **options)
+
+
+class FusedLinearPreferenceLoss(nn.Module):
+    """A fused sequence loss as a module with Liger-Kernel's call signature, for code written against
+    ``LigerFusedLinearDPOLoss``: ``loss_fn(lin_weight, _input, target, bias, ref_input=, ref_weight=,
+    ref_bias=)`` with the concatenated layout (``fused_concatenated``), the reference model being the
+    teacher. Returns the ``FusedPreferenceLoss`` (``out[0]`` is the loss, as in Liger's result).
+
+    Example:
+        >>> loss_fn = FusedLinearPreferenceLoss(fused_dpkd_loss, beta=0.1)
+        >>> h, w = torch.randn(4, 5, 8), torch.randn(11, 8)
+        >>> out = loss_fn(w, h, torch.randint(0, 11, (4, 5)), None, ref_input=h, ref_weight=w)
+        >>> float(out.chosen_rewards.abs().max())   # the teacher is the student: every log-ratio is 0
+        0.0
+    """
+
+    def __init__(self, fused_loss: Callable[..., FusedPreferenceLoss] = fused_dpkd_loss, **options: Any):
+        super().__init__()
+        self.fused_loss = fused_loss
+        self.options = options
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None, ref_input: torch.Tensor | None = None,
+                ref_weight: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None
+                ) -> FusedPreferenceLoss:
+        return fused_concatenated(self.fused_loss, _input, lin_weight, target, bias=bias, teacher_hidden=ref_input,
+                                  teacher_weight=ref_weight, teacher_bias=ref_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join([self.fused_loss.__name__, *(f"{k}={val!r}" for k, val in self.options.items())])

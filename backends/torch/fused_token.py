@@ -222,7 +222,7 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
     kernel = plan.kernel
     n, vocab = rows.shape[0], weight.shape[0]
     need_h, need_w, need_b = needs if factor is not None else (False, False, False)
-    scale = 1.0 / kernel.temperature
+    tau = kernel.temperature
     loss = rows.new_empty(n)
     grad_rows = torch.empty_like(rows) if need_h else None
     head = LMHeadGrads(weight, bias, need_w, need_b)
@@ -234,11 +234,11 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
     for i0 in range(0, n, size):
         sl = slice(i0, min(i0 + size, n))
         s = buf_s[: sl.stop - i0]
-        project(rows[sl], weight, bias, s, scale)
+        project(rows[sl], weight, bias, s, tau)
         t = None
         if buf_t is not None:
             t = buf_t[: sl.stop - i0]
-            project(plan.teacher_rows[sl], plan.teacher_weight, plan.teacher_bias, t, scale)
+            project(plan.teacher_rows[sl], plan.teacher_weight, plan.teacher_bias, t, tau)
         results = []
         for b0 in range(0, s.shape[0], block):
             bl = slice(b0, min(b0 + block, s.shape[0]))
@@ -250,7 +250,7 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
                 plan.extras.setdefault(key, rows.new_zeros(n))[rows_here] = value
             results.append(res)
         if need_h or need_w or need_b:
-            f = factor[sl] * scale if isinstance(factor, torch.Tensor) else factor * scale
+            f = (factor[sl] if isinstance(factor, torch.Tensor) else factor) / tau  # d(S/τ)/dS = 1/τ
             _backprop_blocks(results, s, rows[sl], weight, f, None if grad_rows is None else grad_rows[sl], head)
     return loss, (grad_rows, *head.result())
 
