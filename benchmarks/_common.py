@@ -135,24 +135,33 @@ def measure(step: Callable[[], None], reset: Callable[[], None], repeats: int,
         floor()
     else:
         repeats = 1  # a memory-only run: one sampled step
-    cpu, walls, peaks, floor_cpu = [], [], [], []
+    cpu, walls, peaks, floor_cpu, floor_walls = [], [], [], [], []
+
+    def run_floor() -> None:
+        c, w, _ = _timed(floor, lambda: None, False)
+        floor_cpu.append(c)
+        floor_walls.append(w)
+
     for i in range(repeats):
         if floor is not None and i % 2 == 0:
-            floor_cpu.append(_timed(floor, lambda: None, False)[0])
+            run_floor()
         c, w, peak = _timed(step, reset, True)
         cpu.append(c)
         walls.append(w)
         peaks.append(peak)
         if floor is not None and i % 2 == 1:
-            floor_cpu.append(_timed(floor, lambda: None, False)[0])
+            run_floor()
     # CPU time of the process (one core) is what the ratios use: on a shared machine the wall clock
     # mostly measures the others; CPU time still carries their cache/bandwidth contention.
     out = {"time_s": statistics.median(cpu), "times_s": cpu, "wall_s": min(walls), "peak_bytes": max(peaks),
            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if floor is not None:
+        # with more than one thread the wall clock is what a caller waits for: a parallel region too small
+        # to split shows there (the CPU time of an idle thread is not counted)
         out.update({"floor_s": statistics.median(floor_cpu), "floor_times_s": floor_cpu,
                     "ratio": statistics.median(c / f for c, f in zip(cpu, floor_cpu)),
-                    "ratio_min": min(cpu) / min(floor_cpu)})
+                    "ratio_min": min(cpu) / min(floor_cpu),
+                    "ratio_wall": statistics.median(w / f for w, f in zip(walls, floor_walls))})
     return out
 
 

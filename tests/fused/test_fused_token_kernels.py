@@ -67,7 +67,7 @@ CASES = {
 
 
 def _call_torch(name, options, case, mask, dtype, reduction, chunk_size):
-    dt = {"float64": torch.float64, "float32": torch.float32}[dtype]
+    dt = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     h = torch.from_numpy(case.hidden).to(dt).requires_grad_(True)
     w = torch.from_numpy(case.weight).to(dt).requires_grad_(True)
     if name == "cross_entropy":
@@ -81,11 +81,12 @@ def _call_torch(name, options, case, mask, dtype, reduction, chunk_size):
     grads = torch.autograd.grad(loss.sum(), (h, w))
     fields = {f: getattr(out, f).detach().double().numpy() for f in out._fields} if isinstance(out, tuple) else \
         {"loss": loss.detach().double().numpy()}
+    assert all(g.dtype == dt for g in grads)  # gradients come back in the input's dtype
     return fields, [g.double().numpy() for g in grads]
 
 
 def _call_jax(name, options, case, mask, dtype, reduction, chunk_size):
-    dt = {"float64": jnp.float64, "float32": jnp.float32}[dtype]
+    dt = {"float64": jnp.float64, "float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     th, tw = jnp.asarray(case.teacher_hidden, dt), jnp.asarray(case.teacher_weight, dt)
 
     def run(h, w):
@@ -100,7 +101,8 @@ def _call_jax(name, options, case, mask, dtype, reduction, chunk_size):
     grads = jax.grad(lambda h, w: jnp.sum(getattr(run(h, w), "loss", run(h, w))), argnums=(0, 1))(h, w)
     fields = {f: np.asarray(getattr(out, f), np.float64) for f in out._fields} if isinstance(out, tuple) else \
         {"loss": np.asarray(out, np.float64)}
-    return fields, [np.asarray(g, np.float64) for g in grads]
+    assert all(g.dtype == dt for g in grads)
+    return fields, [np.asarray(g.astype(jnp.float32), np.float64) for g in grads]
 
 
 BACKENDS = {"torch": _call_torch, "jax": _call_jax}
@@ -160,3 +162,14 @@ def test_logits_of_size_1e4_in_float32(refs, backend, key):
     for name in ("hidden", "weight", "teacher_hidden", "teacher_weight"):  # what a float32 backend sees
         setattr(case, name, getattr(case, name).astype(np.float32).astype(np.float64))
     _check(refs, backend, key, case, dtype="float32", chunk_size=17, gradients=key not in ("reverse_kl", "akl"))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("key", ["dpkd", "dpop", "forward_kl", "reverse_kl", "jsd", "akl", "cross_entropy"])
+def test_bfloat16_inputs_compute_in_float32(refs, backend, key):
+    # bf16 hidden states and lm_heads: the spec on the bf16-rounded inputs, within the bf16 table (float32
+    # math, gradients rounded once to bf16) — the logits are formed in float32, not rounded to bf16
+    case = refs.make_case(7, (45,), 6, V, teacher_size=5, bias=False)
+    for name in ("hidden", "weight", "teacher_hidden", "teacher_weight"):
+        setattr(case, name, torch.from_numpy(getattr(case, name)).to(torch.bfloat16).double().numpy())
+    _check(refs, backend, key, case, dtype="bfloat16", chunk_size=16)
