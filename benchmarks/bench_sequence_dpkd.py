@@ -225,7 +225,7 @@ def main() -> None:
     report = _report(args, rows)
     print(report)
     if not args.no_write:
-        common.write_section("bench_sequence_dpkd", report)
+        common.write_section(f"bench_sequence_dpkd_t{args.threads}", report)
 
 
 def _verdict(value: float, limit: float) -> str:
@@ -286,7 +286,7 @@ def _report(args: argparse.Namespace, rows: dict) -> str:
     m = common.machine()
     cmd = "python benchmarks/bench_sequence_dpkd.py " + " ".join(sys.argv[1:])
     lines = [
-        "## Sequence-level DPKD, forward + backward (bench_sequence_dpkd.py)", "",
+        f"## Sequence-level DPKD, forward + backward, {args.threads} thread(s) (bench_sequence_dpkd.py)", "",
         f"Command: `{cmd}`  ",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {args.threads} thread(s)"
         f"{', every variant pinned to one core' if args.threads == 1 else ', both cores'}, load average at the "

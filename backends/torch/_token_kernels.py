@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ._base import hinge, smoothed_sigmoid_loss, softplus
+from ._base import positive_part, smoothed_sigmoid_loss, softplus
 
 __all__ = ["BlockResult", "TokenKernel", "token_kernel", "argmax_rows", "softmax_and_log_", "akl_head_weight"]
 
@@ -129,7 +129,7 @@ def _dpkd_block(beta: float, form: str, label_smoothing: float, reference_free: 
             loss = (h - 1.0 / (2.0 * beta)) ** 2
             dh = 2.0 * (h - 1.0 / (2.0 * beta))
         else:  # dpop
-            loss = softplus(-z) + lambda_ * hinge(c - a)
+            loss = softplus(-z) + lambda_ * positive_part(c - a)
             dh = -beta * torch.sigmoid(-z)
         agree = y_t == y_s
         dh = torch.where(agree, 0.0, dh)  # e_{y^t} − e_{y^s} = 0: no gradient (and no ±dh rounding)

@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from dpkd import spec  # noqa: E402
 from dpkd.backends import jax as J  # noqa: E402
 from dpkd.backends import torch as T  # noqa: E402
-from dpkd.spec.testing import assert_close  # noqa: E402
+from dpkd.conformance.testing import assert_close  # noqa: E402
 from dpkd.spec.validation import DPKDInputError  # noqa: E402
 
 B, LEN, H, H_T, V = 3, 7, 6, 5, 29

@@ -16,7 +16,7 @@ from dpkd.backends.jax import _token_kernels as jk  # noqa: E402
 from dpkd.backends.jax import fused_token as jft  # noqa: E402
 from dpkd.backends.torch import _token_kernels as tk  # noqa: E402
 from dpkd.backends.torch import fused_token as tft  # noqa: E402
-from dpkd.spec.testing import assert_close  # noqa: E402
+from dpkd.conformance.testing import assert_close  # noqa: E402
 
 V = 300  # blocks of 128 columns: two whole ones and a short last one
 
