@@ -102,7 +102,7 @@ def _call_jax(name, options, case, mask, dtype, reduction, chunk_size):
     fields = {f: np.asarray(getattr(out, f), np.float64) for f in out._fields} if isinstance(out, tuple) else \
         {"loss": np.asarray(out, np.float64)}
     assert all(g.dtype == dt for g in grads)
-    return fields, [np.asarray(g.astype(jnp.float32), np.float64) for g in grads]
+    return fields, [np.asarray(g.astype(jnp.float32) if g.dtype == jnp.bfloat16 else g, np.float64) for g in grads]
 
 
 BACKENDS = {"torch": _call_torch, "jax": _call_jax}
