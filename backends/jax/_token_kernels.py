@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ._base import smoothed_sigmoid_loss, softplus
 
@@ -115,41 +114,42 @@ def _jsd(s: jax.Array, t: jax.Array, beta: float) -> ChunkResult:
     return ChunkResult(beta * kl_p + (1.0 - beta) * kl_q, dense, (), {})
 
 
-def _int_view(x: jax.Array) -> tuple[jax.Array, int]:
-    """The bit pattern of x ≥ 0 as signed integers (they order like the values) and that of 1.0."""
-    dtype = jnp.int32 if x.dtype == jnp.float32 else jnp.int64
-    return jax.lax.bitcast_convert_type(x, dtype), int(np.array(1.0, x.dtype).view(np.dtype(dtype)))
+def _int_view(x: jax.Array) -> jax.Array:
+    """The bit pattern of x ≥ 0 as signed integers: they order like the values."""
+    return jax.lax.bitcast_convert_type(x, jnp.int32 if x.dtype == jnp.float32 else jnp.int64)
 
 
-def _bisect(lo: jax.Array, hi: jax.Array, below: Any, steps: int) -> jax.Array:
-    """The least x in (lo, hi] with ``below(x)`` true, per row (``below`` monotone, false at lo, true at hi)."""
+def _bisect(lo: jax.Array, hi: jax.Array, below: Any) -> jax.Array:
+    """The least x in (lo, hi] with ``below(x)`` true, per row (``below`` monotone, false at lo, true at hi);
+    as many halvings as the widest row needs."""
 
-    def step(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def step(bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
         ok = below(mid)
         return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
-    return jax.lax.fori_loop(0, steps, step, (lo, hi))[1]
+    return jax.lax.while_loop(lambda b: jnp.any(b[1] - b[0] > 1), step, (lo, hi))[1]
 
 
 def akl_head_weight(p: jax.Array, gap: jax.Array, mu: float) -> jax.Array:
     """AKL's head weight g_head / (g_head + g_tail) per row (0.5 where p = q), without sorting V.
 
     The head is the first tokens of p in descending order (ties: lower index first) while the running
-    mass C_k ≤ μ, and always the first. With F(θ) = Σ p·[bits(p) > θ], the first token outside the head has
-    the value θ* = min{θ : F(θ) ≤ μ}: a bisection over the integer bit patterns (each step one fused
-    reduction). Tokens above θ* are in the head; of the c tokens equal to θ*, the first n (by index) with
-    F(θ*) + n·θ* ≤ μ are, found by a second bisection over the index only when 0 < n < c somewhere."""
-    bits, one = _int_view(p)
+    mass C_k ≤ μ, and always the first. With F(θ) = Σ p·[p > θ], the first token outside the head has the
+    value θ* = min{θ : F(θ) ≤ μ}: a bisection over the bit patterns of the floats between min p and max p
+    (they order like the values; each step one fused reduction). Tokens above θ* are in the head; of the
+    c tokens equal to θ*, the first n (by index) with F(θ*) + n·θ* ≤ μ are, found by a second bisection
+    over the index only when 0 < n < c somewhere."""
+    bits = _int_view(p)
     rows, vocab = p.shape
-    steps = int(one).bit_length()
 
-    def mass_above(theta: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.where(bits > theta[:, None], p, 0.0), axis=1)
+    def mass_above(theta: jax.Array) -> jax.Array:  # θ as bits ≥ 0; compared as floats (the same order)
+        return jnp.sum(jnp.where(p > jax.lax.bitcast_convert_type(theta, p.dtype)[:, None], p, 0.0), axis=1)
 
-    lo = jnp.full((rows,), -1, bits.dtype)
-    theta = _bisect(lo, jnp.full((rows,), one, bits.dtype), lambda th: mass_above(th) <= mu, steps)
+    # F(min p − 1 ulp) = Σ p > μ and F(max p) = 0 ≤ μ (the bisection never evaluates the lower end)
+    lo = jnp.min(bits, axis=1) - 1
+    theta = _bisect(lo, jnp.max(bits, axis=1), lambda th: mass_above(th) <= mu)
     above = bits > theta[:, None]
     mass = jnp.sum(jnp.where(above, p, 0.0), axis=1)
     g_above = jnp.sum(jnp.where(above, gap, 0.0), axis=1)
@@ -166,8 +166,7 @@ def akl_head_weight(p: jax.Array, gap: jax.Array, mu: float) -> jax.Array:
         def enough(pos: jax.Array) -> jax.Array:
             return jnp.sum(tied & (iota < pos[:, None]), axis=1) >= n
 
-        cut = _bisect(jnp.zeros((rows,), jnp.int32), jnp.full((rows,), vocab, jnp.int32), enough,
-                      int(vocab).bit_length())
+        cut = _bisect(jnp.zeros((rows,), jnp.int32), jnp.full((rows,), vocab, jnp.int32), enough)
         return jnp.sum(jnp.where(tied & (iota < cut[:, None]), gap, 0.0), axis=1)
 
     partial = jax.lax.cond(jnp.any((n > 0) & (n < count)), partial_ties, lambda _: jnp.zeros_like(mass), None)

@@ -53,8 +53,9 @@ __all__ = [
 #: (the kernels' scratch is [block, V]); the default chunk fits them in ``DEFAULT_CHUNK_BYTES``.
 TOKEN_LOSS_BUFFERS = 2
 
-#: Rows per kernel block: the in-place passes of a block stay in cache, and at 2 threads each pass still
-#: splits into halves of 8 × V entries (measured: 2 to 256 rows per block cost the same on one core).
+#: Rows per kernel block and thread: a block's in-place passes stay in cache (on one core 2 to 256 rows
+#: per block cost the same), and with more threads every pass still gives each thread 16 rows, so the
+#: parallel regions do not shrink to the point where waking the threads costs more than the work.
 BLOCK_ROWS = 16
 
 # Live [chunk, V] buffers of a caller's own RowLoss: both logits plus autograd's temporaries.
@@ -229,7 +230,7 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
     size = min(plan.chunk_size, n)
     buf_s = rows.new_empty(size, vocab)
     buf_t = rows.new_empty(size, vocab) if kernel.teacher else None
-    block = min(BLOCK_ROWS, size)
+    block = min(BLOCK_ROWS * max(1, torch.get_num_threads()), size)
     scratch = [rows.new_empty(block, vocab) for _ in range(kernel.scratch)]
     for i0 in range(0, n, size):
         sl = slice(i0, min(i0 + size, n))
