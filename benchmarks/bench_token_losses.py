@@ -215,6 +215,20 @@ def _verdicts(rows: dict) -> list[str]:
     return out
 
 
+def _resumed(logs: list[str]) -> dict[str, dict]:
+    """The ``loss:variant {json}`` lines of earlier runs' output (a long run on a shared machine can be
+    stopped and continued; the shape and thread count must be the caller's to match)."""
+    done = {}
+    for log in logs:
+        for line in Path(log).read_text().splitlines():
+            name, _, payload = line.partition(" ")
+            if ":" in name and name.split(":")[0] in LOSSES and payload.startswith("{"):
+                res = json.loads(payload)
+                if "error" not in res:
+                    done[name] = res
+    return done
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096)
@@ -230,6 +244,8 @@ def main() -> None:
     p.add_argument("--child", default=None)
     p.add_argument("--memory-only", action="store_true", help="(child) one sampled step, no floor")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--resume", action="append", default=[], metavar="LOG",
+                   help="reuse the variants an earlier run with the same shape printed to LOG (its stdout)")
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -239,12 +255,15 @@ def main() -> None:
              "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--threads", str(args.threads),
              "--chunk-size", str(args.chunk_size)]
     rows = {}
+    done = _resumed(args.resume)
     for loss in args.losses.split(","):
         for variant in args.variants.split(","):
             if variant.endswith("bf16") and loss != "dpkd":
                 continue
             name = f"{loss}:{variant}"
-            if args.no_memory:
+            if name in done:
+                res = done[name]
+            elif args.no_memory:
                 res = common.run_child(script, [name, *shape], args.threads)
             else:
                 res = common.run_variant(script, [name, *shape], args.threads)
