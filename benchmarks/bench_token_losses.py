@@ -215,18 +215,20 @@ def _verdicts(rows: dict) -> list[str]:
     return out
 
 
-def _resumed(logs: list[str]) -> dict[str, dict]:
-    """The ``loss:variant {json}`` lines of earlier runs' output (a long run on a shared machine can be
-    stopped and continued; the shape and thread count must be the caller's to match)."""
-    done = {}
+def _resumed(logs: list[str]) -> tuple[dict[str, dict], list[str]]:
+    """The ``loss:variant {json}`` lines of earlier runs' output and the commands that printed them (a long
+    run on a shared machine can be split or stopped and continued; the shape and thread count must match)."""
+    done, commands = {}, []
     for log in logs:
         for line in Path(log).read_text().splitlines():
             name, _, payload = line.partition(" ")
-            if ":" in name and name.split(":")[0] in LOSSES and payload.startswith("{"):
+            if name == "command:":
+                commands.append(payload.strip())
+            elif ":" in name and name.split(":")[0] in LOSSES and payload.startswith("{"):
                 res = json.loads(payload)
                 if "error" not in res:
                     done[name] = res
-    return done
+    return done, commands
 
 
 def main() -> None:
@@ -246,6 +248,7 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--resume", action="append", default=[], metavar="LOG",
                    help="reuse the variants an earlier run with the same shape printed to LOG (its stdout)")
+    p.add_argument("--no-run", action="store_true", help="with --resume: report the resumed variants only")
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -254,8 +257,10 @@ def main() -> None:
     shape = ["--n", str(args.n), "--hidden", str(args.hidden), "--teacher-hidden", str(args.teacher_hidden),
              "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--threads", str(args.threads),
              "--chunk-size", str(args.chunk_size)]
+    cmd = "python benchmarks/bench_token_losses.py " + " ".join(sys.argv[1:])
+    print("command:", cmd, flush=True)
     rows = {}
-    done = _resumed(args.resume)
+    done, commands = _resumed(args.resume)
     for loss in args.losses.split(","):
         for variant in args.variants.split(","):
             if variant.endswith("bf16") and loss != "dpkd":
@@ -263,6 +268,8 @@ def main() -> None:
             name = f"{loss}:{variant}"
             if name in done:
                 res = done[name]
+            elif args.no_run:
+                continue
             elif args.no_memory:
                 res = common.run_child(script, [name, *shape], args.threads)
             else:
@@ -270,10 +277,10 @@ def main() -> None:
             rows[(loss, variant)] = res
             print(name, json.dumps(res), flush=True)
     m = common.machine()
-    cmd = "python benchmarks/bench_token_losses.py " + " ".join(sys.argv[1:])
+    runs = "; ".join(f"`{c}`" for c in (commands if args.no_run else [*commands, cmd]))
     lines = [
         f"## Token-level losses, forward + backward, {args.threads} thread(s) (bench_token_losses.py)", "",
-        f"Command: `{cmd}`  ",
+        (f"Commands (rows merged with --resume): {runs}  " if commands else f"Command: `{cmd}`  "),
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {args.threads} thread(s)"
         f"{', each variant pinned to one core' if args.threads == 1 else ', both cores'}, load average at the "
         f"end {m['load'][0]:.1f} (1-min; a VM shared with other helpers' jobs)  ",
