@@ -210,6 +210,8 @@ def _verdicts(rows: dict) -> list[str]:
         if mem is not None and mem > MEMORY_TARGET:
             missed.append(f"memory {100 * (mem / MEMORY_TARGET - 1):.0f}% over")
         verdict = "met" if not missed else "missed: " + ", ".join(missed)
+        if vs_mat is None:
+            verdict += " (the materialised loss not measured in this run)"
         out.append(f"| {loss} | {framework} | {res['ratio']:.3f} | {'–' if vs_mat is None else f'{vs_mat:.3f}'} | "
                    f"{'–' if mem is None else f'{mem:.3f}'} | {verdict} |")
     return out
