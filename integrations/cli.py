@@ -176,13 +176,17 @@ def _check_launch(cfg: Any) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    from dpkd.integrations.folder_lock import FolderLockedError
     from dpkd.integrations.transformers.job import run_job
 
     cfg = job_config(args)
     _check_launch(cfg)
-    run_job(cfg, results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
-            test_data=args.test_data, teacher_path=args.teacher, student_path=args.student, quiet=not args.verbose,
-            show_progress=not args.verbose)
+    try:
+        run_job(cfg, results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
+                test_data=args.test_data, teacher_path=args.teacher, student_path=args.student,
+                quiet=not args.verbose, show_progress=not args.verbose)
+    except FolderLockedError as e:
+        raise SystemExit(f"dpkd distill: {e}") from None
     return 0
 
 

@@ -193,21 +193,36 @@ def run_job(cfg: JobConfig, *, results_dir: str | Path, cache_dir: str | Path, t
     """Run the whole job; returns the aggregated metrics (also written to ``results_dir``)."""
     import torch
 
+    from ..folder_lock import FolderLock, FolderLockedError
+    from .distributed import is_main_process
     from .experiment import Experiment
 
     torch.set_num_threads(max(1, cfg.threads))
-    exp = Experiment(cfg, Path(results_dir), Path(cache_dir), quiet=quiet, show_progress=show_progress)
-    exp.load_data(train_data, test_data)
-    exp.load_teacher(teacher_path, student_path)
-    exp.teacher_outputs()
-    exp.evaluate_teacher()
-    if cfg.grid:
-        exp.tune()
-    from .experiment import replace_cfg
+    # one job per results folder (a second one would mix its seeds and checkpoints into this one's)
+    lock = FolderLock(results_dir, purpose="dpkd distill --results-dir") if is_main_process() else None
+    if lock is not None:
+        try:
+            note = lock.acquire()
+        except FolderLockedError as e:
+            raise FolderLockedError(f"--results-dir {e}") from None
+        if note:
+            _log(note)
+    try:
+        exp = Experiment(cfg, Path(results_dir), Path(cache_dir), quiet=quiet, show_progress=show_progress)
+        exp.load_data(train_data, test_data)
+        exp.load_teacher(teacher_path, student_path)
+        exp.teacher_outputs()
+        exp.evaluate_teacher()
+        if cfg.grid:
+            exp.tune()
+        from .experiment import replace_cfg
 
-    runs = planned_runs(replace_cfg(cfg, exp.chosen))
-    exp.run_seeds(cfg.seeds, student_path, runs, cfg.workers)
-    return exp.finish()
+        runs = planned_runs(replace_cfg(cfg, exp.chosen))
+        exp.run_seeds(cfg.seeds, student_path, runs, cfg.workers)
+        return exp.finish()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def write_json(path: Path, obj: Any) -> None:

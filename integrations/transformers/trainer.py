@@ -67,6 +67,7 @@ from typing import Any
 
 import torch
 
+from ..folder_lock import FolderLock, FolderLockedError
 from ..methods import METHODS, OBJECTIVE_PRESETS, PairLoss, PolicyGradient, TokenDivergence
 from .batching import SequenceBatch, generate, pad_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -78,7 +79,15 @@ from .probe import Probe, ProbeOptions
 from .sampling import sample_key
 
 __all__ = ["DistillConfig", "DistillTrainer", "TrainResult", "objective_preset", "OBJECTIVE_PRESETS",
-           "SCHEDULERS"]
+           "SCHEDULERS", "RESUMABLE_CHANGES"]
+
+#: ``DistillConfig`` fields a resumed run may change: its length (the schedule runs over the new
+#: ``max_steps``), logging, checkpoints, the engine and the per-process batch split (the global batch is
+#: checked on its own), the fused path (the same losses).
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "max_steps", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to",
+    "disable_tqdm", "per_device_train_batch_size", "gradient_accumulation_steps", "fsdp", "fsdp_config",
+    "deepspeed", "use_fused", "fused_chunk_size"})
 
 #: ``lr_scheduler_type`` values: transformers' ``SchedulerType`` names that need no evaluation metric.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -488,7 +497,8 @@ class DistillTrainer:
         return self.probe.metrics(self.student, step) if self.engine.is_main else {}
 
     # ------------------------------------------------------------------------------------------ loop
-    def _restore(self, resume_from_checkpoint: str | bool | None, init_from: str | Path | None) -> int:
+    def _restore(self, resume_from_checkpoint: str | bool | None, init_from: str | Path | None,
+                 allow_changes: set[str] = frozenset()) -> int:
         """Global step to start at: this run's own checkpoint (resume) if any, else ``init_from``'s (continue
         another run: weights, optimizer, RNG, step; its log history is not carried over), else 0."""
         out_dir = Path(self.config.output_dir)
@@ -497,6 +507,7 @@ class DistillTrainer:
             own = latest_checkpoint(out_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
         if own is not None:
             state = self._load(own, resume=True)
+            self._check_same_config(own, state.get("config"), allow_changes)
             self.log_history = list(state["log_history"])
             self.start_step = int(state.get("run_start_step", 0))
             self.probe.load_state(state.get("probe"))  # the pairs frozen when the run started
@@ -521,6 +532,19 @@ class DistillTrainer:
                 f"{int(saved) // self.world} at this world size")
         return state
 
+    def _check_same_config(self, folder: Path, saved: dict[str, Any] | None, allow_changes: set[str]) -> None:
+        """Resuming with another configuration would silently mix two runs: refused, naming the fields."""
+        if saved is None:
+            return
+        now = json.loads(json.dumps(self.config.to_json(), default=str))
+        changed = [k for k in now if k not in RESUMABLE_CHANGES | allow_changes and saved.get(k) != now[k]]
+        if changed:
+            diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"DistillTrainer: resuming {folder}, which another configuration wrote ({diff}); resume with the "
+                f"checkpoint's values, start a new output_dir, or pass train(..., allow_changes={tuple(changed)!r}) "
+                f"to change them on purpose")
+
     def _log(self, record: dict[str, float], writer: Any, bar: Any) -> None:
         self.log_history.append(record)
         if writer is not None:
@@ -541,16 +565,39 @@ class DistillTrainer:
                          "world_size": self.world},
                         total_limit=c.save_total_limit, engine=self.engine)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *, init_from: str | Path | None = None
-              ) -> TrainResult:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *, init_from: str | Path | None = None,
+              allow_changes: Sequence[str] = ()) -> TrainResult:
         """Run ``max_steps`` optimizer steps. ``resume_from_checkpoint``: a checkpoint folder of this run, or
         True for the latest in ``output_dir`` (a fresh start when there is none); ``init_from``: another
-        run's checkpoint to continue from (module docstring)."""
+        run's checkpoint to continue from (module docstring). A resumed run must have the checkpoint's
+        configuration but for :data:`RESUMABLE_CHANGES` (run length, logging, checkpoints, engine, the fused
+        path) and the ``DistillConfig`` fields named in ``allow_changes`` (changed on purpose; the schedule is
+        the new configuration's). ``output_dir`` is locked while the run lasts
+        (:mod:`dpkd.integrations.folder_lock`): a trainer of another process on it is refused."""
+        unknown = sorted(set(allow_changes) - {f.name for f in fields(DistillConfig)})
+        if unknown:
+            raise ValueError(f"DistillTrainer.train: `allow_changes` names no DistillConfig field: {unknown}")
+        lock = FolderLock(self.config.output_dir, purpose="DistillTrainer") if self.engine.is_main else None
+        if lock is not None:
+            try:
+                note = lock.acquire()
+            except FolderLockedError as e:
+                raise FolderLockedError(f"DistillConfig.output_dir {e}") from None
+            if note and not self.config.disable_tqdm:
+                print(note, flush=True)
+        try:
+            return self._train(resume_from_checkpoint, init_from, set(allow_changes))
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _train(self, resume_from_checkpoint: str | bool | None, init_from: str | Path | None,
+               allow_changes: set[str]) -> TrainResult:
         c = self.config
         main = self.engine.is_main
         out_dir = Path(c.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        start = self._restore(resume_from_checkpoint, init_from)
+        start = self._restore(resume_from_checkpoint, init_from, allow_changes)
         end = self.start_step + c.max_steps
         if start == self.start_step and (main or self.engine.sharded):
             self.probe.start(self.student)
