@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import METHODS
-from .job import JobConfig, Run, _atomic_dir, _file_hash, _hash, _log, _write_lines, config_dict, planned_runs
+from .job import (
+    JobConfig,
+    Run,
+    _atomic_dir,
+    _file_hash,
+    _hash,
+    _log,
+    _write_lines,
+    config_dict,
+    planned_runs,
+)
 from .progress import Progress
 
 __all__ = ["Experiment"]
@@ -150,6 +160,7 @@ class Experiment:
                                   "L": cfg.teacher_layers, "steps": cfg.teacher_steps, "lr": cfg.teacher_lr,
                                   "bs": cfg.batch_size})
         self.progress.stage("teacher")
+        self.teacher_identified = cfg.teacher_model == "smollm2" or teacher_path is not None
         if cfg.teacher_model == "smollm2":
             from .pretrained import gguf_fingerprint, load_smollm2, smollm2_gguf_path
 
@@ -157,6 +168,10 @@ class Experiment:
             self.teacher, self.tok = load_smollm2(self.cache_dir)
             self.progress.advance(cfg.teacher_steps)
         elif teacher_path is not None:
+            # the cached y_t and log-probs belong to this checkpoint's files, whatever its path or config
+            from ..identity import source_fingerprint
+
+            self.teacher_key = _hash({"checkpoint": source_fingerprint(teacher_path)})
             self.tok, self.teacher = load_tokenizer(teacher_path), load_causal_lm(teacher_path)
             self.progress.advance(cfg.teacher_steps)
         else:
@@ -261,8 +276,8 @@ class Experiment:
                 for ex, ids in zip(labelled, self._teacher_responses(labelled, tag="y_t", do_sample=True),
                                    strict=True):
                     ex.teacher_ids = ids
-        # the GGUF file's fingerprint names the SmolLM2 teacher; any other teacher is fingerprinted by its weights
-        known = self.teacher_key if self.cfg.teacher_model == "smollm2" else None
+        # SmolLM2: the GGUF file's fingerprint; --teacher: its files'; the embedded teacher: its weights' hash
+        known = self.teacher_key if self.teacher_identified else None
         with main_process_first():
             cache = TeacherLogpCache(self.cache_dir / "teacher-logps", self.teacher, self.tok, batch_size=16,
                                      teacher_fingerprint=known, fused=self.cfg.use_fused)
