@@ -160,6 +160,50 @@ def job_config(args: argparse.Namespace) -> Any:
     return replace(cfg, **overrides)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _check_model_dir(flag: str, path: str | None, *, tokenizer: bool) -> None:
+    if path is None:
+        return
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SystemExit(f"dpkd: {flag} {path}: no such folder (a local Hugging Face checkpoint folder)")
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"dpkd: {flag} {path}: no config.json (not a Hugging Face checkpoint folder)")
+    if tokenizer and not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise SystemExit(f"dpkd: {flag} {path}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); save "
+                         f"the tokenizer with the model (tokenizer.save_pretrained)")
+
+
+def _check_data_file(flag: str, path: str | None) -> None:
+    if path is not None and Path(path).suffix in (".jsonl", ".json", ".parquet") and not Path(path).is_file():
+        raise SystemExit(f"dpkd: {flag} {path}: no such file")
+
+
+def _check_writable(flag: str, path: str | Path, *, folder: bool) -> None:
+    """``path`` (a folder, or a file's path) can be created or written by this process."""
+    target = Path(path).expanduser().absolute()
+    if target.exists() and target.is_dir() != folder:
+        raise SystemExit(f"dpkd: {flag} {path}: is {'a file' if folder else 'a folder'}")
+    existing = target if target.exists() else next(p for p in target.parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"dpkd: {flag} {path}: cannot write there ({existing} is not a writable folder)")
+
+
+def _check_distill_paths(args: argparse.Namespace) -> None:
+    """The paths of a ``dpkd distill`` command line, checked before anything is loaded, trained or written."""
+    _check_model_dir("--teacher", args.teacher, tokenizer=True)
+    _check_model_dir("--student", args.student, tokenizer=False)
+    if (args.train_data is None) != (args.test_data is None):
+        raise SystemExit("dpkd distill: --train-data and --test-data go together (give both, or neither for the "
+                         "embedded task)")
+    _check_data_file("--train-data", args.train_data)
+    _check_data_file("--test-data", args.test_data)
+    _check_writable("--results-dir", args.results_dir, folder=True)
+    _check_writable("--cache-dir", args.cache_dir, folder=True)
+
+
 def _check_launch(cfg: Any) -> None:
     """What the launcher asks for, refused before anything runs: an engine this machine cannot run, a global
     batch the processes cannot share."""
@@ -180,6 +224,7 @@ def _distill(args: argparse.Namespace) -> int:
     from dpkd.integrations.transformers.job import run_job
 
     cfg = job_config(args)
+    _check_distill_paths(args)
     _check_launch(cfg)
     try:
         run_job(cfg, results_dir=args.results_dir, cache_dir=args.cache_dir, train_data=args.train_data,
@@ -197,6 +242,9 @@ def _generate(args: argparse.Namespace) -> int:
     from dpkd.integrations.transformers.job import generate_teacher_outputs
     from dpkd.integrations.transformers.models import load_causal_lm, load_tokenizer
 
+    _check_model_dir("--teacher", args.teacher, tokenizer=True)
+    _check_data_file("--data", args.data)
+    _check_writable("--out", args.out, folder=False)
     tok = load_tokenizer(args.teacher)
     teacher = load_causal_lm(args.teacher)
     records = load_records(args.data)
