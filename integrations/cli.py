@@ -191,10 +191,30 @@ def _check_writable(flag: str, path: str | Path, *, folder: bool) -> None:
         raise SystemExit(f"dpkd: {flag} {path}: cannot write there ({existing} is not a writable folder)")
 
 
+def _check_student_matches_teacher(teacher: str, student: str) -> None:
+    """One vocabulary for both (the losses compare their distributions token by token): the same size, and the
+    same tokenizer where the student folder has one (read from the folders; no weights are loaded)."""
+    from dpkd.integrations.transformers.models import load_tokenizer
+
+    sizes = [json.loads((Path(p) / "config.json").read_text()).get("vocab_size") for p in (student, teacher)]
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise SystemExit(f"dpkd distill: --student {student}: vocabulary of {sizes[0]} tokens, --teacher {teacher}: "
+                         f"{sizes[1]}; the student must use the teacher's vocabulary")
+    if any((Path(student) / f).is_file() for f in _TOKENIZER_FILES):
+        t_vocab, s_vocab = load_tokenizer(teacher).get_vocab(), load_tokenizer(student).get_vocab()
+        if t_vocab != s_vocab:
+            differ = len(set(t_vocab.items()) ^ set(s_vocab.items())) // 2
+            raise SystemExit(f"dpkd distill: --student {student} has another tokenizer than --teacher {teacher} "
+                             f"(about {differ} of {len(t_vocab)} token ids differ); the student must use the "
+                             f"teacher's tokenizer")
+
+
 def _check_distill_paths(args: argparse.Namespace) -> None:
     """The paths of a ``dpkd distill`` command line, checked before anything is loaded, trained or written."""
     _check_model_dir("--teacher", args.teacher, tokenizer=True)
     _check_model_dir("--student", args.student, tokenizer=False)
+    if args.teacher is not None and args.student is not None:
+        _check_student_matches_teacher(args.teacher, args.student)
     if (args.train_data is None) != (args.test_data is None):
         raise SystemExit("dpkd distill: --train-data and --test-data go together (give both, or neither for the "
                          "embedded task)")
