@@ -181,9 +181,32 @@ class DistillConfig:
             raise ValueError("DistillConfig: `fused_chunk_size` must be ≥ 1 (or None)")
         if self.bf16 and self.fp16:
             raise ValueError("DistillConfig: set at most one of `bf16` and `fp16`")
+        self._check_ranges()
         if self.save_steps and self.save_steps % self.logging_steps:
             # a resumed run must restart on a logging boundary to reproduce the averaged logs exactly
             raise ValueError("DistillConfig: `save_steps` must be a multiple of `logging_steps`")
+
+    def _check_ranges(self) -> None:
+        """The remaining numeric fields and choices, each refused by name (before any model is touched)."""
+        for name in ("eval_steps", "save_steps", "sample_top_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DistillConfig: `{name}` must be ≥ 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "adam_epsilon"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"DistillConfig: `{name}` must be ≥ 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"DistillConfig: `{name}` must lie in [0, 1), got {getattr(self, name)}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"DistillConfig: `max_grad_norm` must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.sample_top_p <= 1:
+            raise ValueError(f"DistillConfig: `sample_top_p` must lie in (0, 1], got {self.sample_top_p}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"DistillConfig: `save_total_limit` must be ≥ 1 or None, got {self.save_total_limit}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ValueError(f"DistillConfig: `report_to` must be 'tensorboard' or 'none', got {self.report_to!r}")
+        if self.fsdp_config is not None and not self.fsdp:
+            raise ValueError("DistillConfig: `fsdp_config` is given but `fsdp` is empty (set fsdp='full_shard', ...)")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
