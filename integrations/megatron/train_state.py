@@ -41,6 +41,7 @@ from megatron.core.dist_checkpointing.optimizer import (
     optim_state_to_sharding_state,
 )
 
+from ..durable_files import fsync_path
 from . import dist_checkpoint
 from .models import write_model_info
 
@@ -61,14 +62,6 @@ def step_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f"step_{step:07d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to a uniquely named temporary file, fsync it, rename it over ``path``, fsync the folder."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
@@ -77,7 +70,7 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_latest(save_dir: str | Path, step: int) -> None:
@@ -237,7 +230,7 @@ def save_training_state(save_dir: str | Path, step: int, student, optimizer, sch
         if path.exists():
             path.rename(old)
         partial.rename(path)
-        _fsync_dir(Path(save_dir))
+        fsync_path(Path(save_dir))
         shutil.rmtree(old, ignore_errors=True)
         write_latest(save_dir, step)
     torch.distributed.barrier()

@@ -33,30 +33,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_file, save_model
 
+from ..durable_files import fsync_path, fsync_tree
+
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_model_weights", "save_model_folder",
            "fsync_tree"]
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file in ``folder`` (recursively) and the folder itself."""
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -140,7 +122,7 @@ def save_checkpoint(
         if final.exists():  # re-saving the same step (resume): replace the old copy
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        fsync_path(output_dir)
         if total_limit is not None and total_limit > 0:
             for old in _checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)

@@ -134,7 +134,7 @@ def _file_hash(path: str) -> str:
 def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     """Build a folder under a temporary name and rename it into place (a crash never leaves half a cache).
     In a distributed launch the main process builds it while the others wait."""
-    from .checkpoint import fsync_tree
+    from ..durable_files import fsync_tree
     from .distributed import barrier, is_main_process
 
     if not is_main_process():

@@ -224,7 +224,7 @@ def _convert(gguf_path: Path, fingerprint: str, out: Path) -> None:
 def _publish(tmp: Path, final: Path, fingerprint: str) -> None:
     """fsync ``tmp`` and rename it to ``final``; a complete ``final`` written meanwhile by another process
     wins, an incomplete one is replaced."""
-    from .checkpoint import _fsync_dir, fsync_tree
+    from ..durable_files import fsync_path, fsync_tree
 
     fsync_tree(tmp)
     if final.exists():
@@ -238,7 +238,7 @@ def _publish(tmp: Path, final: Path, fingerprint: str) -> None:
     except OSError:  # another process renamed its own conversion into place first
         if not folder_is_complete(final, fingerprint):
             raise
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def _remove_stale_temporaries(final: Path) -> None:

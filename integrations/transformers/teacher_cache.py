@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ..durable_files import fsync_path
 from .batching import IGNORE_INDEX, pad_pairs
 
 __all__ = ["TeacherLogpCache", "CachedTeacher", "example_id", "model_fingerprint", "tokenizer_fingerprint",
@@ -167,8 +168,6 @@ class TeacherLogpCache:
     def _write(self) -> None:
         from safetensors.torch import save_file
 
-        from .checkpoint import _fsync_dir
-
         keys = list(self._entries)
         entries = [self._entries[k] for k in keys]
         lengths = torch.tensor([0] + [e.token_logps.shape[0] for e in entries])
@@ -179,13 +178,9 @@ class TeacherLogpCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         save_file(tensors, str(tmp), metadata={**{k: str(v) for k, v in self.meta.items()}, "keys": json.dumps(keys)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, self.path)
-        _fsync_dir(self.folder)
+        fsync_path(self.folder)
 
     # ------------------------------------------------------------------------------------------ scoring
     @torch.no_grad()
