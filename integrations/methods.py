@@ -34,9 +34,15 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from dpkd.spec import distill as spec_distill
+from dpkd.spec import sequence as spec_sequence
+from dpkd.spec import token as spec_token
+from dpkd.spec import validation as v
 
 __all__ = ["HyperParam", "Needs", "Method", "CrossEntropy", "TokenDivergence", "PairLoss", "PolicyGradient",
            "METHODS", "TABLE1", "VARIANTS", "ABLATIONS", "Ablation", "OBJECTIVE_PRESETS", "method_names",
@@ -48,7 +54,8 @@ class HyperParam:
     """One hyper-parameter: its default, its valid range and the values the validation grid tries.
 
     ``low``/``high`` bound numbers (``open_low``/``open_high``: strict); ``choices`` lists valid strings;
-    ``grid`` is empty when the parameter is not tuned.
+    ``grid`` is empty when the parameter is not tuned. A parameter the loss itself takes is made with
+    :meth:`from_option`, so its range is the spec's declaration, not a second copy of it.
     """
 
     name: str
@@ -60,6 +67,15 @@ class HyperParam:
     open_high: bool = False
     choices: tuple[str, ...] = ()
     grid: tuple[Any, ...] = ()
+
+    @classmethod
+    def from_option(cls, option: v.Option, help: str, *, default: Any = None, grid: tuple[Any, ...] = ()
+                    ) -> HyperParam:
+        """The hyper-parameter of a spec option: the same name and valid range (``default``: the method's own
+        default where it is not the loss function's)."""
+        return cls(option.name, option.default if default is None else default, help, low=option.low,
+                   high=option.high, open_low=not option.low_inclusive, open_high=not option.high_inclusive,
+                   choices=tuple(option.choices), grid=grid)
 
     def range_text(self) -> str:
         """The valid range in interval notation (``(0, ∞)``, ``[0, 1]``) or the choices."""
@@ -89,7 +105,7 @@ class HyperParam:
         x = float(value)
         below = self.low is not None and (x <= self.low if self.open_low else x < self.low)
         above = self.high is not None and (x >= self.high if self.open_high else x > self.high)
-        if below or above or x != x:
+        if below or above or not math.isfinite(x):
             raise ValueError(f"{where} must lie in {self.range_text()}, got {value!r}")
         return int(value) if isinstance(self.default, int) else x
 
@@ -167,8 +183,8 @@ class Method:
         defaults, so a method with k tuned values costs k runs), or just the defaults."""
         points = [self.defaults()]
         for h in self.hparams:
-            for v in h.grid:
-                p = {**self.defaults(), h.name: v}
+            for value in h.grid:
+                p = {**self.defaults(), h.name: value}
                 if p not in points:
                     points.append(p)
         return points
@@ -228,14 +244,14 @@ def _simpo(hp: Mapping[str, Any]) -> PairLoss:
 
 
 # ----------------------------------------------------------------------------------------------- the table
+# Parameters the loss functions take are declared once, in the spec (their ranges come from there).
 def _beta(default: float, grid: tuple[float, ...], what: str = "inverse temperature β of the implicit reward"
           ) -> HyperParam:
-    return HyperParam("beta", default, what, low=0.0, open_low=True, grid=grid)
+    return HyperParam.from_option(v.BETA, what, default=default, grid=grid)
 
 
-_SMOOTH = HyperParam("label_smoothing", 0.0, "cDPO label smoothing ε", low=0.0, high=0.5, open_high=True)
-_KD_T = HyperParam("temperature", 1.0, "softmax temperature τ of both distributions", low=0.0, open_low=True,
-                   grid=(2.0,))
+_SMOOTH = HyperParam.from_option(v.LABEL_SMOOTHING, "cDPO label smoothing ε")
+_KD_T = HyperParam.from_option(v.TEMPERATURE, "softmax temperature τ of both distributions", grid=(2.0,))
 
 _ALL = [
     Method("sft", "SFT", "cross-entropy on the dataset response", Needs(), (),
@@ -258,15 +274,14 @@ _ALL = [
            "Gu et al. 2024 (MiniLLM), LMOps minillm/"),
     Method("akl", "AKL", "adaptive head/tail mix of forward and reverse KL per token, teacher-forced on the data",
            Needs(teacher_forward=True),
-           (HyperParam("mu", 0.5, "head mass μ that splits head from tail", low=0.0, high=1.0, open_low=True,
-                       open_high=True, grid=(0.3, 0.7)),),
+           (HyperParam.from_option(spec_distill.MU, "head mass μ that splits head from tail", grid=(0.3, 0.7)),),
            lambda hp: TokenDivergence("akl", "data", {"mu": hp["mu"]}), "Wu et al. 2024 (AKL)"),
     Method("gkd", "GKD", "generalised JSD per token on the student's own samples with probability λ, else on "
            "the data", Needs(teacher_forward=True, student_samples=True),
-           (HyperParam("beta", 0.5, "JSD interpolation β (0: forward KL, 1: reverse KL)", low=0.0, high=1.0,
-                       grid=(0.1, 0.9)),
+           (HyperParam.from_option(spec_distill.JSD_BETA, "JSD interpolation β (0: forward KL, 1: reverse KL)",
+                                   grid=(0.1, 0.9)),
             HyperParam("lmbda", 0.5, "per-step probability λ of on-policy student samples", low=0.0, high=1.0),
-            HyperParam("temperature", 1.0, "softmax temperature of both distributions", low=0.0, open_low=True)),
+            HyperParam.from_option(v.TEMPERATURE, "softmax temperature of both distributions")),
            lambda hp: TokenDivergence("generalized_jsd", "data",
                                       {"beta": hp["beta"], "temperature": hp["temperature"]},
                                       on_policy_prob=hp["lmbda"]),
@@ -274,8 +289,7 @@ _ALL = [
     Method("dpkd_token", "DPKD (token, released code)",
            "per-position preference of the teacher's over the student's arg-max token, teacher-forced on y_t",
            Needs(teacher_outputs=True, teacher_forward=True),
-           (_beta(0.1, (0.5, 2.0)), HyperParam("form", "sigmoid", "per-token loss form",
-                                               choices=("sigmoid", "ipo", "dpop")), _SMOOTH),
+           (_beta(0.1, (0.5, 2.0)), HyperParam.from_option(spec_token.FORM, "per-token loss form"), _SMOOTH),
            lambda hp: TokenDivergence("dpkd_token", "y_t", {"beta": hp["beta"], "form": hp["form"],
                                                            "label_smoothing": hp["label_smoothing"]}),
            "LMOps dpkd/main.py get_distil_loss"),
@@ -287,18 +301,19 @@ _ALL = [
            (_beta(0.1, (0.5, 2.0)), _SMOOTH), _dpkd(True), "Li et al. 2024 Eq. 9, Algorithm 1"),
     Method("ipo", "IPO", "(h − 1/(2τ))², length-averaged log-ratios by default",
            Needs(teacher_outputs=True, student_samples=True, teacher_forward=True, teacher_logps=True),
-           (HyperParam("tau", 0.1, "IPO regulariser τ", low=0.0, open_low=True, grid=(0.5, 2.0)),
-            HyperParam("length_normalize", True, "length-averaged log-ratios (TRL) instead of sums")),
+           (HyperParam.from_option(spec_sequence.TAU, "IPO regulariser τ", grid=(0.5, 2.0)),
+            HyperParam.from_option(spec_sequence.LENGTH_NORMALIZE,
+                                   "length-averaged log-ratios (TRL) instead of sums")),
            _ipo, "Azar et al. 2024; DPKD Table 2"),
     Method("cpo", "CPO", "−log σ(β(log q(y_t) − log q(y_s))) + w·NLL(y_t), reference-free",
            Needs(teacher_outputs=True, student_samples=True),
            (_beta(0.1, (0.5, 2.0), "inverse temperature β"),
-            HyperParam("nll_weight", 1.0, "weight w of the NLL term on y_t", low=0.0)),
+            HyperParam.from_option(spec_sequence.NLL_WEIGHT, "weight w of the NLL term on y_t")),
            _cpo, "Xu et al. 2024; DPKD Table 2"),
     Method("simpo", "SimPO", "−log σ(β·log q(y_t)/|y_t| − β·log q(y_s)/|y_s| − γ), reference-free",
            Needs(teacher_outputs=True, student_samples=True),
            (_beta(2.0, (0.5, 5.0), "inverse temperature β"),
-            HyperParam("gamma", 1.0, "target margin γ", low=0.0)),
+            HyperParam.from_option(spec_sequence.GAMMA, "target margin γ")),
            _simpo, "Meng et al. 2024; DPKD Table 2"),
 ]
 
