@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .distill import _akl_head_sorted
 from .registry import (
     ArrayArg,
     BadInput,
@@ -96,8 +97,7 @@ def _akl_parts(call: Call) -> tuple[np.ndarray, ...]:
     order = np.argsort(-p, axis=-1, kind="stable")
     p_sorted = np.take_along_axis(p, order, -1)
     cum = np.cumsum(p_sorted, axis=-1)
-    head_sorted = cum <= mu
-    head_sorted[..., 0] = True
+    head_sorted = _akl_head_sorted(p_sorted, mu)
     head = np.zeros_like(head_sorted)
     np.put_along_axis(head, order, head_sorted, -1)
     diff = np.abs(p - q)

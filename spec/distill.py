@@ -124,18 +124,33 @@ def _jsd_grad(log_q: np.ndarray, log_p: np.ndarray, beta: float) -> Grads:
     return (1.0 - beta) * _softmax_vjp(log_q, log_q - log_m), beta * _softmax_vjp(log_p, log_p - log_m)
 
 
-def _akl_weights(log_q: np.ndarray, log_p: np.ndarray, mu: float) -> tuple[np.ndarray, np.ndarray]:
-    """(w_head, w_tail) per position, from stop-gradient copies of p and q (Wu et al. 2024, official code).
+def _akl_head_sorted(p_sorted: np.ndarray, mu: float) -> np.ndarray:
+    """AKL's head in sorted order, by the tie rule (spec/README.md "AKL"): with p sorted descending, token k
+    is in the head iff C(k) = Σ_{u: p_u ≥ p_k} p_u ≤ μ — a run of tied probabilities counts whole, at its
+    last member's cumulative sum — or p_k is the maximum (every tied maximum). Without ties this is the
+    official code's rule (C_k ≤ μ, plus the first token); with ties it does not depend on their order.
 
-    Head = the tokens of p's descending sort (stable: ties keep index order) whose cumulative mass C_k ≤ μ,
-    plus the first sorted token always (the token that crosses μ belongs to the tail). When
-    g_head + g_tail = 0 (p = q) both KLs vanish: the weights are set to 0.5 so the loss is exactly 0.
+    Example:
+        >>> import numpy as np
+        >>> _akl_head_sorted(np.full(6, 1 / 6), 0.5)  # six tied maxima: all head (C_3 = μ does not split them)
+        array([ True,  True,  True,  True,  True,  True])
+    """
+    n = p_sorted.shape[-1]
+    cumulative = np.cumsum(p_sorted, axis=-1)
+    last_of_run = np.concatenate([p_sorted[..., :-1] != p_sorted[..., 1:], np.ones_like(p_sorted[..., :1], bool)],
+                                 axis=-1)
+    run_end = np.minimum.accumulate(np.where(last_of_run, np.arange(n), n)[..., ::-1], axis=-1)[..., ::-1]
+    return (np.take_along_axis(cumulative, run_end, axis=-1) <= mu) | (p_sorted == p_sorted[..., :1])
+
+
+def _akl_weights(log_q: np.ndarray, log_p: np.ndarray, mu: float) -> tuple[np.ndarray, np.ndarray]:
+    """(w_head, w_tail) per position, from stop-gradient copies of p and q (Wu et al. 2024, official code),
+    the head by ``_akl_head_sorted``'s tie rule. When g_head + g_tail = 0 (p = q) the weights are set to 0.5
+    so the loss is exactly 0.
     """
     p, q = np.exp(log_p), np.exp(log_q)
     order = np.argsort(-p, axis=-1, kind="stable")
-    cumulative = np.cumsum(np.take_along_axis(p, order, axis=-1), axis=-1)
-    head_sorted = cumulative <= mu
-    head_sorted[..., 0] = True
+    head_sorted = _akl_head_sorted(np.take_along_axis(p, order, axis=-1), mu)
     head = np.empty_like(head_sorted)
     np.put_along_axis(head, order, head_sorted, axis=-1)
     gap = np.abs(p - q)
@@ -526,8 +541,9 @@ def akl(
 ) -> np.ndarray:
     """Adaptive KL (AKL; Wu et al. 2024, official ``wutaiqiang/LLM_KD_AKL/AKL.py``; spec/README.md §5).
 
-    At each position, sort p_i descending (stable) with cumulative mass C_k; the head H is the first sorted
-    token plus every token with C_k ≤ μ; with q and p detached (stop-gradient),
+    At each position, sort p_i descending with cumulative mass C_k; the head H is the first sorted token plus
+    every token with C_k ≤ μ, a run of tied probabilities counting whole (C at the end of its run, every
+    tied maximum in H: spec/README.md "Tie rule"); with q and p detached (stop-gradient),
         g_head = Σ_{v∈H} |p_i(v) − q_i(v)|,  g_tail = Σ_{v∉H} |p_i(v) − q_i(v)|,
         w_h = g_head/(g_head + g_tail),  w_t = 1 − w_h,
         ℓ_i = w_h KL(p_i‖q_i) + w_t KL(q_i‖p_i).

@@ -56,16 +56,26 @@ def _jsd_piece(*, beta: float) -> Piece:
     return piece
 
 
+def _akl_head_sorted(p_sorted: jax.Array, mu: float) -> jax.Array:
+    """AKL's head in sorted order (``dpkd.spec``'s tie rule): C(k) = the cumulative sum at the end of k's run
+    of tied probabilities ≤ μ, or p_k the maximum."""
+    n = p_sorted.shape[-1]
+    last_of_run = jnp.concatenate([p_sorted[..., :-1] != p_sorted[..., 1:],
+                                   jnp.ones_like(p_sorted[..., :1], dtype=bool)], axis=-1)
+    marked = jnp.where(last_of_run, jnp.arange(n), n)
+    run_end = jax.lax.cummin(marked, axis=marked.ndim - 1, reverse=True)
+    cumulative = jnp.cumsum(p_sorted, axis=-1)
+    return (jnp.take_along_axis(cumulative, run_end, axis=-1) <= mu) | (p_sorted == p_sorted[..., :1])
+
+
 def _akl_piece(*, mu: float) -> Piece:
     def piece(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
         # The weights come from stop-gradient copies of p and q (official AKL code): constants for autograd.
         p = jnp.exp(jax.lax.stop_gradient(log_p))
         q = jnp.exp(jax.lax.stop_gradient(log_q))
-        # Sort p descending, stably (ties keep index order); negation is exact, so this is the order of p.
+        # Sort p descending; negation is exact, so this is the order of p (ties: _akl_head_sorted's rule).
         order = jnp.argsort(-p, axis=-1, stable=True)
-        cumulative = jnp.cumsum(jnp.take_along_axis(p, order, axis=-1), axis=-1)
-        first = jnp.arange(p.shape[-1]) == 0
-        head = (cumulative <= mu) | first  # the token that crosses μ belongs to the tail
+        head = _akl_head_sorted(jnp.take_along_axis(p, order, axis=-1), mu)
         gap = jnp.take_along_axis(jnp.abs(p - q), order, axis=-1)
         g_head = jnp.sum(jnp.where(head, gap, 0.0), axis=-1)
         g_tail = jnp.sum(jnp.where(head, 0.0, gap), axis=-1)

@@ -28,6 +28,19 @@ class _LogProbs(NamedTuple):
     denominator: torch.Tensor | float
 
 
+def _akl_head_sorted(p_sorted: torch.Tensor, mu: float) -> torch.Tensor:
+    """AKL's head in sorted order (``dpkd.spec``'s tie rule): C(k) = the cumulative sum at the end of k's run
+    of tied probabilities ≤ μ, or p_k the maximum."""
+    n = p_sorted.shape[-1]
+    last_of_run = torch.cat([p_sorted[..., :-1] != p_sorted[..., 1:],
+                             torch.ones_like(p_sorted[..., :1], dtype=torch.bool)], dim=-1)
+    index = torch.arange(n, device=p_sorted.device).expand_as(p_sorted)
+    marked = torch.where(last_of_run, index, torch.full_like(index, n)).flip(-1)
+    run_end = torch.cummin(marked, dim=-1).values.flip(-1)
+    cumulative = torch.cumsum(p_sorted, dim=-1)
+    return (torch.gather(cumulative, -1, run_end) <= mu) | (p_sorted == p_sorted[..., :1])
+
+
 def _tempered(func: str, student_logits, teacher_logits, mask, temperature, normalizer, reduction, **own
               ) -> _LogProbs:
     """Options (signature order), then the validated inputs and their log-softmaxes at temperature τ."""
@@ -142,8 +155,7 @@ def akl(
     with torch.no_grad():
         p, q = log_p.exp(), log_q.exp()
         p_sorted, order = torch.sort(p, dim=-1, descending=True, stable=True)
-        first = torch.arange(p.shape[-1], device=p.device) == 0
-        head = (torch.cumsum(p_sorted, dim=-1) <= mu) | first  # in sorted order
+        head = _akl_head_sorted(p_sorted, mu)
         gap = torch.gather((p - q).abs(), -1, order)
         g_head = (gap * head).sum(dim=-1)
         g_tail = (gap * ~head).sum(dim=-1)

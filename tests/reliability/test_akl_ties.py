@@ -1,0 +1,87 @@
+"""AKL's tie rule (spec/README.md "Tie rule"): tied teacher probabilities whose cumulative mass lands exactly
+on μ — six tied maxima at ±9984 in bf16 — give one answer in the spec, Torch and JAX (materialised and fused),
+whatever the order of the tied tokens."""
+
+import dpkd.spec as spec
+import numpy as np
+import pytest
+import torch
+from dpkd.backends import torch as T
+
+TIED = [1, 4, 5, 8, 11, 15]
+
+
+def _case(seed=0, v=16):
+    rng = np.random.default_rng(seed)
+    teacher = np.full((2, 3, v), -9984.0)
+    teacher[..., TIED] = 9984.0  # bf16-representable; p = 1/6 on each, C_3 = 1/2 = μ exactly
+    teacher[1, 2] = rng.normal(size=v)  # and one ordinary position
+    student = rng.normal(size=(2, 3, v)) * 3
+    mask = np.array([[1, 1, 1], [1, 0, 1]])
+    return student, teacher, mask
+
+
+def test_six_tied_maxima_are_all_head_in_the_spec():
+    p_sorted = np.full(6, 1 / 6)
+    assert spec.distill._akl_head_sorted(p_sorted, 0.5).all()
+    # a tied run below the maximum counts whole: [0.4, 0.1 ×6]: C of the run is 1.0 > μ, so only 0.4 is head
+    assert spec.distill._akl_head_sorted(np.array([0.4] + [0.1] * 6), 0.5).tolist() == [True] + [False] * 6
+    # without ties, the official rule: C_k ≤ μ plus the first token
+    assert spec.distill._akl_head_sorted(np.array([0.35, 0.3, 0.2, 0.15]), 0.5).tolist() == [True, False, False, False]
+    assert spec.distill._akl_head_sorted(np.array([0.35, 0.3, 0.2, 0.15]), 0.7).tolist() == [True, True, False, False]
+
+
+def test_spec_is_invariant_to_the_order_of_tied_tokens():
+    s, t, m = _case()
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        perm = rng.permutation(t.shape[-1])
+        assert spec.akl(s[..., perm], t[..., perm], m) == pytest.approx(spec.akl(s, t, m), rel=1e-13)
+
+
+@pytest.mark.parametrize("mu", [0.5, 1 / 3, 0.9])
+def test_torch_and_jax_agree_with_the_spec_on_ties(mu):
+    s, t, m = _case()
+    want = spec.akl(s, t, m, mu=mu)
+    want_grad = spec.akl_grad(s, t, m, mu=mu)["student_logits"]
+    st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    got = T.akl(st, torch.tensor(t), torch.tensor(m), mu=mu)
+    got.backward()
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(st.grad.numpy(), want_grad, rtol=1e-10, atol=1e-12)
+    s16 = torch.tensor(s).to(torch.bfloat16)  # bf16 inputs (the teacher's ±9984 are exact in bf16)
+    got16 = T.akl(s16, torch.tensor(t, dtype=torch.bfloat16), torch.tensor(m), mu=mu)
+    assert got16.item() == pytest.approx(spec.akl(s16.double().numpy(), t, m, mu=mu), rel=1e-5)
+
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from dpkd.backends import jax as J
+
+    value, grad = jax.value_and_grad(lambda x: J.akl(x, jnp.asarray(t), jnp.asarray(m), mu=mu))(jnp.asarray(s))
+    assert float(value) == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_akl_agrees_on_ties():
+    """Teacher rows of the lm_head equal for the tied tokens give exactly tied logits in the fused path."""
+    rng = np.random.default_rng(2)
+    h, v = 8, 16
+    w_t = rng.normal(size=(v, h))
+    w_t[TIED] = w_t[TIED[0]]  # six tokens with one teacher row: tied probabilities at every position
+    t_hidden = rng.normal(size=(2, 3, h)) * 4
+    s_hidden, w = rng.normal(size=(2, 3, h)), rng.normal(size=(v, h))
+    m = np.array([[1, 1, 1], [1, 0, 1]])
+    want = spec.akl(s_hidden @ w.T, t_hidden @ w_t.T, m)
+    f = dict(dtype=torch.float64)
+    got = T.fused_akl(torch.tensor(s_hidden, **f), torch.tensor(w, **f), torch.tensor(t_hidden, **f),
+                      torch.tensor(w_t, **f), torch.tensor(m), chunk_size=2)
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from dpkd.backends import jax as J
+
+    got = J.fused_akl(jnp.asarray(s_hidden), jnp.asarray(w), jnp.asarray(t_hidden), jnp.asarray(w_t), jnp.asarray(m),
+                      chunk_size=2)
+    assert float(got) == pytest.approx(want, rel=1e-12)
