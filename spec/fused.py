@@ -303,7 +303,7 @@ def check_logps_call(func: str, describe: Callable[[Any], Any], checks: ValueChe
                      bias: Any, labels: Any, ignore_index: int) -> None:
     """``linear_token_logps``: one lm_head and integer labels with one label per hidden row."""
     v.check_lm_head(func, describe(hidden), describe(weight), describe(bias), names=("hidden", "weight", "bias"))
-    v.check_label_array(func, "labels", describe(labels), tuple(describe(hidden).shape[:-1]))
+    v.check_label_array(func, "labels", describe(labels), tuple(describe(hidden).shape[:-1]), describe(hidden))
     for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         checks.finite_array(name, x)
     checks.labels_in_vocab("labels", labels, describe(weight).shape[0], ignore_index)

@@ -517,16 +517,24 @@ def check_lm_head(func: str, hidden: ArrayInfo, weight: ArrayInfo, bias: ArrayIn
         if x is None:
             continue
         check_same_dtype(func, name, x.dtype, h_name, hidden.dtype)
-        if x.device != hidden.device:
-            fail(func, name, f"is on device {x.device} but `{h_name}` is on {hidden.device}; move them to one device")
+        check_same_device(func, name, x, h_name, hidden)
 
 
-def check_label_array(func: str, name: str, labels: ArrayInfo, shape: tuple[int, ...]) -> None:
-    """Integer labels with one label per hidden-state row."""
+def check_label_array(func: str, name: str, labels: ArrayInfo, shape: tuple[int, ...],
+                      hidden: ArrayInfo | None = None, hidden_name: str = "hidden") -> None:
+    """Integer labels with one label per hidden-state row (on ``hidden``'s device when given)."""
     check_integer_dtype(func, name, labels.kind == "integer", labels.dtype)
     if tuple(labels.shape) != tuple(shape):
         fail(func, name, f"has shape {tuple(labels.shape)}, expected {tuple(shape)} "
                          "(the shape of the hidden states without their hidden axis)")
+    if hidden is not None:
+        check_same_device(func, name, labels, hidden_name, hidden)
+
+
+def check_same_device(func: str, name: str, x: ArrayInfo, other_name: str, other: ArrayInfo) -> None:
+    """``x`` on ``other``'s device (backends with one memory space describe no device: nothing to check)."""
+    if x.device != other.device:
+        fail(func, name, f"is on device {x.device} but `{other_name}` is on {other.device}; move them to one device")
 
 
 def check_fused_sequence_inputs(func: str, chosen_hidden: ArrayInfo, rejected_hidden: ArrayInfo,
@@ -541,8 +549,9 @@ def check_fused_sequence_inputs(func: str, chosen_hidden: ArrayInfo, rejected_hi
     if rejected_hidden.shape[0] != chosen_hidden.shape[0]:
         fail(func, "rejected_hidden", f"has {rejected_hidden.shape[0]} pairs but `chosen_hidden` has "
                                       f"{chosen_hidden.shape[0]}")
-    check_label_array(func, "chosen_labels", chosen_labels, chosen_hidden.shape[:2])
-    check_label_array(func, "rejected_labels", rejected_labels, rejected_hidden.shape[:2])
+    check_label_array(func, "chosen_labels", chosen_labels, chosen_hidden.shape[:2], chosen_hidden, "chosen_hidden")
+    check_label_array(func, "rejected_labels", rejected_labels, rejected_hidden.shape[:2], rejected_hidden,
+                      "rejected_hidden")
 
 
 def check_fused_teacher(func: str, teacher: object, describe: Callable[[Any], ArrayInfo | None], *,
@@ -593,11 +602,12 @@ def check_fused_token_inputs(func: str, student_hidden: ArrayInfo, weight: Array
         check_lm_head(func, teacher_hidden, teacher_weight, teacher_bias, lead=lead,
                       names=("teacher_hidden", "teacher_weight", "teacher_bias"))
     if target_is_labels:
-        check_label_array(func, "labels", target, lead)
+        check_label_array(func, "labels", target, lead, student_hidden, hidden_name)
         return "labels"
     if tuple(target.shape) != lead:
         fail(func, "mask", f"has shape {tuple(target.shape)}, expected {lead} "
                            f"(the shape of `{hidden_name}` without its hidden axis)")
+    check_same_device(func, "mask", target, hidden_name, student_hidden)
     return "mask"
 
 

@@ -338,6 +338,9 @@ def fused_sequence_loss(
     vocab = weight.shape[0]
 
     dtype = _base.compute_dtype(chosen_hidden, weight, bias)
+    if chosen_hidden.shape[0] == 0:
+        return _no_pairs(func, loss_fn, dtype, teacher if kind == "logps" else None, kind != "none", reduction,
+                         use_lengths)
     teacher_arrays = None
     if kind == "logps":
         teacher_arrays = (teacher.chosen, teacher.rejected)
@@ -356,6 +359,23 @@ def fused_sequence_loss(
                                   None if bias is None else bias.astype(dtype), chosen_labels, rejected_labels,
                                   teacher_arrays, plan=plan)
     return FusedPreferenceLoss(out[0], *(jax.lax.stop_gradient(x) for x in out[1:]))
+
+
+def _no_pairs(func: str, loss_fn: Any, dtype: Any, teacher_logps: TeacherLogps | None, has_teacher: bool,
+              reduction: str, use_lengths: bool) -> FusedPreferenceLoss:
+    """An empty batch (B = 0), with the materialised losses' contract: 'mean' is undefined, 'sum' is 0 and
+    'none' is [0] (the gradients, of a result that does not depend on the inputs, are zeros)."""
+    if reduction == "mean":
+        v.fail(func, "chosen_hidden", "holds no pairs (B = 0), so reduction='mean' is undefined; use 'sum' or "
+                                      "'none'")
+    a = b = jnp.zeros((0,), dtype)
+    c = d = (a if has_teacher else None)
+    if teacher_logps is not None:
+        c, d = teacher_logps.chosen.astype(dtype), teacher_logps.rejected.astype(dtype)
+    lengths = (a, b) if use_lengths else (None, None)
+    out = loss_fn(a, b, c, d, chosen_lengths=lengths[0], rejected_lengths=lengths[1], reduction=reduction)
+    return FusedPreferenceLoss(out.loss, *(jax.lax.stop_gradient(x) for x in (out.chosen_rewards,
+                                                                             out.rejected_rewards, a, b)))
 
 
 def _named_wrapper(func: str, arguments: dict[str, Any]) -> FusedPreferenceLoss:

@@ -450,8 +450,9 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: jax.Array, 
                                   reduced=reduction != "none")
         extras = {key: x.reshape(lead) for key, x in extras.items()}
         return (out.reshape(lead) if reduction == "none" else out), extras
-    if n == 0:  # nothing to chunk: the (empty) sum, or [...] of zeros
-        per_row, extras = jnp.zeros((0,), dtype), {}
+    if n == 0:  # nothing to chunk: the row loss of no rows (the empty sum, or [...] of zeros; empty extras)
+        empty = jnp.zeros((0, weight.shape[0]), dtype)
+        per_row, extras = row_fn(empty, None if teacher_hidden is None else empty, flat_target)
     else:
         size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
                                        buffers=_ROW_LOSS_BUFFERS)

@@ -153,13 +153,20 @@ def linear_token_logps(
     dtype = compute_dtype(hidden.dtype)
     rows = hidden.reshape(-1, hidden.shape[-1]).to(dtype).contiguous()
     n = rows.shape[0]
-    if n == 0:
-        return rows.new_zeros(lead)
+    if n == 0:  # no rows: zeros still attached to the inputs, so backward gives zero gradients
+        return _attached_zeros(lead, rows, weight, bias)
     size = size or auto_chunk_size(weight.shape[0], n_rows=n, itemsize=rows.element_size())
     opts = _ChunkOptions(chunk_size=size, ignore_index=int(ignore_index))
     out = _LinearTokenLogps.apply(rows, weight.to(dtype).contiguous(), None if bias is None else bias.to(dtype),
-                                  labels.reshape(-1), opts)
+                                  labels.reshape(-1).long(), opts)  # gather indexes with int64 (int8 labels)
     return out.reshape(lead)
+
+
+def _attached_zeros(shape: tuple[int, ...], *inputs: torch.Tensor | None) -> torch.Tensor:
+    """Zeros of ``shape`` (an empty batch's result) in the graph of ``inputs``: their gradients are zeros."""
+    dtype = compute_dtype(inputs[0].dtype)
+    anchor = sum(t.to(dtype).sum() for t in inputs if t is not None) * 0
+    return anchor * torch.zeros(shape, dtype=dtype, device=inputs[0].device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,6 +385,10 @@ def fused_sequence_loss(
         ignore_index=ignore_index)
     # the teacher is frozen: no gradient flows into it
     teacher = None if kind == "none" else type(teacher)(*(None if t is None else t.detach() for t in teacher))
+    chosen_labels, rejected_labels = chosen_labels.long(), rejected_labels.long()  # int8 labels gather too
+    if chosen_hidden.shape[0] == 0:
+        return _no_pairs(func, loss_fn, chosen_hidden, rejected_hidden, weight, bias, teacher, reduction,
+                         use_lengths)
 
     dtype = compute_dtype(chosen_hidden.dtype)
     lengths = ((chosen_labels != ignore_index).sum(1), (rejected_labels != ignore_index).sum(1)) if use_lengths \
@@ -400,6 +411,26 @@ def fused_sequence_loss(
         out = _SinglePassSequenceLoss.apply(chosen_hidden.to(dtype).contiguous(),
                                             rejected_hidden.to(dtype).contiguous(), w, bb, plan)
     return FusedPreferenceLoss(*out)
+
+
+def _no_pairs(func: str, loss_fn: Any, chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor,
+              weight: torch.Tensor, bias: torch.Tensor | None, teacher: TeacherLMHead | TeacherLogps | None,
+              reduction: str, use_lengths: bool) -> FusedPreferenceLoss:
+    """An empty batch (B = 0), with the materialised losses' contract: 'mean' is undefined, 'sum' is 0 and
+    'none' is [0], with zero gradients."""
+    if reduction == "mean":
+        v.fail(func, "chosen_hidden", "holds no pairs (B = 0), so reduction='mean' is undefined; use 'sum' or "
+                                      "'none'")
+    a = _attached_zeros((0,), chosen_hidden, weight, bias)
+    b = _attached_zeros((0,), rejected_hidden, weight, bias)
+    c = d = None
+    if teacher is not None:
+        c, d = a.detach().clone(), b.detach().clone()
+        if isinstance(teacher, TeacherLogps):
+            c, d = teacher.chosen.to(a.dtype), teacher.rejected.to(a.dtype)
+    lengths = (a.detach().clone(), b.detach().clone()) if use_lengths else (None, None)
+    out = loss_fn(a, b, c, d, chosen_lengths=lengths[0], rejected_lengths=lengths[1], reduction=reduction)
+    return FusedPreferenceLoss(out.loss, *(x.detach() for x in (out.chosen_rewards, out.rejected_rewards, a, b)))
 
 
 def _named_wrapper(func: str, arguments: dict[str, Any]) -> FusedPreferenceLoss:

@@ -103,7 +103,7 @@ class _TokenPlan:
 def _token_chunks(plan: _TokenPlan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Yields (slice, student logits, teacher logits or None) for every token chunk."""
     n = hidden.shape[0]
-    for i0 in range(0, n, plan.chunk_size):
+    for i0 in range(0, max(n, 1), plan.chunk_size):  # no rows: one empty chunk (the extras exist, empty)
         sl = slice(i0, min(i0 + plan.chunk_size, n))
         logits = torch.addmm(bias, hidden[sl], weight.t()) if bias is not None else hidden[sl] @ weight.t()
         teacher = None
@@ -385,7 +385,7 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: torch.Tenso
         teacher_bias=teacher_bias, target_is_labels=target_is_labels, ignore_index=ignore_index)
     lead = tuple(student_hidden.shape[:-1])
     dtype = compute_dtype(student_hidden.dtype)
-    flat_target = target.reshape(-1)
+    flat_target = target.reshape(-1).long() if target_is_labels else target.reshape(-1)
     count = (flat_target != ignore_index).sum() if target_is_labels else (flat_target != 0).sum()
     scale = None
     if reduction == "sum":
