@@ -71,6 +71,7 @@ __all__ = [
     "check_fused_mode",
     "check_lm_head",
     "check_label_array",
+    "check_same_device",
     "check_fused_sequence_inputs",
     "check_fused_teacher",
     "check_fused_token_inputs",
