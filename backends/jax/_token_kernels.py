@@ -135,14 +135,14 @@ def _bisect(lo: jax.Array, hi: jax.Array, below: Any) -> jax.Array:
 def akl_head_weight(p: jax.Array, gap: jax.Array, mu: float) -> jax.Array:
     """AKL's head weight g_head / (g_head + g_tail) per row (0.5 where p = q), without sorting V.
 
-    The head is the first tokens of p in descending order (ties: lower index first) while the running
-    mass C_k ≤ μ, and always the first. With F(θ) = Σ p·[p > θ], the first token outside the head has the
-    value θ* = min{θ : F(θ) ≤ μ}: a bisection over the bit patterns of the floats between min p and max p
-    (they order like the values; each step one fused reduction). Tokens above θ* are in the head; of the
-    c tokens equal to θ*, the first n (by index) with F(θ*) + n·θ* ≤ μ are, found by a second bisection
-    over the index only when 0 < n < c somewhere."""
+    The head is the tokens of p in descending order while the running mass C_k ≤ μ, and always the first,
+    with ``dpkd.spec``'s tie rule (spec/README.md "Tie rule": a run of equal values is never split — it counts
+    at its last member's C — and every tied maximum is head). With F(θ) = Σ p·[p > θ], the first token
+    outside the head has the value θ* = min{θ : F(θ) ≤ μ}: a bisection over the bit patterns of the floats
+    between min p and max p (they order like the values; each step one fused reduction). Tokens above θ*
+    are in the head; the c tokens equal to θ* are one run, in the head whole iff F(θ*) + c·θ* ≤ μ or θ* is
+    the maximum (F(θ*) = 0)."""
     bits = _int_view(p)
-    rows, vocab = p.shape
 
     def mass_above(theta: jax.Array) -> jax.Array:  # θ as bits ≥ 0; compared as floats (the same order)
         return jnp.sum(jnp.where(p > jax.lax.bitcast_convert_type(theta, p.dtype)[:, None], p, 0.0), axis=1)
@@ -156,21 +156,9 @@ def akl_head_weight(p: jax.Array, gap: jax.Array, mu: float) -> jax.Array:
     tied = bits == theta[:, None]
     count = jnp.sum(tied, axis=1)
     value = jax.lax.bitcast_convert_type(theta, p.dtype)
-    fit = jnp.floor((mu - mass) / jnp.where(value > 0, value, 1.0))
-    n = jnp.clip(fit, 0, count).astype(count.dtype)
-    n = jnp.where(mass == 0, jnp.maximum(n, 1), n)  # the first token always belongs to the head
-    iota = jax.lax.broadcasted_iota(jnp.int32, p.shape, 1)
-
-    def partial_ties(_: Any) -> jax.Array:
-        # the cut among the ties: the least position P with n tied tokens before it
-        def enough(pos: jax.Array) -> jax.Array:
-            return jnp.sum(tied & (iota < pos[:, None]), axis=1) >= n
-
-        cut = _bisect(jnp.zeros((rows,), jnp.int32), jnp.full((rows,), vocab, jnp.int32), enough)
-        return jnp.sum(jnp.where(tied & (iota < cut[:, None]), gap, 0.0), axis=1)
-
-    partial = jax.lax.cond(jnp.any((n > 0) & (n < count)), partial_ties, lambda _: jnp.zeros_like(mass), None)
-    g_tied = jnp.where(n >= count, jnp.sum(jnp.where(tied, gap, 0.0), axis=1), jnp.where(n > 0, partial, 0.0))
+    # the tie rule: the run at θ* is head whole when its last member's C fits, or when it holds the maximum
+    whole = (mass + count * value <= mu) | (mass == 0)
+    g_tied = jnp.where(whole, jnp.sum(jnp.where(tied, gap, 0.0), axis=1), 0.0)
     g_head = g_above + g_tied
     total = jnp.sum(gap, axis=1)
     return jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5)

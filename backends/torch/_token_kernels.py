@@ -53,13 +53,15 @@ BlockFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list
 @dataclass(frozen=True)
 class TokenKernel:
     """A named token loss as a block kernel: what it needs (teacher logits, scratch buffers), whether its
-    gradient has a dense part (the two backward GEMMs) and the temperature the logits are divided by."""
+    gradient has a dense part (the two backward GEMMs), the temperature the logits are divided by and the
+    names of its extras (so that a call with no counted rows still returns them, empty or zero)."""
 
     block: BlockFn
     teacher: bool = True
     scratch: int = 0
     dense: bool = True
     temperature: float = 1.0
+    extras: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,12 +195,14 @@ def _jsd_block(beta: float) -> BlockFn:
 def akl_head_weight(p: torch.Tensor, gap: torch.Tensor, mu: float) -> torch.Tensor:
     """AKL's head weight g_head / (g_head + g_tail) per row (0.5 where p = q), without sorting V.
 
-    The head is the first tokens of p in descending order (ties: lower index first) while the running
-    mass C_k ≤ μ, and always the first. The bit pattern of a float ≥ 0 orders like its value, so its top
-    bits (the exponent and a few mantissa bits) bucket p monotonically: histograms of the mass and of
-    |p − q| per bucket give, from the top, the bucket where the mass crosses μ and all that lies above it;
-    only that bucket's entries (well under 1% of V) are sorted, by (value descending, index ascending), to
-    place the cut exactly. ``p`` and ``gap`` [b, V], contiguous."""
+    The head is the tokens of p in descending order while the running mass C_k ≤ μ, and always the first,
+    with ``dpkd.spec``'s tie rule (spec/README.md "Tie rule": a run of equal values is never split — it counts
+    at its last member's C — and every tied maximum is head). The bit pattern of a float ≥ 0 orders like its
+    value, so its top bits (the exponent and a few mantissa bits) bucket p monotonically: histograms of the
+    mass and of |p − q| per bucket give, from the top, the bucket where the mass crosses μ and all that lies
+    above it; only that bucket's entries (well under 1% of V) are sorted, by value descending, to place the
+    cut exactly (equal values have equal bits: one bucket holds a whole run of ties). ``p`` and ``gap``
+    [b, V], contiguous."""
     b, v = p.shape
     single = p.dtype == torch.float32
     int_dtype, shift = (torch.int32, 18) if single else (torch.int64, 49)  # 5 (float32) / 3 mantissa bits
@@ -222,16 +226,29 @@ def akl_head_weight(p: torch.Tensor, gap: torch.Tensor, mu: float) -> torch.Tens
         order = torch.sort(rank, stable=True).indices
         order = order[torch.sort(row[order], stable=True).indices]
     flat, row = flat[order], row[order]
-    cum = p.view(-1).index_select(0, flat).double().cumsum(0)
+    values = p.view(-1).index_select(0, flat)
+    cum = values.double().cumsum(0)
     counts = torch.bincount(row, minlength=b)
     start = torch.cumsum(counts, 0) - counts  # each row's first position among the sorted candidates
     within = cum - torch.where(start > 0, cum[(start - 1).clamp_min(0)], 0.0)[row]  # running mass in the bucket
-    first = (mass_above == 0)[row] & (torch.arange(row.shape[0], device=p.device) == start[row])
+    # the tie rule: a run of equal values (adjacent now; one bucket holds them all) counts at its last member
+    within = within[_run_ends(row, values)]
+    first = (mass_above == 0)[row] & (values == values[start[row]])  # every tied maximum of the row
     head = (mass_above.double()[row] + within <= mu) | first
     in_head = torch.where(head, gap.view(-1).index_select(0, flat), 0.0)
     g_head = gap_above + p.new_zeros(b).index_add_(0, row, in_head)
     total = gaps[:, -1]
     return torch.where(total > 0, g_head / torch.where(total > 0, total, 1.0), 0.5)
+
+
+def _run_ends(row: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """For entries sorted by (row, value descending), the position of the last entry of each one's run of
+    equal values in its row."""
+    n = row.shape[0]
+    last = torch.ones(n, dtype=torch.bool, device=row.device)
+    last[:-1] = (row[1:] != row[:-1]) | (values[1:] != values[:-1])
+    position = torch.arange(n, device=row.device)
+    return torch.where(last, position, n).flip(0).cummin(0).values.flip(0)
 
 
 def _akl_block(mu: float) -> BlockFn:
@@ -276,7 +293,7 @@ def token_kernel(name: str, options: Mapping[str, Any]) -> TokenKernel | None:
     if name == "dpkd_token_loss":
         block = _dpkd_block(float(o.get("beta", 0.1)), o.get("form", "sigmoid"), float(o.get("label_smoothing", 0.0)),
                             bool(o.get("reference_free", False)), float(o.get("lambda_", 50.0)))
-        return TokenKernel(block, dense=o.get("form", "sigmoid") == "dpop")
+        return TokenKernel(block, dense=o.get("form", "sigmoid") == "dpop", extras=("agree", "chosen", "rejected"))
     if name == "forward_kl":
         return TokenKernel(_forward_kl_block, scratch=2, temperature=temperature)
     if name == "reverse_kl":

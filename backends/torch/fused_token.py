@@ -314,7 +314,8 @@ def _kernel_token(kernel: TokenKernel, rows: torch.Tensor, weight: torch.Tensor,
                        pick(target) if target_is_labels else None, size, {})
     if active.shape[0] == 0:
         out = rows.new_zeros(()) if scale is not None else rows.new_zeros(n)
-        return out + 0.0 * (rows.sum() + weight.sum()), {}  # a zero with the graph the caller expects
+        # a zero with the graph the caller expects, and the kernel's extras (zeros: no row counts)
+        return out + 0.0 * (rows.sum() + weight.sum()), {key: rows.new_zeros(n) for key in kernel.extras}
     out = _KernelTokenLoss.apply(active, weight, bias, plan, scale)
 
     def spread(x: torch.Tensor) -> torch.Tensor:

@@ -85,3 +85,50 @@ def test_fused_akl_agrees_on_ties():
     got = J.fused_akl(jnp.asarray(s_hidden), jnp.asarray(w), jnp.asarray(t_hidden), jnp.asarray(w_t), jnp.asarray(m),
                       chunk_size=2)
     assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+def _tied_run_rows(v=40):
+    """Teacher logits (as one-feature lm_head rows) whose tied runs straddle μ: six tied maxima (other tokens
+    at mass 0 or nearly), and a run of six 0.1s below a 0.4 (C reaches 0.5 inside the run)."""
+    top = np.full(v, -60.0)
+    top[TIED] = 0.0  # p ≈ 1/6 each: the official rule keeps 3 or 4, the tie rule all 6
+    top[20] = -3.0  # one small non-tied token, so a tail exists
+    lower = np.full(v, -60.0)
+    lower[0], lower[TIED] = np.log(0.4), np.log(0.1)
+    return np.stack([top, lower, top[::-1].copy(), lower[::-1].copy()])
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mu", [0.5, 0.55])
+def test_fused_kernels_keep_tied_runs_whole(backend, dtype, mu):
+    """The fused per-block kernels (``_token_kernels``: a bit-histogram cut in Torch, a bisection in JAX)
+    follow the tie rule: value and student gradient equal the spec's on rows whose tied runs straddle μ."""
+    teacher_logits = _tied_run_rows()
+    n, v = teacher_logits.shape
+    rng = np.random.default_rng(3)
+    s_hidden, w = rng.normal(size=(n, 6)), rng.normal(size=(v, 6))
+    t_hidden, w_t = np.eye(n), teacher_logits.T  # teacher row i selects column i of w_t: exactly those logits
+    mask = np.ones(n)
+    cast = {"float32": np.float32, "float64": np.float64}[dtype]
+    args = [x.astype(cast) for x in (s_hidden, w, t_hidden, w_t)]
+    s64, w64, t64, wt64 = (x.astype(np.float64) for x in args)  # the spec on the rounded inputs
+    want = spec.akl(s64 @ w64.T, t64 @ wt64.T, mask, mu=mu)
+    want_grad = spec.akl_grad(s64 @ w64.T, t64 @ wt64.T, mask, mu=mu)["student_logits"] @ w64
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=2e-5, atol=2e-6)
+    if backend == "torch":
+        sh = torch.tensor(args[0], requires_grad=True)
+        got = T.fused_akl(sh, *(torch.tensor(x) for x in args[1:]), torch.tensor(mask), mu=mu)
+        got.backward()
+        value, grad = got.item(), sh.grad.numpy()
+    else:
+        jax = pytest.importorskip("jax")
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+        from dpkd.backends import jax as J
+
+        rest = [jnp.asarray(x) for x in args[1:]]
+        out, g = jax.value_and_grad(lambda x: J.fused_akl(x, *rest, jnp.asarray(mask), mu=mu))(jnp.asarray(args[0]))
+        value, grad = float(out), np.asarray(g)
+    np.testing.assert_allclose(value, want, **tol)
+    np.testing.assert_allclose(grad, want_grad, **tol)
