@@ -24,12 +24,8 @@ Nothing lost, nothing mixed up:
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import secrets
 import shutil
-import zlib
 from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
@@ -41,7 +37,14 @@ from megatron.core.dist_checkpointing.optimizer import (
     optim_state_to_sharding_state,
 )
 
-from ..durable_files import fsync_path
+from ..durable_files import (
+    CheckpointError,
+    atomic_write_text,
+    fsync_path,
+    unique_suffix,
+    verify_manifest,
+    write_manifest,
+)
 from . import dist_checkpoint
 from .models import write_model_info
 
@@ -54,28 +57,13 @@ MARKER = "latest"
 _STEP_DIR = re.compile(r"step_(\d{7,})")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint (or the ``latest`` marker) is damaged; the message names the file."""
-
-
 def step_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f"step_{step:07d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a uniquely named temporary file, fsync it, rename it over ``path``, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def write_latest(save_dir: str | Path, step: int) -> None:
     """Point ``save_dir/latest`` at ``step`` atomically (a reader sees the old or the new step, never a part)."""
-    _atomic_write(Path(save_dir) / MARKER, str(step))
+    atomic_write_text(Path(save_dir) / MARKER, str(step))
 
 
 def latest_step(save_dir: str | Path) -> int | None:
@@ -91,41 +79,17 @@ def latest_step(save_dir: str | Path) -> int | None:
         raise CheckpointError(f"{latest} does not hold a step number (it holds {text[:40]!r})") from None
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def _write_manifest(folder: Path, step: int, run_config: dict[str, Any] | None) -> None:
-    files = {p.name: [p.stat().st_size, _crc32(p)] for p in sorted(folder.iterdir()) if p.is_file()}
-    _atomic_write(folder / MANIFEST, json.dumps({"step": step, "files": files, "run_config": run_config},
-                                                indent=1, sort_keys=True) + "\n")
+    write_manifest(folder, MANIFEST, step=step, run_config=run_config)
 
 
 def verify_checkpoint(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None) when ``folder`` is intact, else (None, what is wrong: the file named). A folder
     written before manifests existed passes with the manifest ``{}`` when its format files are present."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+    if not (folder / MANIFEST).is_file():
         missing = [n for n in (".metadata", dist_checkpoint.COMMON_FILE, "metadata.json") if not (folder / n).is_file()]
         return (None, f"{folder / missing[0]} is missing") if missing else ({}, None)
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return None, f"{manifest_path} is garbled"
-    for name, (size, crc) in sorted(files.items()):
-        path = folder / name
-        if not path.is_file():
-            return None, f"{path} is missing"
-        if path.stat().st_size != size:
-            return None, f"{path} is truncated or extended ({path.stat().st_size} bytes, {size} written)"
-        if _crc32(path) != crc:
-            return None, f"{path} is damaged (its CRC-32 differs from the one written)"
-    return manifest, None
+    return verify_manifest(folder, MANIFEST)
 
 
 def _on_rank0(fn: Callable[[], Any]) -> Any:
@@ -219,7 +183,7 @@ def save_training_state(save_dir: str | Path, step: int, student, optimizer, sch
     moment leaves either the old checkpoint or the new one."""
     path = step_dir(save_dir, step)
     rank0 = torch.distributed.get_rank() == 0
-    token = [f"{os.getpid()}-{secrets.token_hex(4)}" if rank0 else None]
+    token = [unique_suffix() if rank0 else None]
     torch.distributed.broadcast_object_list(token, src=0)
     partial = Path(save_dir) / f".{path.name}.partial-{token[0]}"
     dist_checkpoint.save(_sharded_training_state(student, optimizer, scheduler, step), partial)

@@ -14,7 +14,10 @@ A checkpoint is a folder ``checkpoint-<step>/`` holding
 Written into ``.checkpoint-<step>.tmp`` first: every rank writes its files, then waits for all the others
 (a barrier); only after every rank has finished does the main process fsync every file, rename the folder
 into place (an atomic ``rename`` on POSIX) and fsync the parent. A crash (even SIGKILL of any one rank)
-leaves either the complete checkpoint or none; leftover ``.tmp`` folders are ignored and cleaned. Loading
+leaves either the complete checkpoint or none; leftover ``.tmp`` folders are ignored and cleaned. Written
+last, ``dpkd_checkpoint.json`` records every file's size and CRC-32 (``dpkd.integrations.durable_files``, the
+Megatron driver's manifest too): :func:`intact_checkpoints` lists the checkpoints that verify, naming the
+damaged file of each one it skips, and a resumed ``DistillTrainer`` loads the newest of them. Loading
 reads only safetensors and JSON. A checkpoint resumes at any world size: a rank without its own RNG file
 takes rank 0's (the trainer's sampling does not depend on these states; see ``sampling.py``).
 """
@@ -33,12 +36,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_file, save_model
 
-from ..durable_files import fsync_path, fsync_tree
+from ..durable_files import CheckpointError, fsync_tree, publish_folder, unique_suffix, verify_manifest, write_manifest
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "load_model_weights", "save_model_folder",
-           "fsync_tree"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "intact_checkpoints",
+           "verify_checkpoint", "load_model_weights", "save_model_folder", "fsync_tree", "MANIFEST"]
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+#: written last into every checkpoint: each file's size and CRC-32 (``durable_files.write_manifest``)
+MANIFEST = "dpkd_checkpoint.json"
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -118,14 +123,16 @@ def save_checkpoint(
         missing = [r for r in range(eng.world) if not _rng_file(tmp, r).is_file()]
         if missing:
             raise RuntimeError(f"checkpoint {final}: ranks {missing} wrote no state; not published")
-        fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (resume): replace the old copy
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(output_dir)
+        write_manifest(tmp, MANIFEST, step=step)  # last: a folder with a manifest that verifies is whole
+        publish_folder(tmp, final)  # re-saving the same step (resume) replaces the old copy
         if total_limit is not None and total_limit > 0:
-            for old in _checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+            for old in _checkpoints(output_dir)[:-total_limit]:  # hidden first: a kill never leaves half of one
+                hidden = old.with_name(f".{old.name}.old-{unique_suffix()}")
+                os.replace(old, hidden)
+                shutil.rmtree(hidden)
+        for pattern in (".checkpoint-*.old-*", ".checkpoint-*.stale-*", ".checkpoint-*.tmp"):
+            for leftover in output_dir.glob(pattern):  # of saves killed (the folder is locked: none is live)
+                shutil.rmtree(leftover, ignore_errors=True)
     eng.barrier()  # nobody reads or prunes before the rename
     return final
 
@@ -142,6 +149,35 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
         return None
     found = _checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def verify_checkpoint(folder: str | Path) -> str | None:
+    """None when ``folder`` is an intact checkpoint, else what is wrong, naming the file: every file its
+    manifest lists must have the recorded size and CRC-32 (a folder written before manifests existed
+    needs its state files present)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not (folder / MANIFEST).is_file():
+        needed = ["trainer_state.json"] + ([] if (folder / "engine").is_dir() else
+                                           ["model.safetensors", "optimizer.safetensors"])
+        missing = [name for name in needed if not (folder / name).is_file()]
+        return f"{folder / missing[0]} is missing" if missing else None
+    return verify_manifest(folder, MANIFEST)[1]
+
+
+def intact_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[str]]:
+    """The checkpoints of ``output_dir`` that verify (:func:`verify_checkpoint`), newest first, and a note
+    naming the damaged file of each one skipped."""
+    output_dir = Path(output_dir)
+    intact, notes = [], []
+    for folder in reversed(_checkpoints(output_dir) if output_dir.is_dir() else []):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            intact.append(folder)
+        else:
+            notes.append(f"skipping {folder}: {problem}")
+    return intact, notes
 
 
 def save_model_folder(model: Any, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

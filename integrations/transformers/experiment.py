@@ -14,9 +14,11 @@ from .job import (
     JobConfig,
     Run,
     _atomic_dir,
+    _cache_problem,
     _file_hash,
     _hash,
     _log,
+    _read_lines,
     _write_lines,
     config_dict,
     planned_runs,
@@ -176,11 +178,14 @@ class Experiment:
             self.progress.advance(cfg.teacher_steps)
         else:
             folder = self.cache_dir / f"teacher-{self.teacher_key}"
-            if (folder / "model.safetensors").is_file():
+            problem = _cache_problem(folder)
+            if problem is None:
                 _log(f"teacher: cached at {folder}")
                 self.tok, self.teacher = load_tokenizer(folder), load_causal_lm(folder)
                 self.progress.advance(cfg.teacher_steps)
             else:
+                if folder.exists():
+                    _log(f"teacher: the cached folder is damaged ({problem}); training it again")
                 self._train_teacher(folder)
         self.teacher.eval()
         from .models import max_positions
@@ -243,7 +248,10 @@ class Experiment:
                      "tokens": cfg.max_new_tokens, "prompts": _hash([ex.prompt_ids for ex in examples])})
         path = self.cache_dir / f"teacher-{tag}-{key}.jsonl"
         if path.is_file():
-            return [json.loads(line)["ids"] for line in path.read_text().splitlines()]
+            rows, problem = _read_lines(path, len(examples))
+            if rows is not None and all(isinstance(row.get("ids"), list) for row in rows):
+                return [row["ids"] for row in rows]
+            _log(f"teacher outputs: {problem or f'{path} is damaged (a row without ids)'}; generating them again")
         import torch
 
         with torch.random.fork_rng(devices=[]):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +36,9 @@ __all__ = ["JobConfig", "PRESETS", "Run", "run_job", "generate_teacher_outputs",
 #: The methods' hyper-parameters chosen by the validation grid of ``dpkd distill --preset full`` (recorded
 #: with the grid's scores in benchmarks/RESULTS.md); methods not listed use the method table's defaults.
 CHOSEN_HPARAMS: dict[str, dict[str, Any]] = {}
+
+#: The manifest of a cached folder (the trained teacher): ``dpkd.integrations.durable_files.write_manifest``.
+CACHE_MANIFEST = "dpkd-cache.json"
 
 
 @dataclass
@@ -132,36 +134,59 @@ def _file_hash(path: str) -> str:
 
 
 def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
-    """Build a folder under a temporary name and rename it into place (a crash never leaves half a cache).
-    In a distributed launch the main process builds it while the others wait."""
-    from ..durable_files import fsync_tree
+    """Build a folder under a unique temporary name, write its manifest (every file's size and CRC-32: a
+    later reader can tell it intact) and rename it into place (a crash never leaves half a cache). In a
+    distributed launch the main process builds it while the others wait."""
+    from ..durable_files import publish_folder, unique_suffix, write_manifest
     from .distributed import barrier, is_main_process
 
     if not is_main_process():
         barrier()
         return final
 
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = final.with_name(f".{final.name}.tmp-{unique_suffix()}")
     tmp.mkdir(parents=True)
-    build(tmp)
-    fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        build(tmp)
+        write_manifest(tmp, CACHE_MANIFEST)
+        publish_folder(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     barrier()
     return final
 
 
+def _cache_problem(folder: Path) -> str | None:
+    """None when the cached folder ``_atomic_dir`` built is there and intact, else what is wrong (naming the
+    file). A folder of an older dpkd (no manifest) counts when its weights are there."""
+    from ..durable_files import verify_manifest
+
+    if not (folder / CACHE_MANIFEST).is_file():
+        return None if (folder / "model.safetensors").is_file() else f"{folder / CACHE_MANIFEST} is missing"
+    return verify_manifest(folder, CACHE_MANIFEST)[1]
+
+
 def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from ..durable_files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _read_lines(path: Path, count: int) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """The ``count`` JSON rows ``_write_lines`` wrote to ``path``, or (None, what is wrong: file and line)."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{path} cannot be read ({e})"
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            return None, f"{path} is damaged at line {number} ({e})"
+    if len(rows) != count or not all(isinstance(row, dict) for row in rows):
+        return None, f"{path} is damaged ({len(rows)} rows, {count} expected)"
+    return rows, None
 
 
 def generate_teacher_outputs(teacher: Any, tokenizer: Any, examples: list, *, max_new_tokens: int, seed: int,

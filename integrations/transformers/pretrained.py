@@ -13,13 +13,14 @@ per machine and caches the result as an ordinary ``save_pretrained`` folder, whi
     <cache_dir>/pretrained/<gguf stem, lower case>-<first 16 hex digits of the file's SHA-256>/
         config.json  generation_config.json  model.safetensors (float32)
         tokenizer.json  tokenizer_config.json  chat_template.jinja
-        dpkd-source.json     (written last: the source file, its SHA-256, every other file's size, versions)
+        dpkd-source.json     (written last: the source file, its SHA-256, versions, every other file's size
+                              and CRC-32: ``dpkd.integrations.durable_files.write_manifest``)
 
 ``cache_dir`` is the argument, else ``$DPKD_CACHE``, else ``~/.cache/dpkd`` (the ``dpkd distill --cache-dir``
 default). The folder is built under a temporary name, every file fsynced, then renamed into place, so a
 conversion killed half way never leaves a folder that counts; a folder whose manifest is missing or whose
-files' sizes disagree with it (truncated, partly copied) is rebuilt. A different GGUF file (another SHA-256)
-gets its own folder.
+files' sizes or CRC-32s disagree with it (truncated, altered, partly copied) is rebuilt. A different GGUF
+file (another SHA-256) gets its own folder.
 
 Public API:
 
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -120,6 +120,7 @@ def pretrained_folder(gguf_path: str | Path, cache_dir: str | Path | None = None
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / "pretrained" / f"{gguf_path.stem.lower()}-{fingerprint[:_FINGERPRINT_HEX]}"
     if folder_is_complete(final, fingerprint):
+        _remove_stale_temporaries(final)  # of conversions killed while another finished
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(final)
@@ -139,17 +140,14 @@ def smollm2_folder(cache_dir: str | Path | None = None) -> Path:
 
 
 def folder_is_complete(folder: str | Path, fingerprint: str | None = None) -> bool:
-    """Whether ``folder`` is a finished conversion: its manifest parses, names ``fingerprint`` (when given)
-    and every file it lists exists with the recorded size."""
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-        if fingerprint is not None and manifest["sha256"] != fingerprint:
-            return False
-        return bool(files) and all((folder / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    """Whether ``folder`` is a finished conversion: its manifest names ``fingerprint`` (when given) and every
+    file it lists has the recorded size and CRC-32 (``dpkd.integrations.durable_files.verify_manifest``)."""
+    from ..durable_files import verify_manifest
+
+    manifest, problem = verify_manifest(folder, MANIFEST)
+    if problem is not None:
         return False
+    return bool(manifest["files"]) and (fingerprint is None or manifest.get("sha256") == fingerprint)
 
 
 def load_pretrained(folder: str | Path, *, dtype: Any = None) -> tuple[Any, Any]:
@@ -208,37 +206,24 @@ def _convert(gguf_path: Path, fingerprint: str, out: Path) -> None:
     """Write the dense ``save_pretrained`` folder and, last, its manifest into ``out``."""
     import transformers
 
+    from ..durable_files import write_manifest
+
     model, tokenizer = load_gguf_with_transformers(gguf_path)
     # GGUF tokenizers come without a length limit; the model's context is the natural one
     tokenizer.model_max_length = model.config.max_position_embeddings
     out.mkdir(parents=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
-    manifest = {"source": gguf_path.name, "sha256": fingerprint, "source_bytes": gguf_path.stat().st_size,
-                "dtype": str(model.dtype).removeprefix("torch."), "transformers": transformers.__version__,
-                "files": files}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_manifest(out, MANIFEST, source=gguf_path.name, sha256=fingerprint, source_bytes=gguf_path.stat().st_size,
+                   dtype=str(model.dtype).removeprefix("torch."), transformers=transformers.__version__)
 
 
 def _publish(tmp: Path, final: Path, fingerprint: str) -> None:
     """fsync ``tmp`` and rename it to ``final``; a complete ``final`` written meanwhile by another process
     wins, an incomplete one is replaced."""
-    from ..durable_files import fsync_path, fsync_tree
+    from ..durable_files import publish_folder
 
-    fsync_tree(tmp)
-    if final.exists():
-        if folder_is_complete(final, fingerprint):
-            return
-        stale = final.with_name(f".{final.name}.stale-{os.getpid()}")
-        os.replace(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process renamed its own conversion into place first
-        if not folder_is_complete(final, fingerprint):
-            raise
-    fsync_path(final.parent)
+    publish_folder(tmp, final, keep=lambda folder: folder_is_complete(folder, fingerprint))
 
 
 def _remove_stale_temporaries(final: Path) -> None:

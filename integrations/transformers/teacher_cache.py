@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..durable_files import fsync_path
+from ..durable_files import fsync_path, unique_suffix
 from .batching import IGNORE_INDEX, pad_pairs
 
 __all__ = ["TeacherLogpCache", "CachedTeacher", "example_id", "model_fingerprint", "tokenizer_fingerprint",
@@ -106,6 +108,15 @@ def dense_teacher_logps(entries: Sequence[CachedTeacher], labels: torch.Tensor, 
     return out
 
 
+def _payload_crc(tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 of the tensors' names and bytes (in name order), stored in the file's metadata."""
+    crc = 0
+    for name in sorted(tensors):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(tensors[name].contiguous().view(torch.uint8).numpy().tobytes(), crc)
+    return f"{crc:08x}"
+
+
 class TeacherLogpCache:
     """Cached teacher values on pre-generated y_t (module docstring).
 
@@ -142,28 +153,45 @@ class TeacherLogpCache:
         key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
         self.path = self.folder / f"teacher-logps-{key}.safetensors"
         self.scored = 0  # examples this instance ran the teacher on (0 on a warm cache)
+        self.damaged = False  # the file was damaged when last read (it is rewritten whole on the next write)
         self._entries: dict[str, CachedTeacher] = self._read()
 
     # ------------------------------------------------------------------------------------------ file
     def _read(self) -> dict[str, CachedTeacher]:
+        """The file's entries; a damaged file (unreadable, or its CRC-32 not the one written) is named on
+        stderr and counts as empty: its examples are scored again and the file rewritten whole."""
         if not self.path.is_file():
             return {}
         from safetensors import safe_open
 
-        with safe_open(str(self.path), framework="pt") as f:
-            meta = f.metadata()
-            if any(str(self.meta[k]) != meta.get(k) for k in self.meta):
-                raise ValueError(f"{self.path}: written for another teacher/tokenizer/dtype/k; delete it")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata()
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (no __iter__)
             keys = json.loads(meta["keys"])
-            offsets = f.get_tensor("offsets").tolist()
-            logps = f.get_tensor("token_logps")
-            ids = f.get_tensor("topk_ids").long() if self.top_k else None
-            topk = f.get_tensor("topk_logps") if self.top_k else None
+            crc = meta.get("crc32")  # None: a file of an older dpkd, written without one
+        except Exception as e:  # noqa: BLE001 - whatever safetensors or JSON says of a damaged file
+            return self._damaged(f"cannot be read ({type(e).__name__}: {str(e)[:200]})")
+        if any(str(self.meta[k]) != meta.get(k) for k in self.meta):
+            raise ValueError(f"{self.path}: written for another teacher/tokenizer/dtype/k; delete it")
+        if crc is not None and crc != _payload_crc(tensors):
+            return self._damaged("is damaged (its CRC-32 differs from the one written)")
+        offsets = tensors["offsets"].tolist()
+        logps = tensors["token_logps"]
+        ids = tensors["topk_ids"].long() if self.top_k else None
+        topk = tensors["topk_logps"] if self.top_k else None
+        if len(offsets) != len(keys) + 1 or offsets[-1] != logps.shape[0]:
+            return self._damaged(f"is damaged ({len(keys)} keys, {len(offsets)} offsets)")
         out = {}
         for i, k in enumerate(keys):
             a, b = offsets[i], offsets[i + 1]
             out[k] = CachedTeacher(logps[a:b], None if ids is None else ids[a:b], None if topk is None else topk[a:b])
         return out
+
+    def _damaged(self, problem: str) -> dict[str, CachedTeacher]:
+        print(f"TeacherLogpCache: {self.path} {problem}; scoring its examples again", file=sys.stderr, flush=True)
+        self.damaged = True
+        return {}
 
     def _write(self) -> None:
         from safetensors.torch import save_file
@@ -176,11 +204,17 @@ class TeacherLogpCache:
             tensors["topk_ids"] = torch.cat([e.topk_ids for e in entries]).to(torch.int32)
             tensors["topk_logps"] = torch.cat([e.topk_logps for e in entries])
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={**{k: str(v) for k, v in self.meta.items()}, "keys": json.dumps(keys)})
-        fsync_path(tmp)
-        os.replace(tmp, self.path)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{unique_suffix()}")
+        metadata = {**{k: str(v) for k, v in self.meta.items()}, "keys": json.dumps(keys),
+                    "crc32": _payload_crc(tensors)}
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            fsync_path(tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         fsync_path(self.folder)
+        self.damaged = False
 
     # ------------------------------------------------------------------------------------------ scoring
     @torch.no_grad()

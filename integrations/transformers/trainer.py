@@ -45,6 +45,12 @@ start's optimizer and data stream (batch indices go on from the SFT start's last
 replayed). The learning-rate schedule (linear warm-up, then the released code's cosine annealing to
 ``min_learning_rate``) runs over this run's own ``max_steps``.
 
+Resuming (``train(resume_from_checkpoint=True)``) takes the newest checkpoint of ``output_dir`` whose files
+match the manifest written with it (:mod:`.checkpoint`): a truncated or altered weights, optimizer, RNG or
+trainer-state file is named on stderr (and in ``resume_notes``) and the previous checkpoint is used; a
+named checkpoint (``resume_from_checkpoint=<folder>``, ``init_from``) that does not verify is refused
+naming the file.
+
 ``use_fused=True`` computes the losses (and the probe's log-probs) on the fused token-chunked lm_head path
 (:mod:`.heads`): same losses and gradients, without the [B, T, V] logits in memory.
 
@@ -59,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, astuple, dataclass, field, fields
@@ -67,10 +74,11 @@ from typing import Any
 
 import torch
 
+from ..durable_files import atomic_write_text
 from ..folder_lock import FolderLock, FolderLockedError
 from ..methods import METHODS, OBJECTIVE_PRESETS, PairLoss, PolicyGradient, TokenDivergence
 from .batching import SequenceBatch, generate, pad_pairs
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, intact_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 from .data import Example
 from .distributed import Engine
 from .heads import check_fusable
@@ -296,6 +304,7 @@ class DistillTrainer:
                                                 fused=config.use_fused, chunk_size=config.fused_chunk_size))
         self.log_history: list[dict[str, float]] = []
         self.start_step = 0  # global step this run started from (init_from's step)
+        self.resume_notes: list[str] = []  # damaged checkpoints skipped when resuming, and what was used
         self.cached: list[Any] | None = None
         if teacher_cache is not None and config.teacher_outputs == "pregenerated":
             with self.engine.accelerator.main_process_first():
@@ -527,33 +536,70 @@ class DistillTrainer:
         out_dir = Path(self.config.output_dir)
         own = None
         if resume_from_checkpoint:
-            own = latest_checkpoint(out_dir) if resume_from_checkpoint is True else Path(resume_from_checkpoint)
+            own, state = self._load_intact(out_dir if resume_from_checkpoint is True else None,
+                                           None if resume_from_checkpoint is True else Path(resume_from_checkpoint))
         if own is not None:
-            state = self._load(own, resume=True)
+            self._check_batch(own, state)
             self._check_same_config(own, state.get("config"), allow_changes)
             self.log_history = list(state["log_history"])
             self.start_step = int(state.get("run_start_step", 0))
             self.probe.load_state(state.get("probe"))  # the pairs frozen when the run started
             return int(state["global_step"])
         if init_from is not None:
-            state = self._load(Path(init_from), resume=False)
+            state = self._load(Path(init_from))
             self.start_step = int(state["global_step"])
             return self.start_step
         torch.manual_seed(self.config.seed)
         return 0
 
-    def _load(self, folder: Path, *, resume: bool) -> dict[str, Any]:
-        """Load a checkpoint; resuming this run needs the same global batch (any world size that keeps it)."""
-        state = load_checkpoint(folder, self.student, self.optimizer, engine=self.engine)
+    def _load(self, folder: Path) -> dict[str, Any]:
+        """Load a checkpoint (refused, naming the damaged file, unless it verifies)."""
+        problem = verify_checkpoint(folder)
+        if problem is not None:
+            raise CheckpointError(f"DistillTrainer: checkpoint {folder} cannot be loaded: {problem}")
+        return load_checkpoint(folder, self.student, self.optimizer, engine=self.engine)
+
+    def _load_intact(self, out_dir: Path | None, folder: Path | None) -> tuple[Path | None, dict[str, Any]]:
+        """Resume from ``folder``, or from the newest checkpoint of ``out_dir`` that verifies and loads,
+        saying (on stderr, in ``resume_notes``) which were skipped and why; (None, {}) when there is none."""
+        if folder is not None:
+            return folder, self._load(folder)
+        candidates, skipped = intact_checkpoints(out_dir)
+        for note in skipped:
+            self._note(note)
+        for candidate in candidates:
+            try:
+                state = load_checkpoint(candidate, self.student, self.optimizer, engine=self.engine)
+            except Exception as e:  # noqa: BLE001 - any failure to read this folder: fall back to the previous one
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                self._note(f"{candidate} could not be loaded ({type(e).__name__}: {first}); falling back to the "
+                           f"previous checkpoint")
+                continue
+            if self.resume_notes:
+                self._note(f"resuming from {candidate}, the newest intact checkpoint")
+            return candidate, state
+        if candidates:  # the model may hold part of a failed load: never train on from that
+            raise CheckpointError(f"DistillTrainer: no checkpoint in {out_dir} could be loaded: "
+                                  + "; ".join(self.resume_notes))
+        if self.resume_notes:
+            self._note(f"no intact checkpoint in {out_dir}; starting at step 0")
+        return None, {}
+
+    def _note(self, message: str) -> None:
+        self.resume_notes.append(message)
+        if self.engine.is_main:
+            print(f"DistillTrainer: {message}", file=sys.stderr, flush=True)
+
+    def _check_batch(self, folder: Path, state: dict[str, Any]) -> None:
+        """Resuming this run needs the same global batch (any world size that keeps it)."""
         saved = state.get("train_batch_size")
-        if resume and saved is not None and int(saved) != self.global_batch_size:
+        if saved is not None and int(saved) != self.global_batch_size:
             raise ValueError(
                 f"DistillTrainer: {folder} was written with a global batch of {saved} examples per step, this run "
                 f"has {self.global_batch_size} (per_device_train_batch_size {self.micro} × "
                 f"gradient_accumulation_steps {self.config.gradient_accumulation_steps} × world size "
                 f"{self.world}); resume with per_device_train_batch_size × gradient_accumulation_steps = "
                 f"{int(saved) // self.world} at this world size")
-        return state
 
     def _check_same_config(self, folder: Path, saved: dict[str, Any] | None, allow_changes: set[str]) -> None:
         """Resuming with another configuration would silently mix two runs: refused, naming the fields."""
@@ -625,7 +671,7 @@ class DistillTrainer:
         if start == self.start_step and (main or self.engine.sharded):
             self.probe.start(self.student)
         if main:
-            (out_dir / "distill_config.json").write_text(json.dumps(c.to_json(), indent=1))
+            atomic_write_text(out_dir / "distill_config.json", json.dumps(c.to_json(), indent=1))
         writer = None
         if c.report_to == "tensorboard" and main:
             from torch.utils.tensorboard import SummaryWriter
@@ -668,7 +714,7 @@ class DistillTrainer:
         if writer is not None:
             writer.close()
         if main:
-            (out_dir / "trainer_state.json").write_text(json.dumps(
+            atomic_write_text(out_dir / "trainer_state.json", json.dumps(
                 {"global_step": end, "run_start_step": self.start_step, "log_history": self.log_history,
                  "train_runtime_s": time.perf_counter() - t0, "world_size": self.world}, indent=1))
         self.engine.barrier()
