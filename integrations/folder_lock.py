@@ -51,13 +51,19 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` from field 3 (the state) on, or None."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # the name (field 2) may hold spaces: split after it
+    return stat.rsplit(")", 1)[1].split()  # the name (field 2) may hold spaces: split after it
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), or None."""
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[19]
 
 
 def _running(pid: int) -> bool:
@@ -66,8 +72,10 @@ def _running(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # alive, owned by someone else
-    return True
+        pass  # alive, owned by someone else
+    fields = _stat_fields(pid)
+    # a killed process its parent has not reaped yet (a zombie) still has its PID but holds nothing
+    return fields is None or fields[0] not in ("Z", "X")
 
 
 def _owner() -> dict[str, Any]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from dpkd.integrations.folder_lock import FolderLock, FolderLockedError
@@ -57,6 +58,24 @@ def test_a_killed_owner_leaves_a_stale_lock_that_is_taken_over(tmp_path):
     lock = FolderLock(tmp_path / "out", purpose="test")
     assert lock.acquire() == f"took over the stale lock {lock.path} (PID {child.pid} is not running)"
     lock.release()
+
+
+def test_a_killed_owner_not_yet_reaped_holds_nothing(tmp_path):
+    """A SIGKILLed owner whose parent has not waited for it yet (a zombie: torchrun's ranks right after
+    the launcher is killed) keeps its PID, but its lock is stale."""
+    child = _child(tmp_path)
+    assert child.stdout.readline().strip() == "got"
+    os.kill(child.pid, signal.SIGKILL)
+    for _ in range(500):  # the kernel marks it a zombie; nobody reaps it until child.wait below
+        if open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.01)
+    try:
+        lock = FolderLock(tmp_path / "out", purpose="test")
+        assert lock.acquire() == f"took over the stale lock {lock.path} (PID {child.pid} is not running)"
+        lock.release()
+    finally:
+        child.wait(timeout=30)
 
 
 def test_reused_pid_garbled_file_and_another_host(tmp_path):

@@ -1,8 +1,8 @@
 """SIGKILL of a real torchrun launch of the Megatron driver at a random moment (mid-step or mid-save), then
-``--resume``: every step folder left is intact, the leftovers of the interrupted save are removed, and the
-resumed steps equal an uninterrupted run's."""
+``--resume`` (in the test's 2-rank gloo world: one launch is what the kill needs): every step folder left
+is intact, the stale lock is taken over, the leftovers of the interrupted save are removed, and the resumed
+steps equal an uninterrupted run's."""
 
-import json
 import os
 import random
 import signal
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (the `megatron` extra)")
 
 ARGS = ["--cpu", "--num-examples", "16", "--global-batch", "4", "--max-prompt", "120", "--max-length", "140",
-        "--lr", "1e-2", "--seed", "3", "--tp", "2", "--steps", "10", "--save-interval", "1"]
+        "--lr", "1e-2", "--seed", "3", "--tp", "2", "--steps", "5", "--save-interval", "1"]
 LAUNCH_TIMEOUT_S = 240
 
 
@@ -25,10 +25,9 @@ def body_full(argv):
     return distill.run(distill.parse_args(argv))
 
 
-def _launch(save, metrics):
+def _launch(save):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "dpkd.integrations.megatron.distill", *ARGS, "--save-dir", str(save), "--resume",
-           "--metrics-file", str(metrics)]
+           "-m", "dpkd.integrations.megatron.distill", *ARGS, "--save-dir", str(save), "--resume"]
     env = dict(os.environ, OMP_NUM_THREADS="1", DPKD_NUM_THREADS="1")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -66,9 +65,9 @@ def test_sigkill_at_a_random_moment_then_resume_equals_the_uninterrupted_run(glo
 
     full = gloo_pool.run(body_full, ARGS, tp=2)[0]
     save = tmp_path / "run"
-    proc = _launch(save, tmp_path / "killed.jsonl")
+    proc = _launch(save)
     rng = random.Random(os.getpid())
-    kill_after = rng.randint(1, 6)  # a random checkpoint, then a random moment of the next step or save
+    kill_after = rng.randint(1, 3)  # a random checkpoint, then a random moment of the next step or save
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
         while proc.poll() is None and time.monotonic() < deadline and (
@@ -84,13 +83,10 @@ def test_sigkill_at_a_random_moment_then_resume_equals_the_uninterrupted_run(glo
     for folder in save.glob("step_*"):
         assert train_state.verify_checkpoint(folder)[1] is None  # nothing half-written is visible as a step
 
-    proc = _launch(save, tmp_path / "resumed.jsonl")
-    _, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-    assert proc.returncode == 0 and (tmp_path / "resumed.jsonl").is_file(), f"killed at {killed_at}:\n{err[-3000:]}"
-    resumed = [json.loads(line) for line in (tmp_path / "resumed.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in resumed] == list(range(killed_at + 1, 11))
+    resumed = gloo_pool.run(body_full, [*ARGS, "--save-dir", str(save), "--resume"], tp=2)[0]
+    assert [r["step"] for r in resumed] == list(range(killed_at + 1, 6)), f"killed at {killed_at}"
     for r in resumed:
         assert (r["loss"], r["grad_norm"]) == (full[r["step"] - 1]["loss"], full[r["step"] - 1]["grad_norm"])
     assert not list(save.glob(".step_*")) and not (save / ".dpkd.lock").exists()
     print(f"\nreliability: Megatron driver SIGKILLed after step {killed_at}; resumed steps "
-          f"{killed_at + 1}-10 equal the uninterrupted run")
+          f"{killed_at + 1}-5 equal the uninterrupted run")
