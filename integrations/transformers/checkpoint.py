@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 
 from ..durable_files import CheckpointError, fsync_tree, publish_folder, unique_suffix, verify_manifest, write_manifest
@@ -111,13 +112,17 @@ def save_checkpoint(
     full = eng.full_state_dict() if eng.sharded else None  # collective: every rank takes part
     if eng.sharded:
         eng.save_sharded_state(tmp / "engine")
-    _write_rng(tmp, eng.rank)
-    if eng.is_main:
-        save_model_folder(model, tmp, state_dict=full)
-        if not eng.sharded:
-            opt_tensors, groups = _optimizer_tensors(optimizer)
-            save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"param_groups": groups})
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}, indent=1))
+    try:
+        _write_rng(tmp, eng.rank)
+        if eng.is_main:
+            save_model_folder(model, tmp, state_dict=full)
+            if not eng.sharded:
+                opt_tensors, groups = _optimizer_tensors(optimizer)
+                save_file(opt_tensors, tmp / "optimizer.safetensors", metadata={"param_groups": groups})
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "global_step": step}, indent=1))
+    except (OSError, SafetensorError) as e:  # a full disk, most likely: say which checkpoint, and what is safe
+        raise CheckpointError(f"checkpoint {final} could not be written ({e}); it was not published and the "
+                              f"earlier checkpoints in {output_dir} are intact") from e
     eng.barrier()  # every rank has written its part: only now may the checkpoint count
     if eng.is_main:
         missing = [r for r in range(eng.world) if not _rng_file(tmp, r).is_file()]
