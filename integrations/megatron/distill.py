@@ -95,9 +95,8 @@ def method_loss(args: argparse.Namespace) -> Any:
     return m.loss(values)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dpkd.integrations.megatron.distill", description=__doc__.split("\n")[0])
-    a = p.add_argument
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("layout and models").add_argument
     a("--tp", type=int, default=1, help="tensor-parallel size (DP = world size / TP)")
     a("--dp", type=int, default=None, help="data-parallel size; if given it must equal world / TP")
     a("--teacher", default="tiny-teacher", help="HF model folder, distributed checkpoint (convert's output or a "
@@ -108,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       "tokenizer, else the built-in character tokenizer)")
     a("--data", default=None, help="Dolly-style JSONL (instruction, context, response); default: generated")
     a("--num-examples", type=int, default=256, help="size of the generated task when --data is absent")
+
+
+def _method_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("method and sampling").add_argument
     a("--mode", choices=("token", "sequence"), default="token")
     a("--method", choices=sorted(set(MODE_METHODS["token"] + MODE_METHODS["sequence"])), default=None,
       help=f"method of the method table; token mode: {', '.join(MODE_METHODS['token'])} (default dpkd_token); "
@@ -116,6 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="a hyper-parameter of the method (repeatable), e.g. tau=0.5 for ipo")
     a("--objective", choices=tuple(OBJECTIVES), default=None, help="default: released (token), paper (sequence)")
     a("--beta", type=float, default=None, help="β of the method when it has one (default: the method table's)")
+
+
+def _training_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("optimisation").add_argument
     a("--steps", type=int, default=10)
     a("--global-batch", type=int, default=8, help="examples per step over all DP ranks")
     a("--max-prompt", type=int, default=256)
@@ -128,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--clip-grad", type=float, default=1.0)
     a("--lr-tmax", type=int, default=None, help="CosineAnnealingLR T_max in steps (default: --steps)")
     a("--lr-min", type=float, default=1e-7)
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("precision, logging and checkpoints").add_argument
     a("--vocab-multiple", type=int, default=128, help="pad the vocabulary to a multiple of this (and of TP)")
     a("--bf16", action="store_true", help="bf16 weights for both models (losses still in float32)")
     a("--cpu", action="store_true", help="CPU mode: gloo, parameters on the CPU (tests, CI, the tiny example)")
@@ -141,6 +152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--override", type=lambda s: [f.strip().replace("-", "_") for f in s.split(",") if f.strip()], default=[],
       metavar="FIELD,...", help="with --resume: fields that may differ from the checkpoint's run config "
       f"({', '.join(run_config.OVERRIDABLE)}); the LR schedule is recomputed from the new values")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dpkd.integrations.megatron.distill", description=__doc__.split("\n")[0])
+    for add in (_model_arguments, _method_arguments, _training_arguments, _run_arguments):
+        add(p)
     args = p.parse_args(argv)
     if args.objective is None:
         args.objective = "released" if args.mode == "token" else "paper"
