@@ -1,10 +1,11 @@
 """The Llama converter on real weights: SmolLM2-135M-Instruct (9 query heads in 3 groups; TP=2 pads to 4
 groups) in the 2-process gloo world.
 
+* examples/megatron_llama.sh runs end to end (one step per mode); the distributed checkpoint its converter
+  CLI wrote at TP=2 is the one the tests below read.
 * Logits of a chat prompt and answer equal transformers' own at TP=1 and TP=2, loaded from the Hugging Face
-  folder and from a Megatron-Core distributed checkpoint the converter wrote once at TP=2 (also read at
-  TP=1: a TP change); the vocab-parallel token log-probs equal ``dpkd.backends.torch.token_logps`` on
-  transformers' logits.
+  folder and from that distributed checkpoint (also read at TP=1: a TP change); the vocab-parallel token
+  log-probs equal ``dpkd.backends.torch.token_logps`` on transformers' logits.
 * One driver step with SmolLM2 as teacher (from that checkpoint) and a small Llama student gives the same
   losses and gradient norm at TP=2 as at TP=1 × DP=2, in token and in sequence mode.
 """
@@ -36,17 +37,29 @@ def reference(smollm2_dir):
 
 
 @pytest.fixture(scope="module")
-def smollm2_ckpt(gloo_pool, smollm2_dir, tmp_path_factory):
-    """SmolLM2 converted once into a distributed checkpoint by 2 ranks at TP=2."""
-    out = tmp_path_factory.mktemp("smollm2_megatron")
-    gloo_pool.run(body_convert, str(smollm2_dir), str(out), tp=2)
-    return out
+def llama_example(smollm2_dir, tmp_path_factory):
+    """examples/megatron_llama.sh run once, one step per mode (its default runs 4 + 2 steps): it converts
+    SmolLM2 into a distributed checkpoint at TP=2 with the converter's CLI, cuts the student from it and trains
+    it in both modes. Returns (its output folder, the finished process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("megatron_llama")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DPKD_CACHE=str(smollm2_dir.parents[1]))
+    result = subprocess.run(["bash", str(root / "examples" / "megatron_llama.sh"), "--steps", "1"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    return out, result
 
 
-def body_convert(hf_dir, out):
-    from dpkd.integrations.megatron.convert import to_megatron
-
-    to_megatron(hf_dir, out)
+@pytest.fixture(scope="module")
+def smollm2_ckpt(llama_example):
+    """SmolLM2 as the example converted it: a distributed checkpoint written by 2 ranks at TP=2."""
+    out, result = llama_example
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out / "teacher_megatron"
 
 
 def body_logits(source, ids):
@@ -126,24 +139,13 @@ def test_driver_step_tp2_equals_tp1_dp2(gloo_pool, smollm2_ckpt, mode, keys):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), f"step {step + 1} {k}: {a[k]} vs {b[k]}"
 
 
-@pytest.mark.slow
-def test_llama_example_script_completes(smollm2_dir, tmp_path):
-    """examples/megatron_llama.sh end to end (teacher conversion, student cut from it, both modes), one step
-    per mode here to fit the suite's budget (its default runs 4 + 2 steps)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DPKD_CACHE=str(smollm2_dir.parents[1]))
-    result = subprocess.run(["bash", str(root / "examples" / "megatron_llama.sh"), "--steps", "1"], env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def test_llama_example_script_completes(llama_example, smollm2_ckpt):
+    """examples/megatron_llama.sh end to end: the teacher converted, the student cut, one step per mode."""
+    out, result = llama_example
     assert "done:" in result.stdout and "teacher=llama:134.52M" in result.stdout
-    assert json.loads((tmp_path / "teacher_megatron" / "dpkd_model.json").read_text())["query_groups"] == 4
+    assert json.loads((smollm2_ckpt / "dpkd_model.json").read_text())["query_groups"] == 4
     for mode in ("token", "sequence"):
-        lines = [json.loads(line) for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (out / f"{mode}.jsonl").read_text().splitlines()]
         assert [r["step"] for r in lines] == [1] and all(map(math.isfinite, lines[0].values()))
-        assert (tmp_path / mode / "latest").read_text() == "1"
-        assert (tmp_path / mode / "step_0000001" / "dpkd_model.json").is_file()
+        assert (out / mode / "latest").read_text() == "1"
+        assert (out / mode / "step_0000001" / "dpkd_model.json").is_file()
