@@ -4,6 +4,8 @@ reduction; they never hold a [N, V] array; bad input raises the Torch fused path
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -56,35 +58,47 @@ def logits(hidden, weight, bias):
     return out if bias is None else out + bias
 
 
-def run_pair(name: str, case: dict, *, chunk_size, reduction: str, normalizer=None):
-    """((fused value, fused grads), (unfused value, unfused grads)): grads of the scalar (or of Σ upstream·out
-    under "none") w.r.t. the student's (hidden, weight[, bias])."""
+@functools.cache
+def _pair_program(name: str, chunk_size, reduction: str, normalizer, bias: bool):
+    """One jitted program: (value, gradients) of the fused loss and of the unfused one on materialised
+    logits; gradients of the scalar (or of Σ upstream·out under "none") w.r.t. the student's (hidden,
+    weight[, bias]). The arrays are arguments, so every case of a grid point shares one compilation."""
     fused_fn, plain_fn, options = LOSSES[name]
-    th, tw, tb = case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"]
     kw = dict(options, reduction=reduction, normalizer=normalizer)
 
-    def scalar(x):
-        x = getattr(x, "loss", x)
-        return (x * case["upstream"]).sum() if reduction == "none" else x
-
-    def fused(h, w, b=None):
+    def fused(c, h, w, b):
         if name == "cross_entropy":
-            return fused_fn(h, w, case["labels"], bias=b, chunk_size=chunk_size, **kw)
-        return fused_fn(h, w, th, tw, case["mask"], bias=b, teacher_bias=tb, chunk_size=chunk_size, **kw)
+            return fused_fn(h, w, c["labels"], bias=b, chunk_size=chunk_size, **kw)
+        return fused_fn(h, w, c["teacher_hidden"], c["teacher_weight"], c["mask"], bias=b,
+                        teacher_bias=c.get("teacher_bias"), chunk_size=chunk_size, **kw)
 
-    def plain(h, w, b=None):
+    def plain(c, h, w, b):
         if name == "cross_entropy":
-            return plain_fn(logits(h, w, b), case["labels"], **kw)
-        return plain_fn(logits(h, w, b), logits(th, tw, tb), case["mask"], **kw)
+            return plain_fn(logits(h, w, b), c["labels"], **kw)
+        return plain_fn(logits(h, w, b), logits(c["teacher_hidden"], c["teacher_weight"], c.get("teacher_bias")),
+                        c["mask"], **kw)
 
-    args = tuple(x for x in (case["hidden"], case["weight"], case["bias"]) if x is not None)
-    argnums = tuple(range(len(args)))
-    out = []
-    for fn in (fused, plain):
-        value = fn(*args)
-        grads = jax.grad(lambda *p, fn=fn: scalar(fn(*p)), argnums=argnums)(*args)
-        out.append((value, grads))
-    return out
+    def program(c):
+        args = (c["hidden"], c["weight"], c["bias"]) if bias else (c["hidden"], c["weight"])
+        out = []
+        for fn in (fused, plain):
+            def scalar(*p, fn=fn):
+                value = fn(c, *p, *((None,) if len(p) == 2 else ()))
+                x = getattr(value, "loss", value)
+                return ((x * c["upstream"]).sum() if reduction == "none" else x), value
+
+            (_, value), grads = jax.value_and_grad(scalar, argnums=tuple(range(len(args))), has_aux=True)(*args)
+            out.append((value, grads))
+        return out
+
+    return jax.jit(program)
+
+
+def run_pair(name: str, case: dict, *, chunk_size, reduction: str, normalizer=None):
+    """((fused value, fused grads), (unfused value, unfused grads)), from ``_pair_program``."""
+    bias = case["bias"] is not None
+    arrays = {k: x for k, x in case.items() if x is not None}
+    return _pair_program(name, chunk_size, reduction, normalizer, bias)(arrays)
 
 
 def assert_close(actual, expected):
@@ -107,17 +121,26 @@ def check_pair(name, pair):
 
 
 # Every token loss of the registry, every variant, is checked against the spec through the fused path by
-# conformance/test_fused_vs_spec.py (the default chunk); here chunk-size invariance, on two losses.
-@pytest.mark.parametrize("chunk_size", [1, 4, N])
+# conformance/test_fused_vs_spec.py (the default chunk); here chunk-size invariance (one row per chunk, one
+# chunk; 4 rows — a short last chunk — in the grid below), on a sparse-gradient and a dense-gradient kernel.
+@pytest.mark.parametrize("chunk_size", [1, N])
 @pytest.mark.parametrize("name", ["dpkd_sigmoid", "forward_kl"])
 def test_fused_token_loss_equals_unfused_mean(name, chunk_size):
     check_pair(name, run_pair(name, make_case(0), chunk_size=chunk_size, reduction="mean"))
 
 
-@pytest.mark.parametrize(("reduction", "normalizer", "bias"), [
-    ("sum", None, True), ("none", None, True), ("mean", 37.0, True), ("mean", None, False),
-])
-@pytest.mark.parametrize("name", ["dpkd_sigmoid", "forward_kl", "generalized_jsd", "akl", "cross_entropy"])
+# The reductions are the driver's, shared by the kernels: each reduction on two losses, each loss twice (each
+# grid point is one compilation).
+REDUCTIONS = [
+    ("dpkd_sigmoid", "sum", None, True), ("dpkd_sigmoid", "none", None, True),
+    ("forward_kl", "mean", 37.0, True), ("forward_kl", "mean", None, False),
+    ("generalized_jsd", "none", None, True), ("generalized_jsd", "mean", None, False),
+    ("akl", "sum", None, True), ("akl", "mean", 37.0, True),
+    ("cross_entropy", "none", None, True), ("cross_entropy", "sum", None, False),
+]
+
+
+@pytest.mark.parametrize(("name", "reduction", "normalizer", "bias"), REDUCTIONS)
 def test_fused_token_loss_equals_unfused_reductions(name, reduction, normalizer, bias):
     check_pair(name, run_pair(name, make_case(1, bias=bias), chunk_size=4, reduction=reduction,
                               normalizer=normalizer))
