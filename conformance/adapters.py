@@ -199,11 +199,13 @@ class JaxAdapter(BackendAdapter):
                 full[i] = d
             for k, d in zip(wrt_kwargs, diff[len(wrt):]):
                 kw[k] = d
-            return scalar_of(fn(*full, **kw)).sum()
+            out = fn(*full, **kw)
+            return scalar_of(out).sum(), out
 
         leaves = [conv[i] for i in wrt] + [kwargs[k] for k in wrt_kwargs]
-        grads = jax.grad(scalar, argnums=tuple(range(len(leaves))))(*leaves)
-        out = fn(*conv, **kwargs)
+        # the value comes from the same trace as the gradient (one compilation of a jitted function, where a
+        # separate call would compile its primal again)
+        (_, out), grads = jax.value_and_grad(scalar, argnums=tuple(range(len(leaves))), has_aux=True)(*leaves)
         return map_out(out, self.to_numpy), [self.to_numpy(g) for g in grads]
 
 

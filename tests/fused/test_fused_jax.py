@@ -50,14 +50,16 @@ def test_linear_token_logps_equals_spec(refs, dtype, chunk_size, bias):
     size = b_ * t_ if chunk_size == "N" else chunk_size
     labels = jnp.asarray(case.labels)
 
-    def f(h, w, bb):
-        return fused.linear_token_logps(h, w, labels, bias=bb, chunk_size=size)
+    def f(g, lab, h, w, bb):
+        out = fused.linear_token_logps(h, w, lab, bias=bb, chunk_size=size)
+        return (out * g).sum(), out
 
     args = (a(case.hidden, dtype), a(case.weight, dtype), a(case.bias, dtype))
-    out = f(*args)
+    # value and gradient from one compiled program
+    program = jax.jit(jax.value_and_grad(f, argnums=(2, 3, 4) if bias else (2, 3), has_aux=True))
+    (_, out), grads = program(a(upstream, dtype), labels, *args)
     assert out.dtype == jnp.dtype(dtype) and out.shape == (b_, t_)
     assert np.all(np.asarray(out)[case.labels == refs.IGNORE] == 0)
-    grads = jax.grad(lambda *p: (f(*p) * a(upstream, dtype)).sum(), argnums=(0, 1, 2) if bias else (0, 1))(*args)
     scale = values_scale(refs.logits_of(case.hidden, case.weight, case.bias))
     assert_close(out, exp_value, dtype=dtype, quantity="values", what="logps", scale=scale)
     for name, g, e in zip(("hidden", "weight", "bias"), grads, exp_grads):
@@ -68,7 +70,7 @@ def test_linear_token_logps_under_jit_and_chunk_invariance(refs):
     case = refs.make_case(2, (123,), 31, 47)
     labels = jnp.asarray(case.labels)
     results = []
-    for size in (1, 7, 64, 123):
+    for size in (1, 7, 123):  # one row per chunk, a short last chunk, one chunk (64: the grid above)
         f = jax.jit(jax.value_and_grad(
             lambda h, w, bb, size=size: fused.linear_token_logps(h, w, labels, bias=bb, chunk_size=size).sum(),
             argnums=(0, 1, 2)))
@@ -97,39 +99,45 @@ def _pair_cases(refs, seed, t_c=7, t_s=5, h=6, v=19, b_=3):
     return chosen, rejected
 
 
-MODES = [("float64", "single_pass", "mean"), ("float64", "single_pass", "sum"), ("float64", "two_pass", "mean"),
-         ("float64", "two_pass", "none"), ("float64", "auto", "mean"), ("float32", "single_pass", "mean")]
+# (dtype, mode, reduction, loss index, chunk sizes): both passes at both chunk layouts (T_c + T_s = 12: one
+# pair per chunk; 25: two pairs per chunk plus a padded pair) and every other mode, reduction and dtype on
+# one layout, on Eq. 8; Eq. 9 (length normalised) on each pass — each (grid point, chunk size) is one
+# compiled value-and-gradient program
+SEQUENCE_GRID = [
+    ("float64", "single_pass", "mean", 0, (12, 25)), ("float64", "two_pass", "mean", 0, (12, 25)),
+    ("float64", "single_pass", "sum", 0, (12,)), ("float64", "two_pass", "none", 0, (25,)),
+    ("float64", "auto", "mean", 0, (25,)), ("float32", "single_pass", "mean", 0, (25,)),
+    ("float64", "single_pass", "mean", 1, (25,)), ("float64", "two_pass", "none", 1, (12,)),
+]
 
 
 # Every sequence loss of the registry, every variant, is checked against the spec through the fused path by
 # conformance/test_fused_vs_spec.py (single pass, the default chunk). Here: the modes, reductions and chunk
-# layouts (one pair per chunk; two pairs per chunk plus a padded pair) on DPKD, Eq. 8 and Eq. 9 — each
-# (mode, chunk) compiles value and gradient, so the grid stays on one loss.
+# layouts on DPKD, Eq. 8 and Eq. 9.
 @pytest.mark.slow
-@pytest.mark.parametrize(("dtype", "mode", "reduction"), MODES, ids=["-".join(m) for m in MODES])
-@pytest.mark.parametrize(("name", "fn", "options", "lengths", "teacher"), SEQUENCE_LOSSES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(SEQUENCE_LOSSES)])
-def test_fused_sequence_loss_equals_spec(refs, dtype, mode, reduction, name, fn, options, lengths, teacher):
-    if dtype == "float32" and lengths:
-        pytest.skip("float32 is covered on Eq. 8 (each case compiles)")
+@pytest.mark.parametrize(("dtype", "mode", "reduction", "loss", "sizes"), SEQUENCE_GRID,
+                         ids=[f"{g[0]}-{g[1]}-{g[2]}-{SEQUENCE_LOSSES[g[3]][0]}-{g[3]}" for g in SEQUENCE_GRID])
+def test_fused_sequence_loss_equals_spec(refs, dtype, mode, reduction, loss, sizes):
+    name, fn, options, lengths, teacher = SEQUENCE_LOSSES[loss]
     chosen, rejected = _pair_cases(refs, 10)
     round_case(chosen, dtype)
     round_case(rejected, dtype)
     exp, exp_grads, _ = refs.sequence(name, dict(options), chosen, rejected, use_lengths=lengths,
                                       reduction=reduction, teacher=teacher)
     kwargs = {**options, "length_normalize": lengths}
-    if teacher == "lm_head":
-        kwargs["teacher"] = fused.TeacherLMHead(a(chosen.teacher_hidden, dtype), a(rejected.teacher_hidden, dtype),
-                                                a(chosen.teacher_weight, dtype), a(chosen.teacher_bias, dtype))
+    teacher_arrays = (a(chosen.teacher_hidden, dtype), a(rejected.teacher_hidden, dtype),
+                      a(chosen.teacher_weight, dtype), a(chosen.teacher_bias, dtype))
     labels = (jnp.asarray(chosen.labels), jnp.asarray(rejected.labels))
     params = (a(chosen.hidden, dtype), a(rejected.hidden, dtype), a(chosen.weight, dtype), a(chosen.bias, dtype))
     scale = values_scale(refs.logits_of(chosen.hidden, chosen.weight, chosen.bias), exp.chosen_rewards)
-    for size in (12, 25):  # T_c + T_s = 12: one pair per chunk; two pairs per chunk plus a padded pair
-        def f(ch, rj, w, bb, size=size):
-            return fn(ch, rj, w, *labels, bias=bb, reduction=reduction, mode=mode, chunk_size=size, **kwargs)
+    for size in sizes:
+        def f(ch, rj, w, bb, lab, th, size=size):
+            out = fn(ch, rj, w, *lab, bias=bb, reduction=reduction, mode=mode, chunk_size=size,
+                     teacher=fused.TeacherLMHead(*th), **kwargs)
+            return out.loss.sum(), out
 
-        out = f(*params)
-        grads = jax.grad(lambda *p: f(*p).loss.sum(), argnums=(0, 1, 2, 3))(*params)
+        (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True))(
+            *params, labels, teacher_arrays)
         for field in ("loss", "chosen_rewards", "rejected_rewards"):
             assert_close(getattr(out, field), getattr(exp, field), dtype=dtype, quantity="values",
                          what=f"{name} {field} chunk {size}", scale=scale)
@@ -149,8 +157,9 @@ def test_precomputed_teacher_logps(refs):
                                          teacher=teacher).loss
 
         params = (jnp.asarray(chosen.hidden), jnp.asarray(rejected.hidden), jnp.asarray(chosen.weight))
-        assert_close(f(*params), exp.loss, dtype="float64", quantity="values", what="loss")
-        for g, e in zip(jax.grad(f, argnums=(0, 1, 2))(*params), exp_grads):
+        value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(*params)
+        assert_close(value, exp.loss, dtype="float64", quantity="values", what="loss")
+        for g, e in zip(grads, exp_grads):
             assert_close(g, e, dtype="float64", quantity="gradients", what="grad")
 
 
