@@ -7,7 +7,7 @@ held-out prompts. Frozen pairs = (teacher sample y_t, the SFT start's sample y_s
 begins; fresh pairs = y_s sampled again from the current student at every probe.
 
 Usage: ``python benchmarks/bench_probe_curve.py [--seed 0] [--betas 0.1 0.5 2.0] [--cache-dir DIR]
-[--results-dir DIR] [--start DIR]``; prints the curves and writes ``probe_curves.json`` and
+[--results-dir DIR] [--start DIR] [--method-steps N]``; prints the curves and writes ``probe_curves.json`` and
 ``probe_curves.png`` into the results folder. The numbers quoted in ``benchmarks/RESULTS.md`` came from this script.
 """
 
@@ -20,9 +20,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-KEYS = ("eval/frozen/rewards/accuracies", "eval/frozen/rewards/accuracies_ln", "eval/frozen/rewards/margins",
-        "eval/fresh/rewards/accuracies", "eval/fresh/rewards/margins", "eval/fresh/kl_seq",
-        "eval/fresh/rkl_seq", "eval/rougeL")
+KEYS = ("eval/frozen/rewards/accuracies", "eval/frozen/rewards/margins", "eval/frozen/gain/accuracies",
+        "eval/frozen/gain/margins", "eval/fresh/rewards/accuracies", "eval/fresh/rewards/margins",
+        "eval/frozen/rewards/accuracies_ln", "eval/fresh/kl_seq", "eval/fresh/rkl_seq", "eval/rougeL")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-probe", type=int, default=64)
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dpkd"))
     p.add_argument("--results-dir", default="probe-curves")
+    p.add_argument("--method-steps", type=int, help="steps per run (default: the default preset's)")
     p.add_argument("--start", help="the seed's SFT-start checkpoint of an earlier `dpkd distill` run with the "
                                    "same preset (default: train it here)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = replace(PRESETS["default"], seeds=(args.seed,), eval_every=args.eval_every, n_probe=args.n_probe)
+    if args.method_steps:
+        cfg = replace(cfg, method_steps=args.method_steps)
     out = Path(args.results_dir)
     exp = Experiment(cfg, out, Path(args.cache_dir), quiet=True, show_progress=False)
     exp.load_data(None, None)
@@ -75,7 +78,7 @@ def _plot(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = KEYS[:5]
+    keys = KEYS[:6]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.4))
     for ax, key in zip(axes, keys, strict=True):
         for name, rows in curves.items():

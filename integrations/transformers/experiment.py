@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -393,7 +394,9 @@ class Experiment:
                           method=run.method, method_args=run.method_args, steps=self.cfg.method_steps,
                           lr=self.cfg.student_lr, seed=seed, objective=self._objective(run.objective),
                           init_from=init_ckpt, probe=self.probe_ex)
+        c_eval = time.process_time()
         ev = self._evaluate(student, self.test_ex, full=True)
+        c_eval = time.process_time() - c_eval
         self.progress.advance(_EVAL_UNITS)
         dt = time.perf_counter() - t0
         g, s = ev["greedy"], ev["sampled"]
@@ -401,22 +404,29 @@ class Experiment:
              f"{g['overall']['exact_match']:.2f} | sampled Rouge-L {s['overall']['rougeL']:.2f} | rKLD1 "
              f"{g['first_token']['rkld']:.4f} ({dt:.0f}s)")
         return {"ev": ev, "history": res.log_history,
-                "timings": {f"seed{seed}_{run.name}_s": dt, f"seed{seed}_{run.name}_cpu_s": time.process_time() - c0}}
+                "timings": {f"seed{seed}_{run.name}_s": dt, f"seed{seed}_{run.name}_cpu_s": time.process_time() - c0,
+                            f"seed{seed}_{run.name}_eval_cpu_s": c_eval}}
 
     def run_seeds(self, seeds: tuple[int, ...], student_path: str | None, runs: list[Run], workers: int) -> None:
         """Every seed's SFT start, then every (seed, run) pair continuing it, spread over ``workers`` forked
-        processes (one torch thread each): the tasks are independent and seeded, so the results do not depend
-        on ``workers``."""
-        inits = self._parallel([("init", seed, student_path) for seed in seeds], workers)
-        for seed, init in zip(seeds, inits, strict=True):
+        processes (one torch thread each): a seed's runs start as soon as its SFT start is saved, costliest
+        first (on-policy sampling), so no worker idles while another start trains. The tasks are independent
+        and seeded, so the results do not depend on ``workers`` or on the order."""
+        inits = [("init", seed, student_path) for seed in seeds]
+        ordered = sorted(runs, key=_sampling_cost, reverse=True)
+        results = self._parallel(inits, workers, then=lambda init, out: [("run", init[1], r, out["ckpt"])
+                                                                         for r in ordered])
+        for seed, init in zip(seeds, results[: len(seeds)], strict=True):
             self.timings.update(init["timings"])
             self.init_ckpt[seed] = init["ckpt"]
             self.runs.setdefault(START, []).append(init["ev"])
-        tasks = [("run", seed, run, self.init_ckpt[seed]) for seed in seeds for run in runs]
-        for (_, _, run, _), out in zip(tasks, self._parallel(tasks, workers), strict=True):  # seed-major order
-            self.runs.setdefault(run.name, []).append(out["ev"])
-            self.histories.setdefault(run.name, []).append(out["history"])
-            self.timings.update(out["timings"])
+        done = {(task[1], task[2].name): out for task, out in results[len(seeds):]}
+        for seed in seeds:  # seed-major, in the planned order of the runs
+            for run in runs:
+                out = done[(seed, run.name)]
+                self.runs.setdefault(run.name, []).append(out["ev"])
+                self.histories.setdefault(run.name, []).append(out["history"])
+                self.timings.update(out["timings"])
 
     def do_task(self, task: tuple) -> dict[str, Any]:
         if task[0] == "init":
@@ -429,13 +439,19 @@ class Experiment:
         _, seed, run, ckpt = task
         return self.run_method(seed, run, ckpt)
 
-    def _parallel(self, tasks: list[tuple], workers: int) -> list[dict[str, Any]]:
+    def _parallel(self, tasks: list[tuple], workers: int, then: Callable[[tuple, dict], list[tuple]] | None = None
+                  ) -> list[Any]:
+        """``do_task`` of every task, in ``workers`` forked processes; with ``then``, each finished task's
+        follow-up tasks (``then(task, result)``) join the same pool. Returns the tasks' results in order,
+        followed by (follow-up task, result) pairs in the order they were submitted."""
         from .distributed import launch_world_size
 
         # under accelerate launch / torchrun every task's trainer spans all the processes (DDP over the
         # launch's process group, which a forked worker cannot share): the tasks run one after another
-        if workers <= 1 or len(tasks) <= 1 or launch_world_size() > 1:
-            return [self.do_task(t) for t in tasks]
+        if workers <= 1 or launch_world_size() > 1 or (len(tasks) <= 1 and then is None):
+            results: list[Any] = [self.do_task(t) for t in tasks]
+            follow = [f for t, r in zip(tasks, results, strict=True) for f in (then(t, r) if then else [])]
+            return results + [(f, self.do_task(f)) for f in follow]
         import multiprocessing as mp
 
         global _WORKER_STATE
@@ -443,11 +459,20 @@ class Experiment:
         queue = ctx.Queue()
         _WORKER_STATE = (self, queue)
         try:
-            with ctx.Pool(min(workers, len(tasks))) as pool:
-                pending = pool.map_async(_task_worker, tasks, chunksize=1)
-                while not pending.ready() or not queue.empty():
+            with ctx.Pool(min(workers, len(tasks) + (workers if then else 0))) as pool:
+                first = [pool.apply_async(_task_worker, (t,)) for t in tasks]
+                follow: list[tuple[tuple, Any]] = []
+                expanded = [then is None] * len(tasks)
+                while True:
+                    for i, (task, res) in enumerate(zip(tasks, first, strict=True)):
+                        if not expanded[i] and res.ready():
+                            expanded[i] = True
+                            follow += [(f, pool.apply_async(_task_worker, (f,))) for f in then(task, res.get())]
+                    if all(expanded) and all(r.ready() for r in first) and all(r.ready() for _, r in follow) \
+                            and queue.empty():
+                        break
                     self._drain(queue, timeout=0.5)
-                return pending.get()
+                return [r.get() for r in first] + [(f, r.get()) for f, r in follow]
         finally:
             _WORKER_STATE = None
 
@@ -542,6 +567,20 @@ def _task_worker(task: tuple) -> dict[str, Any]:
     torch.set_num_threads(max(1, exp.cfg.threads))
     exp.progress = _QueueProgress(queue)
     return exp.do_task(task)
+
+
+def _sampling_cost(run: Run) -> int:
+    """How much a run samples per step (its cost on CPU is mostly generation): policy gradient with teacher
+    mixing > a y_s every step > sometimes (GKD) > never. Only the order of the tasks depends on it."""
+    from ..methods import PolicyGradient, TokenDivergence
+
+    method = METHODS[run.method]
+    spec = method.loss(run.method_args)
+    if isinstance(spec, PolicyGradient):
+        return 3
+    if method.needs.student_samples and not isinstance(spec, TokenDivergence):
+        return 2
+    return 1 if method.needs.student_samples else 0
 
 
 def replace_cfg(cfg: JobConfig, chosen: dict[str, Any]) -> JobConfig:

@@ -3,8 +3,14 @@
 On each held-out prompt x with the teacher's output y_t (the paper's "chosen"):
 
 * **frozen pairs** — y_s sampled from the student once, when the run starts, and kept: the implicit rewards
-  r̂(y) = β·log q_θ(y|x)/p(y|x) (Eq. 29) of (y_t, y_s) under the *current* student. This is the DPO-style
-  curve that can rise: training moves q_θ(y_t) up and q_θ(y_s) down relative to the teacher.
+  r̂(y) = β·log q_θ(y|x)/p(y|x) (Eq. 29) of (y_t, y_s) under the *current* student. Pairs with y_s = y_t
+  (margin 0 whatever the student does) are left out of the accuracies (``eval/frozen/ties`` counts them).
+  Because the reference is the teacher, the margin β[(log q(y_t) − log q(y_s)) − (log p(y_t) − log p(y_s))]
+  starts at −β(KL + rKL) on average and is positive only where the student prefers y_t over y_s *more*
+  than the teacher does: a student that matches the teacher has margin 0. The ``eval/frozen/gain/`` keys
+  are DPO's own probe on the same pairs, the start student q_0 as reference: gain = margin − margin at the
+  start = β[log q(y_t)/q_0(y_t) − log q(y_s)/q_0(y_s)], 0 at the start, positive where training moved the
+  student toward y_t and away from its own earlier sample.
 * **fresh pairs** — y_s sampled from the current student at every probe (what the training step sees).
   Their expected margin is E_{y_t∼p}[log q/p] − E_{y_s∼q}[log q/p] = −(KL(p‖q) + KL(q‖p)) ≤ 0 when y_t is a
   teacher sample: on-policy reward accuracy stays near 0 until the student reaches the teacher. The probe
@@ -13,7 +19,8 @@ On each held-out prompt x with the teacher's output y_t (the paper's "chosen"):
   response.
 
 Keys: ``eval/frozen/rewards/{chosen,rejected,margins,accuracies}``, the same under ``eval/fresh/``, with
-``accuracies_ln`` the length-normalised (Eq. 9) accuracy; ``eval/kld``, ``eval/rkld``, ``eval/rougeL``.
+``accuracies_ln`` the length-normalised (Eq. 9) accuracy; ``eval/frozen/gain/{margins,accuracies}``;
+``eval/{frozen,fresh}/ties``; ``eval/kld``, ``eval/rkld``, ``eval/rougeL``.
 All sampling uses forked RNGs seeded from (seed, step): the training randomness is untouched, and every
 method of one seed sees the same frozen pairs.
 """
@@ -57,6 +64,7 @@ class Probe:
         self.prompts = [ex.prompt_ids for ex in self.examples]
         self.y_t: list[list[int]] = []
         self.frozen: tuple[list[list[int]], torch.Tensor, torch.Tensor] | None = None
+        self.start_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, b) of the start student
 
     def _sample(self, model: Any, salt: int, *, temperature: float, do_sample: bool = True) -> list[list[int]]:
         with torch.random.fork_rng(devices=[]):
@@ -81,33 +89,46 @@ class Probe:
         c, _ = self._logps(self.teacher, self.y_t)
         d, _ = self._logps(self.teacher, y_s)
         self.frozen = (y_s, c, d)
+        self.start_logps = (self._logps(student, self.y_t)[0], self._logps(student, y_s)[0])
 
     def state(self) -> dict[str, Any] | None:
         """The frozen pairs as JSON-able values (saved in checkpoints so a resumed run keeps them)."""
         if self.frozen is None:
             return None
         y_s, c, d = self.frozen
-        return {"y_t": self.y_t, "y_s": y_s, "c": c.tolist(), "d": d.tolist()}
+        a0, b0 = self.start_logps
+        return {"y_t": self.y_t, "y_s": y_s, "c": c.tolist(), "d": d.tolist(), "a0": a0.tolist(), "b0": b0.tolist()}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         if state is not None:
             self.y_t = [list(y) for y in state["y_t"]]
             self.frozen = ([list(y) for y in state["y_s"]], torch.tensor(state["c"], dtype=torch.float64),
                            torch.tensor(state["d"], dtype=torch.float64))
+            self.start_logps = (torch.tensor(state["a0"], dtype=torch.float64),
+                                torch.tensor(state["b0"], dtype=torch.float64))
 
-    def _rewards(self, prefix: str, student: Any, y_s: list[list[int]], c: torch.Tensor, d: torch.Tensor
-                 ) -> dict[str, float]:
+    def _rewards(self, prefix: str, student: Any, y_s: list[list[int]], c: torch.Tensor, d: torch.Tensor,
+                 start: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         a, lt = self._logps(student, self.y_t)
         b, ls = self._logps(student, y_s)
         beta = self.opt.beta
         chosen, rejected = beta * (a - c), beta * (b - d)
         margin = chosen - rejected
         margin_ln = (a - c) / lt - (b - d) / ls
-        return {f"{prefix}/rewards/chosen": float(chosen.mean()), f"{prefix}/rewards/rejected": float(rejected.mean()),
-                f"{prefix}/rewards/margins": float(margin.mean()),
-                f"{prefix}/rewards/accuracies": float((margin > 0).double().mean()),
-                f"{prefix}/rewards/accuracies_ln": float((margin_ln > 0).double().mean()),
-                f"{prefix}/kl_seq": float((c - a).mean()), f"{prefix}/rkl_seq": float((b - d).mean())}
+        # a pair with y_s = y_t has margin exactly 0 for every student: no preference to get right
+        distinct = torch.tensor([list(t) != list(s) for t, s in zip(self.y_t, y_s, strict=True)])
+        kept = distinct if bool(distinct.any()) else torch.ones_like(distinct)
+        out = {f"{prefix}/rewards/chosen": float(chosen.mean()), f"{prefix}/rewards/rejected": float(rejected.mean()),
+               f"{prefix}/rewards/margins": float(margin.mean()),
+               f"{prefix}/rewards/accuracies": float((margin[kept] > 0).double().mean()),
+               f"{prefix}/rewards/accuracies_ln": float((margin_ln[kept] > 0).double().mean()),
+               f"{prefix}/kl_seq": float((c - a).mean()), f"{prefix}/rkl_seq": float((b - d).mean()),
+               f"{prefix}/ties": float((~distinct).double().mean())}
+        if start is not None:
+            gain = beta * ((a - start[0]) - (b - start[1]))
+            out[f"{prefix}/gain/margins"] = float(gain[kept].mean())
+            out[f"{prefix}/gain/accuracies"] = float((gain[kept] > 0).double().mean())
+        return out
 
     @torch.no_grad()
     def metrics(self, student: Any, step: int) -> dict[str, float]:
@@ -117,7 +138,7 @@ class Probe:
         was_training = student.training
         student.eval()
         y_s, c, d = self.frozen
-        out = self._rewards("eval/frozen", student, y_s, c, d)
+        out = self._rewards("eval/frozen", student, y_s, c, d, self.start_logps)
         fresh = self._sample(student, step, temperature=self.opt.sample_temperature)
         d_fresh, _ = self._logps(self.teacher, fresh)
         out.update(self._rewards("eval/fresh", student, fresh, c, d_fresh))

@@ -156,7 +156,19 @@ def test_probe_frozen_pairs_against_spec(toy, tiny):
     b, d = logps(student, p1.frozen[0]), logps(teacher, p1.frozen[0])
     margin = 0.3 * ((a - c) - (b - d))
     assert m["eval/frozen/rewards/margins"] == pytest.approx(float(np.mean(margin)), rel=1e-10)
-    assert m["eval/frozen/rewards/accuracies"] == pytest.approx(float(np.mean(margin > 0)))
+    distinct = np.array([list(t) != list(y) for t, y in zip(p1.y_t, p1.frozen[0], strict=True)])
+    assert distinct.any()
+    assert m["eval/frozen/rewards/accuracies"] == pytest.approx(float(np.mean(margin[distinct] > 0)))
+    assert m["eval/frozen/ties"] == pytest.approx(float(np.mean(~distinct)))
+    # DPO's probe on the same pairs (start student as reference): 0 at the start, then margin − start margin
+    start = p1.metrics(student, step=0)
+    assert start["eval/frozen/gain/margins"] == 0.0 and start["eval/frozen/gain/accuracies"] == 0.0
+    moved = tiny("gpt2", tok, 3, torch.float64)
+    m2 = p1.metrics(moved, step=4)
+    a2, b2 = logps(moved, p1.y_t), logps(moved, p1.frozen[0])
+    gain = 0.3 * ((a2 - a) - (b2 - b))
+    assert m2["eval/frozen/gain/margins"] == pytest.approx(float(np.mean(gain[distinct])), rel=1e-10)
+    assert m2["eval/frozen/gain/accuracies"] == pytest.approx(float(np.mean(gain[distinct] > 0)))
     assert m["eval/fresh/rewards/margins"] / 0.3 == pytest.approx(-(m["eval/fresh/kl_seq"] + m["eval/fresh/rkl_seq"]),
                                                                   rel=1e-9)
     restored = Probe(probe_ex, teacher, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, options=opts)
