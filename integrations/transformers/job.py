@@ -65,10 +65,10 @@ class JobConfig:
     student_kv_heads: int | None = None
     student_intermediate: int | None = None
     init_steps: int = 600
-    method_steps: int = 100
+    method_steps: int = 60
     batch_size: int = 16
     student_lr: float = 2e-3
-    warmup_steps: int = 10
+    warmup_steps: int = 6
     max_new_tokens: int = 80
     objective: str = "paper"
     teacher_temperature: float = 1.0  # y_t, pre-generated once
