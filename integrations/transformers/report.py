@@ -70,6 +70,7 @@ def aggregate(runs: dict[str, list[dict[str, Any]]], teacher: dict[str, Any],
         hists = (histories or {}).get(name, [])
         per_seed["rkld_min"] = [_history_extreme(h, "eval/rkld", min) for h in hists]
         per_seed["reward_max"] = [_history_extreme(h, "eval/frozen/rewards/accuracies", max) for h in hists]
+        per_seed["gain_max"] = [_history_extreme(h, "eval/frozen/gain/accuracies", max) for h in hists]
         row = {k: _mean_sd(v) for k, v in per_seed.items()}
         row["per_seed"] = per_seed
         row["n_seeds"] = len(evs)
@@ -195,9 +196,10 @@ def summary_markdown(summary: dict[str, Any], cfg: Any, train_report: Any, test_
     ablations = [n for n in ("dpkd", *ABLATIONS, "dpkd_eq8") if n in summary]
     if len(ablations) > 1:
         lines += ["", "**Table 3** (ablations; rKLD₁ = minimum during training, reward = maximum frozen-pair "
-                  "reward accuracy during training)", ""]
+                  "reward accuracy during training, reference = teacher; gain max = the same with the SFT start "
+                  "as reference)", ""]
         lines += _table(summary, ablations, [("Rouge-L (greedy)", "greedy.rougeL", 2), ("rKLD₁ min", "rkld_min", 4),
-                                             ("reward max", "reward_max", 3)])
+                                             ("reward max", "reward_max", 3), ("gain max", "gain_max", 3)])
     for metric, label, num in (("exact_match", "EM", 4), ("rougeL", "Rouge-L", 5)):
         lines += ["", f"**Table {num}** ({label} by golden-response length, greedy)", ""]
         lines += _table(summary, ["teacher"] + names, [(b, f"greedy.{metric} {b}", 2) for b in BUCKETS])
@@ -230,6 +232,7 @@ def plot_curves(histories: dict[str, list[list[dict[str, float]]]], folder: str 
     written = []
     panels = {"reward.png": [("eval/frozen/rewards/accuracies", "frozen pairs: reward accuracy"),
                              ("eval/frozen/rewards/margins", "frozen pairs: reward margin"),
+                             ("eval/frozen/gain/accuracies", "frozen pairs, start as reference: accuracy"),
                              ("eval/fresh/rewards/accuracies", "fresh pairs: reward accuracy"),
                              ("eval/fresh/rewards/margins", "fresh pairs: reward margin")],
               "rkld.png": [("eval/rkld", "first-token rKLD"), ("eval/kld", "first-token KLD")],
