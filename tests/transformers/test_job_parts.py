@@ -99,3 +99,24 @@ def test_job_config_from_flags():
             job_config(build_parser().parse_args(["distill", *bad]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["distill", "--sample-temperature", "0"])
+
+
+def test_results_do_not_depend_on_the_workers(tmp_path):
+    """One process vs two forked workers sharing the SFT starts and the runs (a seed's runs start as soon as
+    its start is saved, in another order): the same numbers for every seed and run."""
+    import json
+    from dataclasses import replace
+
+    from dpkd.integrations.transformers.job import run_job
+
+    cfg = replace(PRESETS["ci"], n_train=24, n_valid=2, n_test=3, n_pretrain=8, teacher_steps=4, init_steps=3,
+                  method_steps=2, batch_size=4, max_new_tokens=6, seeds=(0, 1), eval_every=2, n_probe=2,
+                  methods=("sft", "dpkd"))
+    per_seed = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_job(replace(cfg, workers=workers), results_dir=out, cache_dir=tmp_path / "cache", show_progress=False)
+        metrics = json.loads((out / "metrics.json").read_text())
+        per_seed.append((metrics["per_seed"], metrics["histories"]))
+    assert per_seed[0] == per_seed[1]
+    assert len(per_seed[0][0]["dpkd"]) == 2 and len(per_seed[0][0]["sft_start"]) == 2
