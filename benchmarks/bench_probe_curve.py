@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "dpkd"))
     p.add_argument("--results-dir", default="probe-curves")
     p.add_argument("--method-steps", type=int, help="steps per run (default: the default preset's)")
+    p.add_argument("--no-sft", action="store_true", help="skip the SFT control run")
     p.add_argument("--start", help="the seed's SFT-start checkpoint of an earlier `dpkd distill` run with the "
                                    "same preset (default: train it here)")
     args = p.parse_args(argv)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.load_teacher(None)
     exp.teacher_outputs()
     ckpt = Path(args.start) if args.start else exp.init_student(args.seed, None)
-    runs = [("sft", {})] + [("dpkd", {"beta": b}) for b in args.betas]
+    runs = ([] if args.no_sft else [("sft", {})]) + [("dpkd", {"beta": b}) for b in args.betas]
     curves: dict[str, list[dict[str, float]]] = {}
     for method, hp in runs:
         name = method + "".join(f"-beta{v:g}" for v in hp.values())
