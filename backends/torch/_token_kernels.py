@@ -62,6 +62,9 @@ class TokenKernel:
     dense: bool = True
     temperature: float = 1.0
     extras: tuple[str, ...] = ()
+    #: rows per block and thread (0: the driver's default): AKL's head search runs ~40 small operations
+    #: per block, whose fixed cost more rows share
+    rows_per_thread: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,6 +107,13 @@ def softmax_and_log_(x: torch.Tensor, probs: torch.Tensor | None) -> torch.Tenso
     log_z = -probs.amax(1).log()
     x.sub_(row_max).sub_(log_z[:, None])
     return log_z
+
+
+def _softmax_and_shift(x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``probs`` ← softmax(x), x left as it is; returns c = max + log Z, so that log_softmax(x) = x − c."""
+    row_max = x.amax(1)
+    torch.softmax(x, 1, out=probs)
+    return row_max - probs.amax(1).log()
 
 
 def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -209,19 +219,23 @@ def akl_head_weight(p: torch.Tensor, gap: torch.Tensor, mu: float) -> torch.Tens
     bits = p.view(int_dtype)
     one = int(torch.ones((), dtype=p.dtype).view(int_dtype))
     n_buckets = (one >> shift) + 1
-    coarse = (bits >> shift).long()
-    mass = p.new_zeros(b, n_buckets).scatter_add_(1, coarse, p).flip(1).cumsum(1)  # from the top bucket down
-    gaps = p.new_zeros(b, n_buckets).scatter_add_(1, coarse, gap).flip(1).cumsum(1)
+    coarse = bits >> shift
+    index = coarse.long()
+    mass = p.new_zeros(b, n_buckets).scatter_add_(1, index, p).flip(1).cumsum(1)  # from the top bucket down
+    gaps = p.new_zeros(b, n_buckets).scatter_add_(1, index, gap).flip(1).cumsum(1)
     j = (mass <= mu).sum(1)  # buckets (from the top) wholly inside the head; the next holds the crossing
     above = (j - 1).clamp_min(0)[:, None]
     mass_above = torch.where(j > 0, mass.gather(1, above).squeeze(1), 0.0)
     gap_above = torch.where(j > 0, gaps.gather(1, above).squeeze(1), 0.0)
-    edge = n_buckets - 1 - j
-    flat = (coarse == edge[:, None]).view(-1).nonzero().squeeze(1)  # ascending: row, then index
+    edge = (n_buckets - 1 - j).to(int_dtype)
+    # 1 in the crossing bucket, else 0, in place by integer arithmetic: on this CPU a comparison's bool
+    # output (and a select on it) costs several plain passes
+    flag = coarse.sub_(edge[:, None]).abs_().clamp_(max=1).neg_().add_(1)
+    flat = flag.view(-1).nonzero().squeeze(1)  # ascending: row, then index
     row = flat // v
     rank = one - bits.view(-1).index_select(0, flat).long()  # ≥ 0, ascending = value descending
-    if single:  # one stable sort on (row, value descending); equal keys keep the index order
-        order = torch.sort(row * 2**31 + rank, stable=True).indices
+    if single:  # one sort on (row, value descending); the order of equal values does not matter
+        order = torch.sort(row * 2**31 + rank).indices
     else:
         order = torch.sort(rank, stable=True).indices
         order = order[torch.sort(row[order], stable=True).indices]
@@ -253,18 +267,18 @@ def _run_ends(row: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def _akl_block(mu: float) -> BlockFn:
     """w_h KL(p‖q) + (1 − w_h) KL(q‖p), w_h from the head/tail gaps (a constant for the gradient):
-    d/d(S/τ) = w_h (q − p) + (1 − w_h) q ⊙ (log q − log p − KL(q‖p))."""
+    d/d(S/τ) = w_h (q − p) + (1 − w_h) q ⊙ (log q − log p − KL(q‖p))
+             = q ⊙ ((w_h − 1)(log p − log q) + w_h − (1 − w_h) KL(q‖p)) − w_h p   (three passes)."""
 
     def block(s: torch.Tensor, t: torch.Tensor | None, _: Any, scratch: list[torch.Tensor]) -> BlockResult:
         p, q = scratch
-        softmax_and_log_(t, p)
-        softmax_and_log_(s, q)
-        ratio = t.sub_(s)  # log p − log q
+        c_t, c_s = _softmax_and_shift(t, p), _softmax_and_shift(s, q)
+        # log p − log q = (T − S) − (c_t − c_s): no log-softmax pass on either side
+        ratio = t.sub_(s).sub_((c_t - c_s)[:, None])
         fkl, rkl = _vecdot(p, ratio), -_vecdot(q, ratio)
         w = akl_head_weight(p, torch.sub(p, q, out=s).abs_(), mu)
-        # (1 − w)·q ⊙ (log q − log p − RKL) + w·(q − p), built in s
-        torch.mul(ratio.add_(rkl[:, None]), q, out=s).mul_((w - 1.0)[:, None])
-        s.add_(q.sub_(p).mul_(w[:, None]))
+        torch.addcmul((w - (1.0 - w) * rkl)[:, None], ratio, (w - 1.0)[:, None], out=ratio)
+        torch.mul(ratio, q, out=s).addcmul_(p, -w[:, None])
         return BlockResult(w * fkl + (1.0 - w) * rkl, s.new_ones(s.shape[0]))
 
     return block
@@ -306,7 +320,8 @@ def token_kernel(name: str, options: Mapping[str, Any]) -> TokenKernel | None:
             return TokenKernel(_reverse_kl_block, scratch=1, temperature=temperature)
         return TokenKernel(_jsd_block(beta), scratch=3, temperature=temperature)
     if name == "akl":
-        return TokenKernel(_akl_block(float(o.get("mu", 0.5))), scratch=2, temperature=temperature)
+        return TokenKernel(_akl_block(float(o.get("mu", 0.5))), scratch=2, temperature=temperature,
+                           rows_per_thread=32)
     if name == "cross_entropy":
         return TokenKernel(_cross_entropy_block, teacher=False)
     return None

@@ -230,7 +230,7 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
     size = min(plan.chunk_size, n)
     buf_s = rows.new_empty(size, vocab)
     buf_t = rows.new_empty(size, vocab) if kernel.teacher else None
-    block = min(BLOCK_ROWS * max(1, torch.get_num_threads()), size)
+    block = min((kernel.rows_per_thread or BLOCK_ROWS) * max(1, torch.get_num_threads()), size)
     scratch = [rows.new_empty(block, vocab) for _ in range(kernel.scratch)]
     for i0 in range(0, n, size):
         sl = slice(i0, min(i0 + size, n))
