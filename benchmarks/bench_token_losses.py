@@ -67,7 +67,11 @@ def _chunk(args: argparse.Namespace, framework: str, teacher: bool, counted: int
     """The fused loss's automatic chunk (what its floor is chunked by)."""
     from dpkd.spec.fused import auto_chunk_size
 
-    size = auto_chunk_size(args.vocab, n_rows=counted, buffers=2 if teacher else 1)
+    if framework == "jax":
+        from dpkd.backends.jax.fused_token import TOKEN_LOSS_BUFFERS as buffers
+    else:
+        from dpkd.backends.torch.fused_token import TOKEN_LOSS_BUFFERS as buffers
+    size = auto_chunk_size(args.vocab, n_rows=counted, buffers=buffers if teacher else buffers - 1)
     if framework == "jax" and size > 16:  # whole kernel blocks (dpkd.backends.jax.fused_token)
         size -= size % 16
     return args.chunk_size or size

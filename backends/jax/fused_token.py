@@ -56,9 +56,12 @@ __all__ = [
 #: is reused across calls.
 RowLoss = Callable[[jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
-#: Live [chunk, V] arrays per chunk of a named token loss: the student's logits (rewritten into the
-#: gradient) and the teacher's; the kernels' temporaries are [block, V].
-TOKEN_LOSS_BUFFERS = 2
+#: [chunk, V] arrays the default chunk budgets for per chunk of a named token loss (one fewer without a
+#: teacher): the student's logits (rewritten into the gradient) and the teacher's, plus one for what XLA
+#: keeps beside them (a dense-gradient kernel's [chunk, V] result, the rows sorted counted-first). Measured
+#: with XLA's memory analysis at N=4096, H=512, V=32000: two buffers (256-row chunks) put token DPKD at
+#: 0.104 × the materialised loss's bytes, three (160 rows) at 0.090 (benchmarks/RESULTS.md).
+TOKEN_LOSS_BUFFERS = 3
 
 #: Rows per kernel block (at most; a divisor of the chunk), as in the Torch backend.
 BLOCK_ROWS = 16
@@ -434,7 +437,7 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: jax.Array, 
         _check_kernel_options(func, row_loss, dtype, target_is_labels)
         if not size:  # the byte budget, rounded down to whole blocks
             size = auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
-                                   buffers=TOKEN_LOSS_BUFFERS if kernel.teacher else 1)
+                                   buffers=TOKEN_LOSS_BUFFERS if kernel.teacher else TOKEN_LOSS_BUFFERS - 1)
             size -= size % BLOCK_ROWS if size > BLOCK_ROWS else 0
         teacher = (None, None, None)
         if teacher_hidden is not None:

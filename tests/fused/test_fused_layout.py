@@ -133,8 +133,11 @@ def test_jax_concatenated_equals_split_and_torch(name, teacher_kind):
     args = (x["hidden"], x["weight"], x["bias"])
     results = []
     for f in (concatenated, split):
-        out = f(*args)
-        grads = jax.grad(lambda *p, f=f: f(*p).loss, argnums=(0, 1, 2))(*args)
+        def scalar(*p, f=f):
+            out = f(*p)
+            return out.loss, out
+
+        (_, out), grads = jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True)(*args)  # one trace
         results.append([np.asarray(t) for t in (*out, *grads)])
     (torch_out, torch_grads), _ = _torch_split_and_concatenated(name, options, case, teacher_kind)
     for a, e, t in zip(results[0], results[1], torch_out + torch_grads):
