@@ -114,10 +114,14 @@ PRESETS: dict[str, JobConfig] = {
                     teacher_steps=80, student_d_model=32, student_layers=1, init_steps=20, method_steps=4,
                     batch_size=8, max_new_tokens=32, seeds=(0,), eval_every=2, n_probe=4, warmup_steps=1),
 }
-# CI smoke of the real-teacher preset: the whole pipeline, 2 steps per method, a few prompts
+# CI smoke of the real-teacher preset: the whole pipeline, 2 steps per method, a few prompts; the student keeps
+# every 10th layer at width 64 (one head, 3.3 M parameters, mostly the tied embeddings), so that its
+# checkpoints (weights + AdamW state) are small: the preset's own 384-wide student is the same code path
 PRESETS["smollm2-smoke"] = replace(PRESETS["smollm2"], n_train=4, n_valid=2, n_test=2, n_pretrain=4, init_steps=2,
                                    method_steps=2, batch_size=2, max_new_tokens=8, seeds=(0,), eval_every=2,
-                                   n_probe=2, warmup_steps=1, methods=("sft", "minillm", "dpkd"), workers=1)
+                                   n_probe=2, warmup_steps=1, methods=("sft", "minillm", "dpkd"), workers=1,
+                                   student_every=10, student_hidden=64, student_heads=1, student_kv_heads=1,
+                                   student_intermediate=128)
 
 
 @dataclass(frozen=True)
