@@ -1,5 +1,8 @@
-"""Fixtures shared by the test folders: the real SmolLM2-135M-Instruct folder, and the 2-process gloo world
-(tests/megatron/gloo_pool.py) that tests/megatron and tests/reliability run Megatron code in."""
+"""Fixtures shared by the test folders: the real SmolLM2-135M-Instruct folder, the 2-process gloo world
+(tests/megatron/gloo_pool.py) that tests/megatron and tests/reliability run Megatron code in, and a disk that
+fills up."""
+
+import contextlib
 
 import pytest
 
@@ -36,3 +39,24 @@ def gloo_pool():
     pool = module.GlooPool()
     yield pool
     pool.close()
+
+
+@pytest.fixture
+def full_disk():
+    """``with full_disk(n):`` writes past ``n`` bytes fail with EFBIG, as on a full disk (RLIMIT_FSIZE: no
+    privileges needed; SIGXFSZ ignored so that write() returns the error)."""
+    import resource
+    import signal
+
+    @contextlib.contextmanager
+    def limited(max_bytes):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+
+    return limited

@@ -3,31 +3,16 @@ write that fails half way (a full disk, simulated with RLIMIT_FSIZE) leaves the 
 temporary; a folder published over an old one replaces it whole; a manifest tells every kind of damage
 apart and names the file."""
 
-import contextlib
 import json
-import resource
-import signal
 
 import pytest
 from dpkd.integrations.durable_files import atomic_write_text, publish_folder, verify_manifest, write_manifest
 
 
-@contextlib.contextmanager
-def _full_disk(max_bytes):
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
-def test_a_write_that_fills_the_disk_leaves_the_old_content(tmp_path):
+def test_a_write_that_fills_the_disk_leaves_the_old_content(tmp_path, full_disk):
     path = tmp_path / "latest"
     atomic_write_text(path, "7")
-    with _full_disk(1000), pytest.raises(OSError, match="File too large"):
+    with full_disk(1000), pytest.raises(OSError, match="File too large"):
         atomic_write_text(path, "x" * 5000)
     assert path.read_text() == "7" and [p.name for p in tmp_path.iterdir()] == ["latest"]
 

@@ -3,10 +3,7 @@ file, a garbled manifest) is named, and DistillTrainer resumes from the newest i
 result equals the uninterrupted run. A named damaged checkpoint (resume or init_from) is refused naming
 the file; nothing loadable left means a fresh start, said. A disk that fills mid-save loses nothing."""
 
-import contextlib
-import resource
 import shutil
-import signal
 
 import pytest
 import torch
@@ -111,20 +108,7 @@ def test_an_intact_checkpoint_that_fails_to_load_falls_back(reference, tmp_path,
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-@contextlib.contextmanager
-def _full_disk(max_bytes):
-    """Writes past ``max_bytes`` fail with EFBIG, as on a full disk (RLIMIT_FSIZE: no privileges needed)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
-def test_a_full_disk_mid_save_leaves_every_checkpoint_intact(reference, tmp_path, toy, tiny):
+def test_a_full_disk_mid_save_leaves_every_checkpoint_intact(reference, tmp_path, toy, tiny, full_disk):
     """The disk fills while checkpoint-4's weights are written: the error is raised, nothing half-written is
     visible, and resuming then gives what the run gives without the full disk."""
     want_dir = tmp_path / "no-failure"
@@ -132,7 +116,7 @@ def test_a_full_disk_mid_save_leaves_every_checkpoint_intact(reference, tmp_path
     _trainer(want_dir, toy, tiny, steps=4).train(resume_from_checkpoint=True)  # one more step
     out = tmp_path / "run"
     shutil.copytree(reference, out)
-    with _full_disk(20_000), pytest.raises(ck.CheckpointError, match="File too large") as failed:  # weights ~40 kB
+    with full_disk(20_000), pytest.raises(ck.CheckpointError, match="File too large") as failed:  # weights ~40 kB
         _trainer(out, toy, tiny, steps=4).train(resume_from_checkpoint=True)
     assert str(failed.value).startswith(f"checkpoint {out / 'checkpoint-4'} could not be written (")
     assert str(failed.value).endswith(f"it was not published and the earlier checkpoints in {out} are intact")
