@@ -51,6 +51,7 @@ __all__ = [
     "check_sequence_call",
     "check_token_call",
     "check_concatenated",
+    "concatenated_teacher",
 ]
 
 #: Bytes one chunk's logits buffer may take when ``chunk_size`` is not given (64 MiB: 524 rows of float32
@@ -391,3 +392,14 @@ def check_concatenated(func: str, hidden: v.ArrayInfo, target: v.ArrayInfo, *,
         v.fail(func, "teacher_logps", f"must have shape ({rows},) (one per row of `hidden`), got "
                                       f"{tuple(teacher_logps.shape)}")
     return rows // 2
+
+
+def concatenated_teacher(n: int, *, teacher_hidden: Any = None, teacher_weight: Any = None, teacher_bias: Any = None,
+                         teacher_logps: Any = None) -> TeacherLMHead | TeacherLogps | None:
+    """The teacher of a concatenated-layout call (rows 0..n−1 chosen, n..2n−1 rejected) split into the split
+    layout's argument, for any backend's arrays (only slicing is used); None when no teacher was given."""
+    if teacher_hidden is not None:
+        return TeacherLMHead(teacher_hidden[:n], teacher_hidden[n:], teacher_weight, teacher_bias)
+    if teacher_logps is not None:
+        return TeacherLogps(teacher_logps[:n], teacher_logps[n:])
+    return None

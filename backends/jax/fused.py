@@ -486,11 +486,8 @@ def fused_concatenated(
     func = getattr(fused_loss, "__name__", "fused_concatenated")
     n = contract.check_concatenated(func, describe(hidden), describe(target), teacher_hidden=describe(teacher_hidden),
                                     teacher_weight=describe(teacher_weight), teacher_logps=describe(teacher_logps))
-    teacher: TeacherLMHead | TeacherLogps | None = None
-    if teacher_hidden is not None:
-        teacher = TeacherLMHead(teacher_hidden[:n], teacher_hidden[n:], teacher_weight, teacher_bias)
-    elif teacher_logps is not None:
-        teacher = TeacherLogps(teacher_logps[:n], teacher_logps[n:])
+    teacher = contract.concatenated_teacher(n, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                            teacher_bias=teacher_bias, teacher_logps=teacher_logps)
     if teacher is not None:
         options["teacher"] = teacher
     return fused_loss(hidden[:n], hidden[n:], weight, target[:n], target[n:], bias=bias, **options)
