@@ -98,12 +98,15 @@ def _tied_run_rows(v=40):
     return np.stack([top, lower, top[::-1].copy(), lower[::-1].copy()])
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("backend", ["torch", "torch-eager", "jax"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mu", [0.5, 0.55])
-def test_fused_kernels_keep_tied_runs_whole(backend, dtype, mu):
-    """The fused per-block kernels (``_token_kernels``: a bit-histogram cut in Torch, a bisection in JAX)
-    follow the tie rule: value and student gradient equal the spec's on rows whose tied runs straddle μ."""
+def test_fused_kernels_keep_tied_runs_whole(backend, dtype, mu, monkeypatch):
+    """The fused per-block kernels (``_token_kernels``: a bit-histogram cut in Torch — compiled by numba,
+    and the eager fallback —, a bisection in JAX) follow the tie rule: value and student gradient equal the
+    spec's on rows whose tied runs straddle μ."""
+    if backend == "torch-eager":
+        monkeypatch.setenv("DPKD_NO_NUMBA", "1")
     teacher_logits = _tied_run_rows()
     n, v = teacher_logits.shape
     rng = np.random.default_rng(3)
@@ -116,7 +119,7 @@ def test_fused_kernels_keep_tied_runs_whole(backend, dtype, mu):
     want = spec.akl(s64 @ w64.T, t64 @ wt64.T, mask, mu=mu)
     want_grad = spec.akl_grad(s64 @ w64.T, t64 @ wt64.T, mask, mu=mu)["student_logits"] @ w64
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=2e-5, atol=2e-6)
-    if backend == "torch":
+    if backend.startswith("torch"):
         sh = torch.tensor(args[0], requires_grad=True)
         got = T.fused_akl(sh, *(torch.tensor(x) for x in args[1:]), torch.tensor(mask), mu=mu)
         got.backward()
@@ -132,3 +135,32 @@ def test_fused_kernels_keep_tied_runs_whole(backend, dtype, mu):
         value, grad = float(out), np.asarray(g)
     np.testing.assert_allclose(value, want, **tol)
     np.testing.assert_allclose(grad, want_grad, **tol)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_fused_torch_akl_paths_equal_the_spec(compiled, monkeypatch):
+    """Both Torch AKL kernels (numba's row loop and the eager histogram) on a vocabulary where the bucket at
+    the cut holds many tokens, at one and two threads (rows split between threads), against the spec."""
+    if compiled:
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setenv("DPKD_NO_NUMBA", "1")
+    rng = np.random.default_rng(4)
+    n, h, v = 12, 8, 3000
+    s_hidden, t_hidden = rng.normal(size=(n, h)), rng.normal(size=(n, h))
+    w, w_t = rng.normal(size=(v, h)) / np.sqrt(h), rng.normal(size=(v, h)) / np.sqrt(h)
+    mask = np.ones(n)
+    want = spec.akl(s_hidden @ w.T, t_hidden @ w_t.T, mask, mu=0.4)
+    want_grad = spec.akl_grad(s_hidden @ w.T, t_hidden @ w_t.T, mask, mu=0.4)["student_logits"] @ w
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            sh = torch.tensor(s_hidden, requires_grad=True)
+            got = T.fused_akl(sh, torch.tensor(w), torch.tensor(t_hidden), torch.tensor(w_t), torch.tensor(mask),
+                              mu=0.4)
+            got.backward()
+            np.testing.assert_allclose(got.item(), want, rtol=1e-10)
+            np.testing.assert_allclose(sh.grad.numpy(), want_grad, rtol=1e-9, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
