@@ -7,17 +7,20 @@ returns a :class:`ChunkResult`: ℓ per row, the extras, and d ℓ/d(S/τ) as a 
 (XLA fuses it with the softmax that forms it) and/or sparse terms Σ coef·e_index. Why not autodiff of
 the backend formula (``token.py``, ``distill.py``, which the results equal within the dtype table): its
 VJP keeps the forward's temporaries and builds a dense gradient for token DPKD, whose sigmoid and IPO
-forms move only two entries per row; AKL's sort of V is replaced by a bisection over the float bits of p
-(they order like its values), a handful of fused reductions over the chunk instead of a sort.
+forms move only two entries per row; AKL's sort of V is replaced, on the CPU with numba installed, by the
+compiled bit-histogram loops of ``backends/_akl_numba.py`` (a host callback), elsewhere by a bisection over
+the float bits of p (they order like its values), a handful of fused reductions over the chunk.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._base import smoothed_sigmoid_loss, softplus
 
@@ -164,12 +167,37 @@ def akl_head_weight(p: jax.Array, gap: jax.Array, mu: float) -> jax.Array:
     return jnp.where(total > 0, g_head / jnp.where(total > 0, total, 1.0), 0.5)
 
 
+def _compiled_head_weight(p: jax.Array, q: jax.Array, mu: float) -> jax.Array | None:
+    """AKL's head weight from the compiled row loops of ``backends/_akl_numba.py`` (numba) as a host
+    callback, on the CPU only (elsewhere a callback would move every chunk to the host); None when
+    unavailable. The bisection below reads the chunk ~30 times; the loops read each row twice."""
+    if jax.default_backend() != "cpu":
+        return None
+    from .. import _akl_numba  # imports numba, if it is installed: only when AKL is used
+
+    if not _akl_numba.available():
+        return None
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+    def host(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        v = p.shape[-1]
+        w = _akl_numba.head_weights(p.reshape(-1, v), q.reshape(-1, v), mu, threads)
+        return w.astype(p.dtype).reshape(p.shape[:-1])
+
+    out = jax.ShapeDtypeStruct(p.shape[:-1], p.dtype)
+    return jax.pure_callback(host, out, jax.lax.stop_gradient(p), jax.lax.stop_gradient(q),
+                             vmap_method="broadcast_all")
+
+
 def _akl(s: jax.Array, t: jax.Array, mu: float) -> ChunkResult:
     p, log_p = _softmax_log(t)
     q, log_q = _softmax_log(s)
     ratio = log_p - log_q
     fkl, rkl = jnp.sum(p * ratio, axis=1), -jnp.sum(q * ratio, axis=1)
-    w = jax.lax.stop_gradient(akl_head_weight(p, jnp.abs(p - q), mu))[:, None]
+    w = _compiled_head_weight(p, q, mu)
+    if w is None:
+        w = akl_head_weight(p, jnp.abs(p - q), mu)
+    w = jax.lax.stop_gradient(w)[:, None]
     dense = w * (q - p) + (1.0 - w) * q * (-ratio - rkl[:, None])
     return ChunkResult(w[:, 0] * fkl + (1.0 - w[:, 0]) * rkl, dense, (), {})
 

@@ -21,7 +21,7 @@ gradient. Measured per 256 rows × 32000 on one core (benchmarks/RESULTS.md has 
 * AKL's head (the top tokens of p up to mass μ) is found by a histogram over the float bits of p, which
   order like its values, and an exact sort of the one bucket where the mass crosses μ — not a sort of V;
   with numba installed, that search, both KLs and the gradient run as one compiled loop per row
-  (``_akl_rows.py``: ~20 eager passes over the block become two reads of each row while it is in cache).
+  (``backends/_akl_numba.py``: ~20 eager passes over the block become two reads of each row while it is in cache).
 """
 
 from __future__ import annotations
@@ -272,15 +272,17 @@ def _akl_block(mu: float) -> BlockFn:
     d/d(S/τ) = w_h (q − p) + (1 − w_h) q ⊙ (log q − log p − KL(q‖p))
              = q ⊙ ((w_h − 1)(log p − log q) + w_h − (1 − w_h) KL(q‖p)) − w_h p   (three passes)."""
 
-    from . import _akl_rows  # imports numba, if it is installed: only when AKL is used
+    from .. import _akl_numba  # imports numba, if it is installed: only when AKL is used
 
-    compiled = _akl_rows.available()
+    compiled = _akl_numba.available()
 
     def block(s: torch.Tensor, t: torch.Tensor | None, _: Any, scratch: list[torch.Tensor]) -> BlockResult:
         p, q = scratch
         c_t, c_s = _softmax_and_shift(t, p), _softmax_and_shift(s, q)
-        if compiled:  # the rest in one compiled loop per row (_akl_rows.py)
-            return BlockResult(_akl_rows.akl_rows_(s, t, p, q, c_t, c_s, mu)[0], s.new_ones(s.shape[0]))
+        if compiled:  # the rest in compiled loops over each row (backends/_akl_numba.py)
+            loss, _ = _akl_numba.akl_rows(s.numpy(), t.numpy(), p.numpy(), q.numpy(), (c_t - c_s).numpy(), mu,
+                                          torch.get_num_threads())
+            return BlockResult(torch.from_numpy(loss).to(s.dtype), s.new_ones(s.shape[0]))
         # log p − log q = (T − S) − (c_t − c_s): no log-softmax pass on either side
         ratio = t.sub_(s).sub_((c_t - c_s)[:, None])
         fkl, rkl = _vecdot(p, ratio), -_vecdot(q, ratio)
