@@ -50,9 +50,12 @@ def bit_layout(dtype: Any) -> tuple[Any, int, int]:
 if numba is not None:
 
     @numba.njit(nogil=True, cache=True)
-    def _head_gap(p, q, bits, mu, shift, n_buckets):
-        """(Σ|p − q| over the head, Σ|p − q|) of one row."""
-        mass, gaps = np.zeros(n_buckets), np.zeros(n_buckets)
+    def _head_gap(p, q, bits, mu, shift, mass, gaps, values, cand_gaps):
+        """(Σ|p − q| over the head, Σ|p − q|) of one row; the last four are scratch (mass and gaps
+        [buckets], values and cand_gaps [V])."""
+        n_buckets = mass.shape[0]
+        mass[:] = 0.0
+        gaps[:] = 0.0
         total = 0.0
         for i in range(p.shape[0]):
             g = abs(np.float64(p[i]) - np.float64(q[i]))
@@ -65,7 +68,7 @@ if numba is not None:
             above += mass[k]
             g_head += gaps[k]
             k -= 1
-        values, cand_gaps, n = np.empty(p.shape[0], p.dtype), np.empty(p.shape[0]), 0
+        n = 0
         for i in range(p.shape[0] if k >= 0 else 0):  # the bucket where the mass crosses μ
             if bits[i] >> shift == k:
                 values[n] = p[i]
@@ -87,12 +90,16 @@ if numba is not None:
 
     @numba.njit(nogil=True, cache=True)
     def _head_weights(p, q, bits, weight, mu, shift, n_buckets):
+        mass, gaps = np.empty(n_buckets), np.empty(n_buckets)
+        values, cand_gaps = np.empty_like(p[0]), np.empty(p.shape[1])
         for r in range(p.shape[0]):
-            g_head, total = _head_gap(p[r], q[r], bits[r], mu, shift, n_buckets)
+            g_head, total = _head_gap(p[r], q[r], bits[r], mu, shift, mass, gaps, values, cand_gaps)
             weight[r] = g_head / total if total > 0.0 else 0.5
 
     @numba.njit(nogil=True, cache=True)
     def _akl_rows(s, t, p, q, bits, dc, loss, weight, mu, shift, n_buckets):
+        mass, gaps = np.empty(n_buckets), np.empty(n_buckets)
+        values, cand_gaps = np.empty_like(p[0]), np.empty(p.shape[1])
         coef = np.empty(3, s.dtype)  # the gradient's row factors in the logits' dtype, as the eager kernel
         for r in range(s.shape[0]):
             fkl, rkl = 0.0, 0.0
@@ -100,7 +107,7 @@ if numba is not None:
                 ratio = (t[r, i] - s[r, i]) - dc[r]
                 fkl += p[r, i] * ratio
                 rkl -= q[r, i] * ratio
-            g_head, total = _head_gap(p[r], q[r], bits[r], mu, shift, n_buckets)
+            g_head, total = _head_gap(p[r], q[r], bits[r], mu, shift, mass, gaps, values, cand_gaps)
             w = g_head / total if total > 0.0 else 0.5
             loss[r], weight[r] = w * fkl + (1.0 - w) * rkl, w
             # d/d(S/τ) = q ⊙ ((w − 1)(log p − log q) + w − (1 − w) KL(q‖p)) − w p
