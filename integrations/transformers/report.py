@@ -129,14 +129,16 @@ def resolved_pairs(summary: dict[str, Any], names: list[str], key: str) -> list[
     """Every pair (A, B) of ``names`` whose paired difference in ``key`` the t-test resolves, oriented so that
     A − B > 0 (uncorrected for the number of pairs: read them with that in mind)."""
     out = []
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            pd = paired_difference(summary[a]["per_seed"][key], summary[b]["per_seed"][key])
-            if pd["verdict"] == "resolved":
-                if pd["mean"] < 0:
-                    a, b = b, a
-                    pd = paired_difference(summary[a]["per_seed"][key], summary[b]["per_seed"][key])
-                out.append((a, b, pd))
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            pd = paired_difference(summary[first]["per_seed"][key], summary[second]["per_seed"][key])
+            if pd["verdict"] != "resolved":
+                continue
+            # orient A − B > 0 without rebinding the loop's names (that once skipped and repeated pairs)
+            a, b = (first, second) if pd["mean"] > 0 else (second, first)
+            if a != first:
+                pd = paired_difference(summary[a]["per_seed"][key], summary[b]["per_seed"][key])
+            out.append((a, b, pd))
     return out
 
 

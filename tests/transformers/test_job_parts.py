@@ -10,7 +10,13 @@ from dpkd.integrations.cli import build_parser, job_config
 from dpkd.integrations.methods import ABLATIONS, METHODS, TABLE1, VARIANTS
 from dpkd.integrations.transformers.job import PRESETS, planned_runs
 from dpkd.integrations.transformers.progress import Progress
-from dpkd.integrations.transformers.report import T_CRIT_975, aggregate, paired_difference, summary_markdown
+from dpkd.integrations.transformers.report import (
+    T_CRIT_975,
+    aggregate,
+    paired_difference,
+    resolved_pairs,
+    summary_markdown,
+)
 
 
 def test_t_critical_values_match_scipy():
@@ -30,6 +36,27 @@ def test_paired_difference_is_a_paired_t_test():
     noisy = paired_difference([80.0, 70.0, 90.0], [79.0, 75.0, 84.0])
     assert noisy["verdict"] == "within noise" and st.ttest_rel([80.0, 70.0, 90.0], [79.0, 75.0, 84.0]).pvalue > 0.05
     assert paired_difference([1.0], [0.0])["verdict"] == "one seed: no test"
+
+
+def test_resolved_pairs_lists_every_resolved_pair_once():
+    # methods whose scores fall with their position: every pair resolves, and every one must be flipped to
+    # A − B > 0, which is what once rebound the outer loop's name and repeated some pairs while losing others
+    names = ["m0", "m1", "m2", "m3", "m4"]
+    summary = {n: {"per_seed": {"k": [10.0 * i + s for s in (0.0, 0.4, 0.9)]}} for i, n in enumerate(names)}
+    summary["m2"]["per_seed"]["k"] = [20.0, 35.0, 5.0]  # noisy: within noise against everything
+    got = resolved_pairs(summary, names, "k")
+    expected = set()
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            pd = paired_difference(summary[x]["per_seed"]["k"], summary[y]["per_seed"]["k"])
+            if pd["verdict"] == "resolved":
+                expected.add((x, y) if pd["mean"] > 0 else (y, x))
+    assert len(expected) == 6  # the 10 pairs less the 4 with m2
+    assert sorted((a, b) for a, b, _ in got) == sorted(expected)
+    for a, b, pd in got:
+        assert pd["mean"] > 0
+        assert pd["per_seed"] == pytest.approx([x - y for x, y in zip(summary[a]["per_seed"]["k"],
+                                                                        summary[b]["per_seed"]["k"])])
 
 
 def _ev(rl, em):
