@@ -38,6 +38,7 @@ VARIANTS = {
     "fused_torch": "dpkd fused, torch",
     "fused_torch_bf16": "dpkd fused, torch, bf16 inputs",
     "mat_torch": "materialised, torch eager",
+    "mat_torch_bf16": "materialised, torch eager, bf16 inputs",
     "fused_jax": "dpkd fused, jax (jit)",
     "mat_jax": "materialised, jax (jit)",
 }
@@ -65,16 +66,11 @@ def _arrays(args: argparse.Namespace) -> dict:
 
 def _chunk(args: argparse.Namespace, framework: str, teacher: bool, counted: int) -> int:
     """The fused loss's automatic chunk (what its floor is chunked by)."""
-    from dpkd.spec.fused import auto_chunk_size
-
     if framework == "jax":
-        from dpkd.backends.jax.fused_token import TOKEN_LOSS_BUFFERS as buffers
+        from dpkd.backends.jax.fused_token import kernel_chunk_size
     else:
-        from dpkd.backends.torch.fused_token import TOKEN_LOSS_BUFFERS as buffers
-    size = auto_chunk_size(args.vocab, n_rows=counted, buffers=buffers if teacher else buffers - 1)
-    if framework == "jax" and size > 16:  # whole kernel blocks (dpkd.backends.jax.fused_token)
-        size -= size % 16
-    return args.chunk_size or size
+        from dpkd.backends.torch.fused_token import kernel_chunk_size
+    return args.chunk_size or kernel_chunk_size(args.vocab, n_rows=counted, itemsize=4, teacher=teacher)
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -178,12 +174,16 @@ def _child_jax(args, a: dict, loss_name: str, variant: str, floor) -> dict:
     return common.measure_jax(grad, inputs, args.repeats, floor)
 
 
+def _materialised(variant: str) -> str:
+    """The materialised variant a fused one is compared with: the same framework and input dtype."""
+    return variant.replace("fused_", "mat_", 1)
+
+
 def _row(loss: str, variant: str, res: dict, rows: dict) -> str:
     label = f"{loss} | {VARIANTS[variant]}"
     if "error" in res:
         return f"| {label} | | failed: {res['error']} | | | | | | | |"
-    framework = "jax" if variant.endswith("_jax") else "torch"
-    mat = rows.get((loss, f"mat_{framework}"), {})
+    mat = rows.get((loss, _materialised(variant)), {})
     vs_mat = f"{res['ratio'] / mat['ratio']:.3f}" if "ratio" in mat and variant.startswith("fused") else "–"
     mem = res.get("peak_bytes")
     mem_ratio = f"{mem / mat['peak_bytes']:.3f}" if mem and mat.get("peak_bytes") else "–"
@@ -200,10 +200,10 @@ def _verdicts(rows: dict) -> list[str]:
            "| loss | framework | time / GEMMs | ÷ materialised | memory / materialised | verdict |",
            "|---|---|---|---|---|---|"]
     for (loss, variant), res in rows.items():
-        if not variant.startswith("fused") or variant.endswith("bf16") or "ratio" not in res:
+        if not variant.startswith("fused") or "ratio" not in res:
             continue
-        framework = variant.split("_")[1]
-        mat = rows.get((loss, f"mat_{framework}"), {})
+        framework = variant.split("_")[1] + (" bf16" if variant.endswith("bf16") else "")
+        mat = rows.get((loss, _materialised(variant)), {})
         vs_mat = res["ratio"] / mat["ratio"] if "ratio" in mat else None
         mem = res["peak_bytes"] / mat["peak_bytes"] if res.get("peak_bytes") and mat.get("peak_bytes") else None
         missed = []
@@ -247,7 +247,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=0, help="token rows per chunk (0: automatic)")
     p.add_argument("--losses", default=",".join(LOSSES))
-    p.add_argument("--variants", default="fused_torch,mat_torch,fused_jax,mat_jax,fused_torch_bf16")
+    p.add_argument("--variants", default="fused_torch,mat_torch,fused_jax,mat_jax,fused_torch_bf16,mat_torch_bf16")
     p.add_argument("--no-memory", action="store_true", help="times only (memory does not depend on threads)")
     p.add_argument("--child", default=None)
     p.add_argument("--memory-only", action="store_true", help="(child) one sampled step, no floor")

@@ -23,6 +23,7 @@ __all__ = [
     "chunk_logps",
     "logp_backprop",
     "accum_dtype",
+    "add_weight_grad",
     "pad_rows",
 ]
 
@@ -75,6 +76,29 @@ def logp_backprop(probs: jax.Array, rows: jax.Array, weight: jax.Array, safe_lab
 
 def accum_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def add_weight_grad(grad_w: jax.Array, g: jax.Array, rows: jax.Array) -> jax.Array:
+    """``grad_w + gᵀ @ rows`` (grad_w [V, H] in the accumulation dtype, g [C, V], rows [C, H]) in blocks of
+    vocabulary rows, one after the other.
+
+    XLA's CPU dot cannot add into its output, so the one-product form holds a second [V, H] array (62.5 MiB
+    at V = 32000, H = 512: more than the chunk's logits) beside the carried one, and unrolled blocks are
+    scheduled side by side; in a loop the temporary is one [block, H] product (at most a quarter of the
+    chunk's logits) and each block is added in place."""
+    v, h = grad_w.shape
+    block = max(1, min(v, g.shape[0] * v // (16 * h)))
+    n_full = v // block
+
+    def add(v0: Any, size: int, grad_w: jax.Array) -> jax.Array:
+        part = jax.lax.dynamic_slice_in_dim(g, v0, size, 1).T @ rows
+        return jax.lax.dynamic_update_slice_in_dim(
+            grad_w, jax.lax.dynamic_slice_in_dim(grad_w, v0, size, 0) + part.astype(grad_w.dtype), v0, 0)
+
+    grad_w = jax.lax.fori_loop(0, n_full, lambda i, acc: add(i * block, block, acc), grad_w)
+    if v % block:
+        grad_w = add(n_full * block, v % block, grad_w)
+    return grad_w
 
 
 def pad_rows(x: jax.Array, n_pad: int, value: Any = 0) -> jax.Array:

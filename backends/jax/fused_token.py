@@ -34,7 +34,7 @@ from dpkd.spec.fused import NamedTokenLoss, auto_chunk_size
 from dpkd.spec.results import TokenPreferenceLoss
 
 from . import _base, distill, token
-from ._lm_head import accum_dtype, describe, pad_rows, project
+from ._lm_head import accum_dtype, add_weight_grad, describe, pad_rows, project
 from ._token_kernels import ChunkResult, TokenKernel, token_kernel
 
 __all__ = [
@@ -56,11 +56,13 @@ __all__ = [
 #: is reused across calls.
 RowLoss = Callable[[jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
-#: [chunk, V] arrays the default chunk budgets for per chunk of a named token loss (one fewer without a
-#: teacher): the student's logits (rewritten into the gradient) and the teacher's, plus one for what XLA
-#: keeps beside them (a dense-gradient kernel's [chunk, V] result, the rows sorted counted-first). Measured
-#: with XLA's memory analysis at N=4096, H=512, V=32000: two buffers (256-row chunks) put token DPKD at
-#: 0.104 × the materialised loss's bytes, three (160 rows) at 0.090 (benchmarks/RESULTS.md).
+#: [chunk, V] arrays the default chunk of a named token loss budgets for: the student's logits (rewritten
+#: into the gradient) and the teacher's, plus one for what XLA keeps beside them (a dense-gradient kernel's
+#: [chunk, V] result). Without a teacher one more, not one fewer: the materialised loss then holds only the
+#: logits and their gradient, so the same share of it leaves room for fewer rows. Measured with XLA's
+#: memory analysis at N=4096, H=512, V=32000 (benchmarks/RESULTS.md): three buffers (160 rows) put the
+#: teacher losses at ≤ 0.09 × the materialised loss's bytes, four (128 rows) cross entropy at 0.099 (at 160
+#: rows it is 0.103: the [N, H] rows sorted counted-first and their gradients are a fixed ~16 MiB).
 TOKEN_LOSS_BUFFERS = 3
 
 #: Rows per kernel block (at most; a divisor of the chunk), as in the Torch backend.
@@ -146,7 +148,7 @@ def _token_rows_bwd(row_loss, chunk_size, res, cotangents):
         teacher = _teacher_logits(t_rows_k, t_weight, t_bias)
         _, vjp = jax.vjp(lambda s: row_loss(s, teacher, target_k)[0], project(rows_k, weight, bias))
         (dlogits,) = vjp(g_k.astype(rows.dtype))
-        grad_w = grad_w + (dlogits.T @ rows_k).astype(acc)
+        grad_w = add_weight_grad(grad_w, dlogits, rows_k)
         grad_b = grad_b + dlogits.sum(0).astype(acc)
         return (grad_w, grad_b), dlogits @ weight
 
@@ -177,6 +179,14 @@ def _token_rows_jit(rows, weight, bias, teacher_rows, teacher_weight, teacher_bi
 
 # --------------------------------------------------------------------------------------------------
 # Named losses: chunk kernels (_token_kernels.py), the loss and its gradient in one scan
+
+
+def kernel_chunk_size(vocab_size: int, *, n_rows: int, itemsize: int, teacher: bool) -> int:
+    """The default rows per chunk of a named token loss: ``TOKEN_LOSS_BUFFERS`` [chunk, V] arrays (one more
+    without a teacher) in the byte budget, rounded down to whole kernel blocks."""
+    size = auto_chunk_size(vocab_size, n_rows=n_rows, itemsize=itemsize,
+                           buffers=TOKEN_LOSS_BUFFERS if teacher else TOKEN_LOSS_BUFFERS + 1)
+    return size - size % BLOCK_ROWS if size > BLOCK_ROWS else size
 
 
 def block_rows(chunk_size: int) -> int:
@@ -237,7 +247,7 @@ def _kernel_chunks(kernel: TokenKernel, chunk_size: int, rows, weight, bias, aux
         if res.dense is not None:
             g = res.dense  # already f-scaled, in the logits' buffer
             grad_rows = g @ weight
-            grad_w = grad_w + (g.T @ rows_k).astype(acc)
+            grad_w = add_weight_grad(grad_w, g, rows_k)
             if bias is not None:
                 grad_b = grad_b + g.sum(0).astype(acc)
         for index, coef in res.sparse:
@@ -436,9 +446,8 @@ def _fused_token(row_loss: NamedTokenLoss | RowLoss, student_hidden: jax.Array, 
     if kernel is not None and n > 0:
         _check_kernel_options(func, row_loss, dtype, target_is_labels)
         if not size:  # the byte budget, rounded down to whole blocks
-            size = auto_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
-                                   buffers=TOKEN_LOSS_BUFFERS if kernel.teacher else TOKEN_LOSS_BUFFERS - 1)
-            size -= size % BLOCK_ROWS if size > BLOCK_ROWS else 0
+            size = kernel_chunk_size(weight.shape[0], n_rows=n, itemsize=np.dtype(dtype).itemsize,
+                                     teacher=kernel.teacher)
         teacher = (None, None, None)
         if teacher_hidden is not None:
             teacher = (teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).astype(dtype),

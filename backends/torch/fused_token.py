@@ -291,6 +291,12 @@ def _check_kernel_options(func: str, row_loss: NamedTokenLoss, dtype: torch.dtyp
         bound(logits, logits, target)
 
 
+def kernel_chunk_size(vocab_size: int, *, n_rows: int, itemsize: int, teacher: bool) -> int:
+    """The default rows per chunk of a named token loss: its live [chunk, V] buffers (the student's logits,
+    and the teacher's if it has one) in the byte budget."""
+    return auto_chunk_size(vocab_size, n_rows=n_rows, itemsize=itemsize, buffers=TOKEN_LOSS_BUFFERS if teacher else 1)
+
+
 def _kernel_token(kernel: TokenKernel, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   teacher: tuple[torch.Tensor | None, ...], target: torch.Tensor, *, target_is_labels: bool,
                   ignore_index: int, scale: float | None, chunk_size: int | None
@@ -308,8 +314,8 @@ def _kernel_token(kernel: TokenKernel, rows: torch.Tensor, weight: torch.Tensor,
     if not kernel.teacher:
         teacher_rows = teacher_weight = teacher_bias = None
     active = pick(rows)
-    size = chunk_size or auto_chunk_size(weight.shape[0], n_rows=active.shape[0], itemsize=rows.element_size(),
-                                         buffers=TOKEN_LOSS_BUFFERS if kernel.teacher else 1)
+    size = chunk_size or kernel_chunk_size(weight.shape[0], n_rows=active.shape[0], itemsize=rows.element_size(),
+                                           teacher=kernel.teacher)
     plan = _KernelPlan(kernel, pick(teacher_rows), teacher_weight, teacher_bias,
                        pick(target) if target_is_labels else None, size, {})
     if active.shape[0] == 0:

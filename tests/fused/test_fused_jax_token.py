@@ -183,6 +183,32 @@ def test_gradient_never_holds_all_logits():
     assert not [s for s in shapes if len(s) >= 2 and s[-1] == V and int(np.prod(s[:-1])) >= N]
 
 
+@pytest.mark.parametrize(("rows", "vocab", "hidden"), [(8, 37, 4), (3, 37, 16), (40, 37, 2), (16, 1000, 8)])
+def test_weight_grad_blocks_add_up_to_the_product(rows, vocab, hidden):
+    # blocks of the vocabulary, a short last one included, add up to grad_w + gᵀ @ rows
+    from dpkd.backends.jax._lm_head import add_weight_grad
+
+    rng = np.random.default_rng(rows + vocab)
+    g, x, acc = rng.normal(size=(rows, vocab)), rng.normal(size=(rows, hidden)), rng.normal(size=(vocab, hidden))
+    got = add_weight_grad(jnp.asarray(acc), jnp.asarray(g), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), acc + g.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_grad_accumulation_holds_no_second_weight_sized_array():
+    # XLA's CPU dot cannot add into its output: an accumulation as one product keeps a second [V, H] array
+    n, h, v = 256, 256, 4000
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(v, h)) / 16, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, n))
+
+    def loss(x, w):
+        return ft.fused_cross_entropy(x, w, labels, chunk_size=32)
+
+    stats = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().memory_analysis()
+    assert stats.temp_size_in_bytes < v * h * 4
+
+
 def _torch_message(fn_name: str, **overrides) -> str:
     torch = pytest.importorskip("torch")
     tfused = pytest.importorskip("dpkd.backends.torch.fused_token")
