@@ -279,7 +279,7 @@ def _akl_block(mu: float) -> BlockFn:
     def block(s: torch.Tensor, t: torch.Tensor | None, _: Any, scratch: list[torch.Tensor]) -> BlockResult:
         p, q = scratch
         c_t, c_s = _softmax_and_shift(t, p), _softmax_and_shift(s, q)
-        if compiled:  # the rest in compiled loops over each row (backends/_akl_numba.py)
+        if compiled and s.device.type == "cpu":  # the rest in compiled loops over each row (backends/_akl_numba.py)
             loss, _ = _akl_numba.akl_rows(s.numpy(), t.numpy(), p.numpy(), q.numpy(), (c_t - c_s).numpy(), mu,
                                           torch.get_num_threads())
             return BlockResult(torch.from_numpy(loss).to(s.dtype), s.new_ones(s.shape[0]))
