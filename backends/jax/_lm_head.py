@@ -79,15 +79,19 @@ def accum_dtype(dtype: Any) -> Any:
 
 
 def add_weight_grad(grad_w: jax.Array, g: jax.Array, rows: jax.Array) -> jax.Array:
-    """``grad_w + gᵀ @ rows`` (grad_w [V, H] in the accumulation dtype, g [C, V], rows [C, H]) in blocks of
-    vocabulary rows, one after the other.
+    """``grad_w + gᵀ @ rows`` (grad_w [V, H] in the accumulation dtype, g [C, V], rows [C, H]); on the CPU in
+    blocks of vocabulary rows, one after the other.
 
     XLA's CPU dot cannot add into its output, so the one-product form holds a second [V, H] array (62.5 MiB
     at V = 32000, H = 512: more than the chunk's logits) beside the carried one, and unrolled blocks are
-    scheduled side by side; in a loop the temporary is one [block, H] product (at most a quarter of the
-    chunk's logits) and each block is added in place."""
+    scheduled side by side; in a loop the temporary is one [block, H] product (about 1/16 of the chunk's
+    logits, in at most ``_WEIGHT_GRAD_BLOCKS`` blocks) and each block is added in place. Other backends'
+    compilers fold the addition into the GEMM, where blocks would only be more, smaller kernels."""
     v, h = grad_w.shape
-    block = max(1, min(v, g.shape[0] * v // (16 * h)))
+    if jax.default_backend() != "cpu":
+        return grad_w + (g.T @ rows).astype(grad_w.dtype)
+    n_blocks = min(_WEIGHT_GRAD_BLOCKS, -(-16 * h // max(1, g.shape[0])), v)
+    block = -(-v // n_blocks)
     n_full = v // block
 
     def add(v0: Any, size: int, grad_w: jax.Array) -> jax.Array:
@@ -99,6 +103,11 @@ def add_weight_grad(grad_w: jax.Array, g: jax.Array, rows: jax.Array) -> jax.Arr
     if v % block:
         grad_w = add(n_full * block, v % block, grad_w)
     return grad_w
+
+
+#: The most blocks ``add_weight_grad`` splits the vocabulary into: a wide hidden size and a short chunk would
+#: otherwise make many small products.
+_WEIGHT_GRAD_BLOCKS = 64
 
 
 def pad_rows(x: jax.Array, n_pad: int, value: Any = 0) -> jax.Array:
