@@ -78,6 +78,11 @@ def accum_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+#: The most blocks ``add_weight_grad`` splits the vocabulary into: a wide hidden size and a short chunk would
+#: otherwise make many small products.
+_WEIGHT_GRAD_BLOCKS = 64
+
+
 def add_weight_grad(grad_w: jax.Array, g: jax.Array, rows: jax.Array) -> jax.Array:
     """``grad_w + gᵀ @ rows`` (grad_w [V, H] in the accumulation dtype, g [C, V], rows [C, H]); on the CPU in
     blocks of vocabulary rows, one after the other.
@@ -103,11 +108,6 @@ def add_weight_grad(grad_w: jax.Array, g: jax.Array, rows: jax.Array) -> jax.Arr
     if v % block:
         grad_w = add(n_full * block, v % block, grad_w)
     return grad_w
-
-
-#: The most blocks ``add_weight_grad`` splits the vocabulary into: a wide hidden size and a short chunk would
-#: otherwise make many small products.
-_WEIGHT_GRAD_BLOCKS = 64
 
 
 def pad_rows(x: jax.Array, n_pad: int, value: Any = 0) -> jax.Array:
