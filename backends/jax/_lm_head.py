@@ -61,16 +61,21 @@ def chunk_logps(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tupl
     return jnp.where(valid, picked - lse, 0.0), lse
 
 
-def logp_backprop(probs: jax.Array, rows: jax.Array, weight: jax.Array, safe_labels: jax.Array, g: jax.Array, *,
-                  with_bias: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """(grad_rows, grad_weight, grad_bias) of Σ g·logp through one chunk, from its softmax ``probs``.
+def logp_backprop(probs: jax.Array, rows: jax.Array, weight: jax.Array, safe_labels: jax.Array, g: jax.Array,
+                  grad_w: jax.Array, grad_b: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Back-propagate Σ g·logp through one chunk, from its softmax ``probs``: (grad_rows, grad_w, grad_b), the
+    last two being the carried accumulators (accumulation dtype; ``grad_b`` None without a bias) with this
+    chunk added.
 
     G = g·(onehot − probs) = diag(−g)·probs + onehot·g: both products take ``probs`` as it is and the row
     factors act on [rows, H] arrays, so no [rows, V] gradient array is formed (the Torch backend's
-    ``backprop_logp_chunk`` does the same)."""
+    ``backprop_logp_chunk`` does the same). The weight gradient goes through ``add_weight_grad`` and a
+    scatter into the accumulator, so no second [V, H] array is formed either."""
     grad_rows = -g[:, None] * (probs @ weight) + g[:, None] * weight[safe_labels]
-    grad_w = (probs.T @ (-g[:, None] * rows)).at[safe_labels].add(g[:, None] * rows)
-    grad_b = (probs.T @ -g).at[safe_labels].add(g) if with_bias else None
+    grad_w = add_weight_grad(grad_w, probs, -g[:, None] * rows)
+    grad_w = grad_w.at[safe_labels].add((g[:, None] * rows).astype(grad_w.dtype))
+    if grad_b is not None:
+        grad_b = grad_b + ((probs.T @ -g).at[safe_labels].add(g)).astype(grad_b.dtype)
     return grad_rows, grad_w, grad_b
 
 

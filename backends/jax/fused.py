@@ -91,14 +91,11 @@ def _ltl_bwd(chunk_size, ignore_index, res, g):
         probs = jnp.exp(project(rows, weight, bias) - chunk_lse[:, None])  # softmax from the saved lse
         valid = lab != ignore_index
         g_rows = jnp.where(valid, chunk_g, 0.0).astype(probs.dtype)
-        grad_rows, dw, db = logp_backprop(probs, rows, weight, jnp.where(valid, lab, 0), g_rows,
-                                           with_bias=bias is not None)
-        grad_w = grad_w + dw.astype(acc)
-        if bias is not None:
-            grad_b = grad_b + db.astype(acc)
+        grad_rows, grad_w, grad_b = logp_backprop(probs, rows, weight, jnp.where(valid, lab, 0), g_rows,
+                                                   grad_w, grad_b)
         return (grad_w, grad_b), grad_rows
 
-    init = (jnp.zeros(weight.shape, acc), jnp.zeros(weight.shape[:1], acc))
+    init = (jnp.zeros(weight.shape, acc), None if bias is None else jnp.zeros(weight.shape[:1], acc))
     xs = (hidden.reshape(k, chunk_size, size), labels.reshape(k, chunk_size), lse.reshape(k, chunk_size),
           g.reshape(k, chunk_size))
     (grad_w, grad_b), grad_h = jax.lax.scan(step, init, xs)
@@ -225,11 +222,8 @@ def _single_pass_fn(plan: _Plan):
             g = jnp.concatenate([jnp.repeat(scale * da * live_k, t_c), jnp.repeat(scale * db * live_k, t_s)])
             g = jnp.where(lab != ig, g, 0.0).astype(rows.dtype)
             probs = jnp.exp(logits - lse[:, None])
-            grad_rows, dw, dbias = logp_backprop(probs, rows, weight, jnp.where(lab != ig, lab, 0), g,
-                                                 with_bias=bias is not None)
-            grad_w = grad_w + dw.astype(acc)
-            if bias is not None:
-                grad_b = grad_b + dbias.astype(acc)
+            grad_rows, grad_w, grad_b = logp_backprop(probs, rows, weight, jnp.where(lab != ig, lab, 0), g,
+                                                       grad_w, grad_b)
             return (grad_w, grad_b), (grad_rows[: k * t_c].reshape(k, t_c, size),
                                       grad_rows[k * t_c:].reshape(k, t_s, size), a_k, b_k)
 
@@ -240,7 +234,7 @@ def _single_pass_fn(plan: _Plan):
         xs = (chunks(chosen_hidden), chunks(rejected_hidden), chunks(lab_c, ig), chunks(lab_s, ig),
               optional_chunks(c, 0), optional_chunks(d, 0), optional_chunks(len_c, 1), optional_chunks(len_s, 1),
               live.reshape(-1, k))
-        init = (jnp.zeros(weight.shape, acc), jnp.zeros(weight.shape[:1], acc))
+        init = (jnp.zeros(weight.shape, acc), None if bias is None else jnp.zeros(weight.shape[:1], acc))
         (grad_w, grad_b), (g_c, g_s, a, b) = jax.lax.scan(step, init, xs)
         a, b = a.reshape(-1)[:n_pairs], b.reshape(-1)[:n_pairs]
         result = plan.loss(a, b, c, d, chosen_lengths=len_c, rejected_lengths=len_s, reduction=plan.reduction)

@@ -194,16 +194,27 @@ def test_weight_grad_blocks_add_up_to_the_product(rows, vocab, hidden):
     np.testing.assert_allclose(np.asarray(got), acc + g.T @ x, rtol=1e-12, atol=1e-12)
 
 
-def test_weight_grad_accumulation_holds_no_second_weight_sized_array():
+@pytest.mark.parametrize("path", ["token cross-entropy", "linear_token_logps", "sequence DPKD"])
+def test_weight_grad_accumulation_holds_no_second_weight_sized_array(path):
     # XLA's CPU dot cannot add into its output: an accumulation as one product keeps a second [V, H] array
+    from dpkd.backends.jax import fused
+    from dpkd.backends.jax.fused import TeacherLogps
+
     n, h, v = 256, 256, 4000
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(v, h)) / 16, jnp.float32)
     labels = jnp.asarray(rng.integers(0, v, n))
+    teacher = TeacherLogps(jnp.full(4, -9.0), jnp.full(4, -12.0))
 
     def loss(x, w):
-        return ft.fused_cross_entropy(x, w, labels, chunk_size=32)
+        if path == "token cross-entropy":
+            return ft.fused_cross_entropy(x, w, labels, chunk_size=32)
+        if path == "linear_token_logps":
+            return fused.linear_token_logps(x, w, labels, chunk_size=32).sum()
+        pairs = x.reshape(8, n // 8, h)
+        lab = labels.reshape(8, n // 8)
+        return fused.fused_dpkd_loss(pairs[:4], pairs[4:], w, lab[:4], lab[4:], teacher=teacher, chunk_size=64).loss
 
     stats = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().memory_analysis()
     assert stats.temp_size_in_bytes < v * h * 4
