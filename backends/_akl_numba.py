@@ -20,6 +20,7 @@ selects the fallbacks.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -116,19 +117,27 @@ if numba is not None:
                 s[r, i] = q[r, i] * (coef[0] * ((t[r, i] - s[r, i]) - dc[r]) + coef[1]) - coef[2] * p[r, i]
 
 
-_POOL: list[ThreadPoolExecutor] = []
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads, kept between calls (a new one when the count changes)."""
-    if not _POOL or _POOL[0]._max_workers != workers:
-        if _POOL:
-            _POOL.pop().shutdown(wait=False)
-        _POOL.append(ThreadPoolExecutor(workers, thread_name_prefix="dpkd-akl"))
-    return _POOL[0]
+    """A pool of ``workers`` threads, kept between calls, one per count: replacing a shared pool when the count
+    changed would shut it down under another Python thread still submitting to it."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix=f"dpkd-akl-{workers}")
+        return pool
 
 
-os.register_at_fork(after_in_child=_POOL.clear)  # a forked child has none of the parent's threads
+def _after_fork_in_child() -> None:
+    global _POOLS_LOCK
+    _POOLS.clear()  # a forked child has none of the parent's threads
+    _POOLS_LOCK = threading.Lock()  # nor a lock another parent thread held at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def run_rows(kernel: Callable[..., None], rows: Sequence[np.ndarray], scalars: Sequence[Any], threads: int) -> None:
@@ -139,7 +148,8 @@ def run_rows(kernel: Callable[..., None], rows: Sequence[np.ndarray], scalars: S
     threads = max(1, min(threads, n))
     bounds = [n * k // threads for k in range(threads + 1)]
     parts = [[*(x[lo:hi] for x in rows), *scalars] for lo, hi in zip(bounds[:-1], bounds[1:])]
-    pending = [_pool(threads - 1).submit(kernel, *part) for part in parts[1:]]
+    pool = _pool(threads - 1) if threads > 1 else None
+    pending = [pool.submit(kernel, *part) for part in parts[1:]]
     kernel(*parts[0])
     for future in pending:
         future.result()
