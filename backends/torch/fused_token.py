@@ -188,7 +188,8 @@ class _TokenChunkLoss(torch.autograd.Function):
 @dataclass(frozen=True)
 class _KernelPlan:
     kernel: TokenKernel
-    teacher_rows: torch.Tensor | None  # [Na, H_t], the counted rows only
+    index: torch.Tensor | None  # [Na], the counted rows' positions among the N rows; None: every row counts
+    teacher_rows: torch.Tensor | None  # [N, H_t], all rows (the counted ones are gathered chunk by chunk)
     teacher_weight: torch.Tensor | None
     teacher_bias: torch.Tensor | None
     labels: torch.Tensor | None  # [Na] (cross entropy)
@@ -219,27 +220,45 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
                  factor: torch.Tensor | float | None, needs: tuple[bool, ...]
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
     """ℓ per counted row [Na] and, unless ``factor`` is None, the gradients of Σ factor·ℓ (``factor`` a
-    number, or [Na] upstream values) in the inputs ``needs`` marks. Fills ``plan.extras``."""
-    kernel = plan.kernel
-    n, vocab = rows.shape[0], weight.shape[0]
+    number, or [Na] upstream values) in the inputs ``needs`` marks (for ``rows`` [N, H]: zero on the rows that
+    do not count). Fills ``plan.extras``.
+
+    The counted rows are gathered one chunk at a time, and their gradient written back the same way: a
+    gathered copy of all of them (and of the teacher's), with its gradient, would be three more [N, H]-sized
+    arrays, the only part of the memory that grows with N."""
+    kernel, index = plan.kernel, plan.index
+    n, vocab = rows.shape[0] if index is None else index.shape[0], weight.shape[0]
     need_h, need_w, need_b = needs if factor is not None else (False, False, False)
     tau = kernel.temperature
     loss = rows.new_empty(n)
-    grad_rows = torch.empty_like(rows) if need_h else None
+    grad_all = None
+    if need_h:
+        grad_all = torch.empty_like(rows) if index is None else torch.zeros_like(rows)
     head = LMHeadGrads(weight, bias, need_w, need_b)
     size = min(plan.chunk_size, n)
     buf_s = rows.new_empty(size, vocab)
     buf_t = rows.new_empty(size, vocab) if kernel.teacher else None
+    if index is not None:  # the gathered chunk, and its gradient before it is written back
+        buf_rows = rows.new_empty(size, rows.shape[1])
+        buf_teacher = None if buf_t is None else plan.teacher_rows.new_empty(size, plan.teacher_rows.shape[1])
+        buf_grad = rows.new_empty(size, rows.shape[1]) if need_h else None
+
+    def chunk_of(x: torch.Tensor, buf: torch.Tensor | None, sl: slice) -> torch.Tensor:
+        if index is None:
+            return x[sl]
+        return torch.index_select(x, 0, index[sl], out=buf[: sl.stop - sl.start])
     block = min((kernel.rows_per_thread or BLOCK_ROWS) * max(1, torch.get_num_threads()), size)
     scratch = [rows.new_empty(block, vocab) for _ in range(kernel.scratch)]
     for i0 in range(0, n, size):
         sl = slice(i0, min(i0 + size, n))
         s = buf_s[: sl.stop - i0]
-        project(rows[sl], weight, bias, s, tau)
+        rows_c = chunk_of(rows, None if index is None else buf_rows, sl)
+        project(rows_c, weight, bias, s, tau)
         t = None
         if buf_t is not None:
             t = buf_t[: sl.stop - i0]
-            project(plan.teacher_rows[sl], plan.teacher_weight, plan.teacher_bias, t, tau)
+            project(chunk_of(plan.teacher_rows, None if index is None else buf_teacher, sl), plan.teacher_weight,
+                    plan.teacher_bias, t, tau)
         results = []
         for b0 in range(0, s.shape[0], block):
             bl = slice(b0, min(b0 + block, s.shape[0]))
@@ -252,8 +271,13 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
             results.append(res)
         if need_h or need_w or need_b:
             f = (factor[sl] if isinstance(factor, torch.Tensor) else factor) / tau  # d(S/τ)/dS = 1/τ
-            _backprop_blocks(results, s, rows[sl], weight, f, None if grad_rows is None else grad_rows[sl], head)
-    return loss, (grad_rows, *head.result())
+            grad_c = None
+            if grad_all is not None:
+                grad_c = grad_all[sl] if index is None else buf_grad[: sl.stop - i0]
+            _backprop_blocks(results, s, rows_c, weight, f, grad_c, head)
+            if grad_c is not None and index is not None:
+                grad_all.index_copy_(0, index[sl], grad_c)
+    return loss, (grad_all, *head.result())
 
 
 class _KernelTokenLoss(torch.autograd.Function):
@@ -306,23 +330,22 @@ def _kernel_token(kernel: TokenKernel, rows: torch.Tensor, weight: torch.Tensor,
     n = rows.shape[0]
     counted = (target != ignore_index) if target_is_labels else (target != 0)
     index = None if bool(counted.all()) else counted.nonzero().squeeze(1)
-
-    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-        return x if x is None or index is None else x.index_select(0, index)
+    n_counted = n if index is None else index.shape[0]
 
     teacher_rows, teacher_weight, teacher_bias = teacher
     if not kernel.teacher:
         teacher_rows = teacher_weight = teacher_bias = None
-    active = pick(rows)
-    size = chunk_size or kernel_chunk_size(weight.shape[0], n_rows=active.shape[0], itemsize=rows.element_size(),
+    size = chunk_size or kernel_chunk_size(weight.shape[0], n_rows=n_counted, itemsize=rows.element_size(),
                                            teacher=kernel.teacher)
-    plan = _KernelPlan(kernel, pick(teacher_rows), teacher_weight, teacher_bias,
-                       pick(target) if target_is_labels else None, size, {})
-    if active.shape[0] == 0:
+    labels = None
+    if target_is_labels:
+        labels = target if index is None else target.index_select(0, index)
+    plan = _KernelPlan(kernel, index, teacher_rows, teacher_weight, teacher_bias, labels, size, {})
+    if n_counted == 0:
         out = rows.new_zeros(()) if scale is not None else rows.new_zeros(n)
         # a zero with the graph the caller expects, and the kernel's extras (zeros: no row counts)
         return out + 0.0 * (rows.sum() + weight.sum()), {key: rows.new_zeros(n) for key in kernel.extras}
-    out = _KernelTokenLoss.apply(active, weight, bias, plan, scale)
+    out = _KernelTokenLoss.apply(rows, weight, bias, plan, scale)
 
     def spread(x: torch.Tensor) -> torch.Tensor:
         return x if index is None else x.new_zeros(n).index_copy(0, index, x)
