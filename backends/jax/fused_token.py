@@ -223,26 +223,30 @@ def _blocked(kernel: TokenKernel, s, t, labels, f) -> ChunkResult:
 
 
 def _kernel_chunks(kernel: TokenKernel, chunk_size: int, rows, weight, bias, aux, factor):
-    """(ℓ·live [N], extras [N], gradients of Σ factor·ℓ or None) over chunks of ``chunk_size`` rows.
+    """(ℓ·live [P], extras [P], gradients of Σ factor·ℓ or None) over chunks of ``chunk_size`` rows.
 
-    ``aux`` = (teacher rows, weight, bias, labels, live [N] 0/1, n_live): the counted rows come first, so
-    a chunk past ``n_live`` holds none and is skipped. ``factor`` [N] or None (values only)."""
-    t_rows, t_weight, t_bias, labels, live, n_live = aux
-    n, size = rows.shape
-    k = n // chunk_size
+    ``rows`` [N, H] and the teacher rows [N, H_t] are in the caller's order; ``aux`` = (order [P], teacher
+    rows, weight, bias, labels, live [P] 0/1, n_live), all but the rows in ``order``: the counted rows first,
+    then the others, then padding (index N), so a chunk past ``n_live`` holds none and is skipped. Each
+    chunk gathers its rows and scatters its gradient into grad_hidden (carried, [N, H]): sorted copies of
+    the rows and of their gradient would be [N, H]-sized arrays that grow with N. ``factor`` [P] or None."""
+    order, t_rows, t_weight, t_bias, labels, live, n_live = aux
+    k = order.shape[0] // chunk_size
     tau = kernel.temperature
     acc = accum_dtype(weight.dtype)
 
     def compute(carry, xs):
-        grad_w, grad_b = carry
-        _, rows_k, t_k, lab_k, live_k, f_k = xs
+        grad_h, grad_w, grad_b = carry
+        _, order_k, lab_k, live_k, f_k = xs
+        rows_k = jnp.take(rows, order_k, axis=0, mode="fill", fill_value=0)
+        t_k = None if t_rows is None else jnp.take(t_rows, order_k, axis=0, mode="fill", fill_value=0)
         s = project(rows_k, weight, bias) / tau  # as the unfused losses divide
         t = None if t_k is None else jax.lax.stop_gradient(project(t_k, t_weight, t_bias)) / tau
         f = None if f_k is None else (f_k * live_k / tau).astype(rows.dtype)  # d(S/τ)/dS = 1/τ
         res = _blocked(kernel, s, t, lab_k, f)
         out = (res.loss * live_k, {key: x * live_k for key, x in res.extras.items()})
         if f is None:
-            return carry, (*out, None)
+            return carry, out
         grad_rows = jnp.zeros_like(rows_k)
         if res.dense is not None:
             g = res.dense  # already f-scaled, in the logits' buffer
@@ -256,7 +260,8 @@ def _kernel_chunks(kernel: TokenKernel, chunk_size: int, rows, weight, bias, aux
             grad_w = grad_w.at[index].add((c[:, None] * rows_k).astype(acc))
             if bias is not None:
                 grad_b = grad_b.at[index].add(c.astype(acc))
-        return (grad_w, grad_b), (*out, grad_rows)
+        grad_h = grad_h.at[order_k].set(grad_rows.astype(grad_h.dtype), mode="drop")  # padding: index N, dropped
+        return (grad_h, grad_w, grad_b), out
 
     def step(carry, xs):
         shapes = jax.eval_shape(compute, carry, xs)[1]
@@ -266,16 +271,15 @@ def _kernel_chunks(kernel: TokenKernel, chunk_size: int, rows, weight, bias, aux
 
         return jax.lax.cond(xs[0] * chunk_size < n_live, compute, skip, carry, xs)
 
-    init = (jnp.zeros(weight.shape, acc), jnp.zeros(weight.shape[:1], acc))
-    xs = (jnp.arange(k), _chunked(rows, k), _chunked(t_rows, k), _chunked(labels, k), _chunked(live, k),
-          _chunked(factor, k))
-    (grad_w, grad_b), (loss, extras, grad_rows) = jax.lax.scan(step, init, xs)
-    extras = {key: jax.lax.stop_gradient(x.reshape(n)) for key, x in extras.items()}
+    init = (None if factor is None else jnp.zeros_like(rows), jnp.zeros(weight.shape, acc),
+            jnp.zeros(weight.shape[:1], acc))
+    xs = (jnp.arange(k), _chunked(order, k), _chunked(labels, k), _chunked(live, k), _chunked(factor, k))
+    (grad_h, grad_w, grad_b), (loss, extras) = jax.lax.scan(step, init, xs)
+    extras = {key: jax.lax.stop_gradient(x.reshape(-1)) for key, x in extras.items()}
     if factor is None:
-        return loss.reshape(n), extras, None
-    grads = (grad_rows.reshape(n, size), grad_w.astype(weight.dtype),
-             None if bias is None else grad_b.astype(bias.dtype))
-    return loss.reshape(n), extras, grads
+        return loss.reshape(-1), extras, None
+    grads = (grad_h, grad_w.astype(weight.dtype), None if bias is None else grad_b.astype(bias.dtype))
+    return loss.reshape(-1), extras, grads
 
 
 def _no_cotangent(aux):
@@ -339,21 +343,20 @@ def _kernel_jit(rows, weight, bias, teacher_rows, teacher_weight, teacher_bias, 
     labels = pad_rows(jnp.where(counted, target, 0)[order], n_pad, 0) if target_is_labels else None
     t_rows = None
     if kernel.teacher:
-        t_rows = jax.lax.stop_gradient(pad_rows(teacher_rows[order], n_pad))
+        t_rows = jax.lax.stop_gradient(teacher_rows)
     else:
         teacher_weight = teacher_bias = None
-    aux = (t_rows, None if teacher_weight is None else jax.lax.stop_gradient(teacher_weight),
+    aux = (pad_rows(order, n_pad, n), t_rows, None if teacher_weight is None else jax.lax.stop_gradient(teacher_weight),
            None if teacher_bias is None else jax.lax.stop_gradient(teacher_bias), labels, live, jnp.sum(counted))
-    rows_p = pad_rows(rows[order], n_pad)
 
     def unsort(x):
         return jnp.zeros((n,), x.dtype).at[order].set(x[:n])
 
     if reduced:
         factor = jnp.broadcast_to(1.0 / denominator, live.shape).astype(rows.dtype)
-        total, extras = _kernel_total(kernel, chunk_size, rows_p, weight, bias, aux, factor)
+        total, extras = _kernel_total(kernel, chunk_size, rows, weight, bias, aux, factor)
         return total, {key: unsort(x) for key, x in extras.items()}
-    per_row, extras = _kernel_rows(kernel, chunk_size, rows_p, weight, bias, aux)
+    per_row, extras = _kernel_rows(kernel, chunk_size, rows, weight, bias, aux)
     return unsort(per_row), {key: unsort(x) for key, x in extras.items()}
 
 

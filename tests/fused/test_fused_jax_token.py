@@ -220,6 +220,26 @@ def test_weight_grad_accumulation_holds_no_second_weight_sized_array(path):
     assert stats.temp_size_in_bytes < v * h * 4
 
 
+def test_token_kernel_temporaries_do_not_grow_with_the_rows():
+    # each chunk gathers its counted rows and scatters its gradient into grad_hidden: sorted [N, H] copies of
+    # the rows, the teacher's rows and their gradient would grow XLA's temporaries by ~3 · N · H · 4 bytes
+    h, v = 64, 1000
+    rng = np.random.default_rng(6)
+    temp = {}
+    for n in (512, 2048):
+        x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+        xt = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(v, h)) / 8, jnp.float32)
+        mask = jnp.asarray(rng.random(n) < 0.8, jnp.float32)
+
+        def loss(x, w, xt=xt, mask=mask):
+            return ft.fused_forward_kl(x, w, xt, w, mask, chunk_size=64)
+
+        stats = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).compile().memory_analysis()
+        temp[n] = stats.temp_size_in_bytes
+    assert temp[2048] - temp[512] < (2048 - 512) * h * 4, temp
+
+
 def _torch_message(fn_name: str, **overrides) -> str:
     torch = pytest.importorskip("torch")
     tfused = pytest.importorskip("dpkd.backends.torch.fused_token")
