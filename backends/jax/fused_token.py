@@ -62,7 +62,8 @@ RowLoss = Callable[[jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, di
 #: logits and their gradient, so the same share of it leaves room for fewer rows. Measured with XLA's
 #: memory analysis at N=4096, H=512, V=32000 (benchmarks/RESULTS.md): three buffers (160 rows) put the
 #: teacher losses at ≤ 0.09 × the materialised loss's bytes, four (128 rows) cross entropy at 0.099 (at 160
-#: rows it is 0.103: the [N, H] rows sorted counted-first and their gradients are a fixed ~16 MiB).
+#: rows it was 0.103, when the [N, H] rows sorted counted-first and their gradients added a fixed ~16 MiB;
+#: since the rows are gathered chunk by chunk, four buffers give cross entropy 0.084 — three not re-measured).
 TOKEN_LOSS_BUFFERS = 3
 
 #: Rows per kernel block (at most; a divisor of the chunk), as in the Torch backend.
