@@ -247,6 +247,7 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
         if index is None:
             return x[sl]
         return torch.index_select(x, 0, index[sl], out=buf[: sl.stop - sl.start])
+
     block = min((kernel.rows_per_thread or BLOCK_ROWS) * max(1, torch.get_num_threads()), size)
     scratch = [rows.new_empty(block, vocab) for _ in range(kernel.scratch)]
     for i0 in range(0, n, size):
