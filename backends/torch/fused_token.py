@@ -238,7 +238,8 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
     size = min(plan.chunk_size, n)
     buf_s = rows.new_empty(size, vocab)
     buf_t = rows.new_empty(size, vocab) if kernel.teacher else None
-    if index is not None:  # the gathered chunk, and its gradient before it is written back
+    buf_rows = buf_teacher = buf_grad = None  # the gathered chunk, and its gradient before it is written back
+    if index is not None:
         buf_rows = rows.new_empty(size, rows.shape[1])
         buf_teacher = None if buf_t is None else plan.teacher_rows.new_empty(size, plan.teacher_rows.shape[1])
         buf_grad = rows.new_empty(size, rows.shape[1]) if need_h else None
@@ -253,13 +254,12 @@ def _kernel_pass(plan: _KernelPlan, rows: torch.Tensor, weight: torch.Tensor, bi
     for i0 in range(0, n, size):
         sl = slice(i0, min(i0 + size, n))
         s = buf_s[: sl.stop - i0]
-        rows_c = chunk_of(rows, None if index is None else buf_rows, sl)
+        rows_c = chunk_of(rows, buf_rows, sl)
         project(rows_c, weight, bias, s, tau)
         t = None
         if buf_t is not None:
             t = buf_t[: sl.stop - i0]
-            project(chunk_of(plan.teacher_rows, None if index is None else buf_teacher, sl), plan.teacher_weight,
-                    plan.teacher_bias, t, tau)
+            project(chunk_of(plan.teacher_rows, buf_teacher, sl), plan.teacher_weight, plan.teacher_bias, t, tau)
         results = []
         for b0 in range(0, s.shape[0], block):
             bl = slice(b0, min(b0 + block, s.shape[0]))

@@ -8,16 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from dpkd.backends import _akl_numba
+from dpkd.spec._common import softmax
 
 
 @pytest.mark.skipif(not _akl_numba.available(), reason="needs numba (the `numba` extra)")
 def test_callers_with_different_thread_counts_at_once_get_the_one_thread_answer():
     rng = np.random.default_rng(0)
-
-    def softmax(x):
-        e = np.exp(x - x.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
-
     p, q = softmax(rng.normal(size=(12, 64)) * 3), softmax(rng.normal(size=(12, 64)))
     want = _akl_numba.head_weights(p, q, 0.5, 1)
 
